@@ -1,0 +1,373 @@
+"""Losses for registration: similarity, regularity and label overlap.
+
+Every loss is *lower is better*, so a training loop simply adds weighted terms.
+Similarities take ``(fixed, warped)``, both ``(B, C, *spatial)``; regularisers
+take the displacement ``(B, ndim, *spatial)`` (voxels, tensor-axis order).
+``reduction="mean"`` gives a scalar, ``"none"`` one value per batch item.
+Functional forms do the work; the ``nn.Module`` classes only store options.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._checks import (check_choice, check_field, check_finite, check_labels, check_positive,
+                      check_same_shape, check_shape, check_tensor)
+
+__all__ = ["mse", "ncc_local", "ncc_global", "mutual_information", "diffusion",
+           "bending_energy", "edge_aware_smoothness", "soft_dice", "one_hot",
+           "MSE", "NCC", "MI", "Diffusion", "BendingEnergy", "EdgeAwareSmoothness", "SoftDice"]
+
+_REDUCTIONS = ("mean", "none")
+
+
+def _check_pair(fixed, warped) -> int:
+    for name, x in (("fixed", fixed), ("warped", warped)):
+        check_tensor(x, name, floating=True)
+        check_shape(x, "B C *S", name)
+        if x.dim() not in (4, 5):
+            raise ValueError(f"{name}: expected (B, C, H, W) or (B, C, D, H, W), got shape "
+                             f"{tuple(x.shape)}")
+        check_finite(x, name)
+    check_same_shape(fixed, warped, ("fixed", "warped"))
+    return fixed.dim() - 2
+
+
+def _reduce(per_voxel: torch.Tensor, reduction: str, mask: torch.Tensor | None = None):
+    check_choice(reduction, _REDUCTIONS, "reduction")
+    dims = tuple(range(1, per_voxel.dim()))
+    if mask is None:
+        per_item = per_voxel.mean(dim=dims)
+    else:
+        m = mask.to(per_voxel.dtype).expand_as(per_voxel)
+        per_item = (per_voxel * m).sum(dim=dims) / m.sum(dim=dims).clamp_min(1)
+    return per_item.mean() if reduction == "mean" else per_item
+
+
+def _check_mask(mask, like: torch.Tensor):
+    if mask is None:
+        return None
+    check_tensor(mask, "mask")
+    if mask.dim() != like.dim() or mask.shape[2:] != like.shape[2:] or mask.shape[0] not in (1, like.shape[0]):
+        raise ValueError(f"mask: expected shape (B or 1, 1 or C, {', '.join(map(str, like.shape[2:]))}) "
+                         f"to match the images {tuple(like.shape)}, got {tuple(mask.shape)}")
+    return mask
+
+
+def mse(fixed, warped, *, mask=None, reduction: str = "mean"):
+    """Mean squared intensity difference (lower is better).
+
+    ``mask`` (same spatial size, 0/1) restricts the mean to a region such as the
+    fundus field of view (Shan et al. 2017's ROI mask).
+    """
+    _check_pair(fixed, warped)
+    return _reduce((fixed - warped).square(), reduction, _check_mask(mask, fixed))
+
+
+def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    # Sum over a window^ndim cube around each voxel, zero outside the image.
+    # The cube is separable: one 1-D pass per axis costs ndim * window
+    # operations per voxel instead of window**ndim for a dense convolution.
+    nd, C = x.dim() - 2, x.shape[1]
+    conv = (F.conv2d, F.conv3d)[nd - 2]
+    for axis in range(nd):
+        size = [1] * nd
+        size[axis] = window
+        pad = [0] * nd
+        pad[axis] = window // 2
+        x = conv(x, x.new_ones(C, 1, *size), padding=pad, groups=C)
+    return x
+
+
+class _LocalNCCMap(torch.autograd.Function):
+    """Squared local correlation per voxel, with a hand-written backward.
+
+    Forward, per window of ``N`` voxels (sums ``S`` over the window)::
+
+        cross = S_IJ - S_I S_J / N,  var_I = S_II - S_I^2 / N,  var_J likewise
+        cc    = cross^2 / (var_I var_J + eps)
+
+    Backward: ``cc`` of the window at ``p`` depends on ``J(x)`` for every ``x``
+    in it through ``d cross = I(x) - S_I/N`` and ``d var_J = 2 (J(x) - S_J/N)``, so
+
+        dL/dJ(x) = box(G A)(x) I(x) + 2 box(G B)(x) J(x) - box(G (A S_I + 2 B S_J) / N)(x)
+
+    with ``A = 2 cross / D``, ``B = -cross^2 var_I / D^2``, ``D = var_I var_J + eps``
+    and ``G = dL/dcc``; the box sum is its own adjoint. Three box sums per
+    image instead of autograd's storage of every intermediate volume.
+    """
+
+    @staticmethod
+    def forward(ctx, I, J, window: int, eps: float):
+        B, C = I.shape[:2]
+        flat = lambda t: t.reshape(B * C, 1, *t.shape[2:])
+        I1, J1 = flat(I), flat(J)
+        sums = _box_sum(torch.cat([I1, J1, I1 * I1, J1 * J1, I1 * J1], dim=1), window)
+        n = float(window ** (I.dim() - 2))
+        S_I, S_J, S_II, S_JJ, S_IJ = sums.unbind(1)
+        cross = S_IJ - S_I * S_J / n
+        var_I = S_II - S_I * S_I / n
+        var_J = S_JJ - S_J * S_J / n
+        denom = var_I * var_J + eps
+        ctx.save_for_backward(I, J, S_I, S_J, cross, var_I, var_J, denom)
+        ctx.window, ctx.n = window, n
+        return (cross * cross / denom).reshape(I.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        I, J, S_I, S_J, cross, var_I, var_J, denom = ctx.saved_tensors
+        B, C = I.shape[:2]
+        G = grad.reshape(S_I.shape)
+        A = 2 * cross / denom * G
+        c2 = cross * cross / (denom * denom) * G
+
+        def image_grad(this, other, S_this, S_other, var_other):
+            Bt = -c2 * var_other  # d cc / d var_this, times G
+            maps = torch.stack([A, 2 * Bt, (A * S_other + 2 * Bt * S_this) / ctx.n], dim=1)
+            boxed = _box_sum(maps, ctx.window)
+            flat = lambda t: t.reshape(B * C, *t.shape[2:])
+            g = boxed[:, 0] * flat(other) + boxed[:, 1] * flat(this) - boxed[:, 2]
+            return g.reshape(this.shape)
+
+        gI = image_grad(I, J, S_I, S_J, var_J) if ctx.needs_input_grad[0] else None
+        gJ = image_grad(J, I, S_J, S_I, var_I) if ctx.needs_input_grad[1] else None
+        return gI, gJ, None, None
+
+
+def ncc_local(fixed, warped, *, window: int = 9, eps: float = 1e-5, reduction: str = "mean"):
+    """Negative local normalised cross-correlation (lower is better, -1 is perfect).
+
+    The squared correlation coefficient in a ``window``-wide cube around each
+    voxel (zero padding, as in VoxelMorph), averaged over voxels, negated.
+    Invariant to a positive affine change of intensities within each window.
+
+    Parameters
+    ----------
+    fixed, warped : Tensor, shape (B, C, *spatial)
+    window : int
+        Odd window width in voxels (default 9, as VoxelMorph).
+    eps : float
+        Added to the variance product so flat regions give 0, not NaN.
+    """
+    nd = _check_pair(fixed, warped)
+    check_positive(window, "window", integer=True)
+    if window % 2 == 0:
+        raise ValueError(f"window: expected an odd width so the window is centred on the voxel, got {window}")
+    if min(fixed.shape[2:]) < 1 or nd not in (2, 3):
+        raise ValueError(f"fixed: expected 2D or 3D images, got shape {tuple(fixed.shape)}")
+    return _reduce(-_LocalNCCMap.apply(fixed, warped, window, eps), reduction)
+
+
+def ncc_global(fixed, warped, *, eps: float = 1e-5, reduction: str = "mean"):
+    """Negative global correlation coefficient over each image (lower is better)."""
+    _check_pair(fixed, warped)
+    check_choice(reduction, _REDUCTIONS, "reduction")
+    f = fixed.flatten(1) - fixed.flatten(1).mean(1, keepdim=True)
+    w = warped.flatten(1) - warped.flatten(1).mean(1, keepdim=True)
+    cc = (f * w).sum(1) / torch.sqrt(f.square().sum(1) * w.square().sum(1) + eps)
+    return -cc.mean() if reduction == "mean" else -cc
+
+
+def _parzen_weights(x: torch.Tensor, centres: torch.Tensor, sigma: float) -> torch.Tensor:
+    # (B, N) intensities -> (B, N, bins) soft bin memberships that sum to one.
+    w = torch.exp(-0.5 * ((x.unsqueeze(-1) - centres) / sigma).square())
+    return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def mutual_information(fixed, warped, *, bins: int = 32, value_range=(0.0, 1.0), mask=None,
+                       reduction: str = "mean"):
+    """Negative mutual information with Parzen (Gaussian) windows; lower is better.
+
+    Each intensity belongs softly to ``bins`` Gaussian bins of width one bin
+    spacing over ``value_range`` (images are expected in ``[0, 1]``), which makes
+    the joint histogram, and so MI, differentiable. Insensitive to any one-to-one
+    intensity mapping, so it works across contrasts. Memory grows as
+    voxels x bins: use it on 2D images or downsampled volumes.
+    """
+    _check_pair(fixed, warped)
+    check_positive(bins, "bins", integer=True)
+    check_choice(reduction, _REDUCTIONS, "reduction")
+    lo, hi = map(float, value_range)
+    if not hi > lo:
+        raise ValueError(f"value_range: expected (low, high) with high > low, got {value_range}")
+    mask = _check_mask(mask, fixed)
+    centres = torch.linspace(lo, hi, bins, device=fixed.device, dtype=fixed.dtype)
+    sigma = (hi - lo) / max(bins - 1, 1)
+    wf = _parzen_weights(fixed.flatten(1), centres, sigma)
+    ww = _parzen_weights(warped.flatten(1), centres, sigma)
+    if mask is not None:
+        m = mask.to(fixed.dtype).expand_as(fixed).flatten(1).unsqueeze(-1)
+        wf = wf * m
+    joint = torch.einsum("bni,bnj->bij", wf, ww)
+    joint = joint / joint.sum((1, 2), keepdim=True).clamp_min(1e-12)
+    pf, pw = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
+    mi = (joint * (torch.log(joint + 1e-10) - torch.log(pf * pw + 1e-10))).sum((1, 2))
+    return -mi.mean() if reduction == "mean" else -mi
+
+
+def _forward_differences(u: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.diff(u, dim=axis) for axis in range(2, u.dim())]
+
+
+def diffusion(disp, *, penalty: str = "l2", reduction: str = "mean"):
+    """Diffusion regulariser: mean squared (``"l2"``) or absolute (``"l1"``)
+    forward difference of the displacement, averaged over axes (VoxelMorph's
+    ``Grad``). Zero for any translation; lower is smoother."""
+    check_field(disp, "disp")
+    check_choice(penalty, ("l2", "l1"), "penalty")
+    check_choice(reduction, _REDUCTIONS, "reduction")
+    f = torch.square if penalty == "l2" else torch.abs
+    terms = [f(d).flatten(1).mean(1) for d in _forward_differences(disp)]
+    per_item = torch.stack(terms).mean(0)
+    return per_item.mean() if reduction == "mean" else per_item
+
+
+def bending_energy(disp, *, reduction: str = "mean"):
+    """Bending energy: mean of squared second derivatives (central differences),
+    ``sum_ij (d^2 u / dx_i dx_j)^2``; zero for any affine field."""
+    check_field(disp, "disp")
+    check_choice(reduction, _REDUCTIONS, "reduction")
+    nd = disp.dim() - 2
+    if min(disp.shape[2:]) < 3:
+        raise ValueError(f"disp: bending energy needs at least 3 voxels along each axis, got "
+                         f"shape {tuple(disp.shape)}")
+    first = [torch.gradient(disp, dim=2 + i)[0] for i in range(nd)]
+    total = 0
+    for i in range(nd):
+        for j in range(nd):
+            second = torch.gradient(first[i], dim=2 + j)[0]
+            total = total + second.square().flatten(1).mean(1)
+    return total.mean() if reduction == "mean" else total
+
+
+def edge_aware_smoothness(disp, image, *, alpha: float = 1.0, reduction: str = "mean"):
+    """Edge-aware smoothness (Shan et al. 2017): ``|grad u|^2 exp(-alpha |grad I|)``.
+
+    The displacement may change quickly across image edges (vessel borders)
+    and is kept smooth in flat regions. ``image`` is the fixed image
+    ``(B, C, *spatial)``; gradients are forward differences, averaged over channels.
+    """
+    check_field(disp, "disp")
+    check_tensor(image, "image", floating=True)
+    check_finite(image, "image")
+    if image.dim() != disp.dim() or image.shape[2:] != disp.shape[2:]:
+        raise ValueError(f"image: expected spatial size {tuple(disp.shape[2:])} to match disp, "
+                         f"got shape {tuple(image.shape)}")
+    check_choice(reduction, _REDUCTIONS, "reduction")
+    terms = []
+    for du, dI in zip(_forward_differences(disp), _forward_differences(image)):
+        weight = torch.exp(-alpha * dI.abs().mean(1, keepdim=True))
+        terms.append((du.square() * weight).flatten(1).mean(1))
+    per_item = torch.stack(terms).mean(0)
+    return per_item.mean() if reduction == "mean" else per_item
+
+
+def one_hot(labels, label_list) -> torch.Tensor:
+    """Integer label map ``(B, 1, *spatial)`` -> float one-hot ``(B, L, *spatial)``
+    over ``label_list`` (background and unlisted labels get all zeros)."""
+    check_tensor(labels, "labels")
+    check_labels(labels, "labels")
+    check_shape(labels, "B 1 *S", "labels")
+    ids = torch.as_tensor(list(label_list), device=labels.device).view(1, -1, *([1] * (labels.dim() - 2)))
+    if ids.numel() == 0:
+        raise ValueError("label_list: expected at least one label, got an empty list")
+    return (labels.long() == ids.long()).float()
+
+
+def soft_dice(fixed_onehot, warped_onehot, *, eps: float = 1e-5, reduction: str = "mean"):
+    """1 - mean soft Dice over channels of one-hot (or probabilistic) label maps.
+
+    Use :func:`one_hot` on both label maps, warp the moving one with linear
+    interpolation so the loss is differentiable (label maps are warped with
+    nearest neighbour only for evaluation).
+    """
+    _check_pair(fixed_onehot, warped_onehot)
+    check_choice(reduction, _REDUCTIONS, "reduction")
+    dims = tuple(range(2, fixed_onehot.dim()))
+    top = 2 * (fixed_onehot * warped_onehot).sum(dims)
+    bottom = (fixed_onehot + warped_onehot).sum(dims)
+    per_item = 1 - (top / (bottom + eps)).mean(1)
+    return per_item.mean() if reduction == "mean" else per_item
+
+
+class MSE(nn.Module):
+    """Module form of :func:`mse`: ``forward(fixed, warped, mask=None)``."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, fixed, warped, mask=None):
+        return mse(fixed, warped, mask=mask, reduction=self.reduction)
+
+
+class NCC(nn.Module):
+    """Module form of :func:`ncc_local` (``kind="local"``) or :func:`ncc_global`."""
+
+    def __init__(self, window: int = 9, kind: str = "local", reduction: str = "mean"):
+        super().__init__()
+        self.window, self.kind, self.reduction = window, check_choice(kind, ("local", "global"), "kind"), reduction
+
+    def forward(self, fixed, warped):
+        if self.kind == "global":
+            return ncc_global(fixed, warped, reduction=self.reduction)
+        return ncc_local(fixed, warped, window=self.window, reduction=self.reduction)
+
+
+class MI(nn.Module):
+    """Module form of :func:`mutual_information`."""
+
+    def __init__(self, bins: int = 32, value_range=(0.0, 1.0), reduction: str = "mean"):
+        super().__init__()
+        self.bins, self.value_range, self.reduction = bins, value_range, reduction
+
+    def forward(self, fixed, warped, mask=None):
+        return mutual_information(fixed, warped, bins=self.bins, value_range=self.value_range,
+                                  mask=mask, reduction=self.reduction)
+
+
+class Diffusion(nn.Module):
+    """Module form of :func:`diffusion`: ``forward(disp)``."""
+
+    def __init__(self, penalty: str = "l2", reduction: str = "mean"):
+        super().__init__()
+        self.penalty, self.reduction = penalty, reduction
+
+    def forward(self, disp):
+        return diffusion(disp, penalty=self.penalty, reduction=self.reduction)
+
+
+class BendingEnergy(nn.Module):
+    """Module form of :func:`bending_energy`: ``forward(disp)``."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, disp):
+        return bending_energy(disp, reduction=self.reduction)
+
+
+class EdgeAwareSmoothness(nn.Module):
+    """Module form of :func:`edge_aware_smoothness`: ``forward(disp, image)``."""
+
+    def __init__(self, alpha: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        self.alpha, self.reduction = alpha, reduction
+
+    def forward(self, disp, image):
+        return edge_aware_smoothness(disp, image, alpha=self.alpha, reduction=self.reduction)
+
+
+class SoftDice(nn.Module):
+    """Module form of :func:`soft_dice`: ``forward(fixed_onehot, warped_onehot)``."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, fixed_onehot, warped_onehot):
+        return soft_dice(fixed_onehot, warped_onehot, reduction=self.reduction)

@@ -1,0 +1,307 @@
+"""Spatial transforms: warping, grids, affine fields, composition, integration.
+
+Convention (the one every function of regedu follows):
+
+* Images are ``(B, C, *spatial)``; spatial is ``(H, W)`` in 2D and
+  ``(D, H, W)`` in 3D.
+* A displacement ``u`` is ``(B, ndim, *spatial)``, in voxels; channel ``k``
+  moves along spatial axis ``k`` (tensor-axis ``ij`` order, not ``xy``).
+* The transform is ``phi(x) = x + u(x)`` and warping *pulls*:
+  ``warped(x) = moving(x + u(x))``. ``u`` lives on the fixed image's grid.
+* Voxel centres map exactly: index ``i`` is the normalised coordinate
+  ``-1 + 2 i / (n - 1)`` (``align_corners=True``). Outside the image the
+  value is 0 (``padding="zeros"``) or the nearest edge value (``"border"``).
+* ``compose(u1, u2)`` is the displacement of ``phi1 o phi2``: warping by it
+  equals warping by ``phi1`` first and then by ``phi2``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._checks import check_choice, check_field, check_finite, check_positive, check_shape, check_tensor
+
+__all__ = ["warp", "SpatialTransformer", "identity_grid", "affine_to_displacement",
+           "compose", "integrate_velocity", "IntegrateVelocity", "resize_field", "warp_points"]
+
+_MODES = ("bilinear", "nearest")
+_PADDINGS = ("zeros", "border")
+
+
+def _check_image(image, name: str) -> tuple[int, ...]:
+    check_tensor(image, name)
+    spatial = check_shape(image, "B C *S", name)["S"]
+    if len(spatial) not in (2, 3):
+        hint = f"; add batch and channel axes with {name}[None, None]" if image.dim() in (2, 3) else ""
+        raise ValueError(f"{name}: expected (B, C, H, W) or (B, C, D, H, W), got shape "
+                         f"{tuple(image.shape)}{hint}")
+    check_finite(image, name)
+    return spatial
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_grid(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+
+
+def identity_grid(shape, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates of every voxel, ``(1, ndim, *shape)``.
+
+    Channel ``k`` holds the index along spatial axis ``k``, so
+    ``identity_grid(shape) + u`` are the points that ``warp`` samples.
+
+    >>> identity_grid((2, 3))[0, 1]
+    tensor([[0., 1., 2.],
+            [0., 1., 2.]])
+    """
+    shape = tuple(int(n) for n in shape)
+    for n in shape:
+        check_positive(n, "shape", integer=True)
+    # A cached grid is shared: hand out a tensor the caller cannot corrupt in place.
+    return _cached_grid(shape, torch.device(device or "cpu"), dtype).clone()
+
+
+def _grid_sample_locations(points: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    # grid_sample wants locations normalised to [-1, 1] (with align_corners=True,
+    # -1 and 1 are the centres of the first and last voxel, our convention) and
+    # the coordinate axis last, in x, y(, z) order: the reverse of our tensor-axis
+    # channel order. This is the only place that flip happens.
+    scale = torch.tensor([1.0 / max(n - 1, 1) for n in spatial], device=points.device,
+                         dtype=points.dtype).view(1, -1, *([1] * len(spatial)))
+    normalised = 2.0 * (points * scale - 0.5)
+    return normalised.movedim(1, -1).flip(-1)
+
+
+def _warp_integer(image: torch.Tensor, u: torch.Tensor, padding: str) -> torch.Tensor:
+    # A whole-voxel displacement needs no interpolation: look the values up.
+    # This is exact (grid_sample's normalise/unnormalise round trip is not, by
+    # ~1e-5 in float32) and keeps label dtypes as they are.
+    B, C, *spatial = image.shape
+    idx = (identity_grid(spatial, device=u.device, dtype=u.dtype) + u).long()
+    inside = torch.ones_like(idx[:, 0], dtype=torch.bool)
+    linear = torch.zeros_like(idx[:, 0])
+    for k, n in enumerate(spatial):
+        inside &= (idx[:, k] >= 0) & (idx[:, k] < n)
+        linear = linear * n + idx[:, k].clamp(0, n - 1)
+    linear = linear.reshape(B, 1, -1).expand(B, C, -1)
+    out = image.reshape(B, C, -1).gather(2, linear).reshape(image.shape)
+    if padding == "zeros":
+        out = out * inside.unsqueeze(1).to(out.dtype) if out.is_floating_point() else \
+            torch.where(inside.unsqueeze(1), out, torch.zeros_like(out))
+    return out
+
+
+def warp(image: torch.Tensor, disp: torch.Tensor, *, mode: str | None = None,
+         padding: str = "zeros") -> torch.Tensor:
+    """Warp ``image`` by the displacement ``disp``: ``out(x) = image(x + disp(x))``.
+
+    Parameters
+    ----------
+    image : Tensor, shape (B, C, *spatial)
+        The moving image (float), or a label map (integer or bool dtype).
+    disp : Tensor, shape (B, ndim, *spatial)
+        Displacement in voxels on the fixed grid, channels in tensor-axis order.
+        A batch of 1 on either side is broadcast against the other.
+    mode : {"bilinear", "nearest", None}
+        Interpolation. ``None`` picks ``"nearest"`` for integer or bool images
+        (label maps keep their values and dtype) and ``"bilinear"`` (trilinear in
+        3D) otherwise. A float label map needs ``mode="nearest"``.
+    padding : {"zeros", "border"}
+        Value outside the image: 0, or the nearest edge value.
+
+    Returns
+    -------
+    Tensor, shape (B, C, *spatial), the dtype of ``image``.
+
+    Convention: pulls the moving image into the fixed image's space; voxel units;
+    tensor-axis order; voxel centres map exactly (``align_corners=True``).
+    Whole-voxel displacements are applied by indexing and are exact.
+
+    Examples
+    --------
+    A displacement of +1 along the last axis samples the right neighbour, so
+    the image content moves one pixel to the left:
+
+    >>> img = torch.tensor([[[[0., 1., 2., 3.]]]])
+    >>> u = torch.zeros(1, 2, 1, 4); u[:, 1] = 1
+    >>> warp(img, u)
+    tensor([[[[1., 2., 3., 0.]]]])
+    """
+    spatial = _check_image(image, "image")
+    check_field(disp, "disp", spatial=spatial)
+    check_choice(padding, _PADDINGS, "padding")
+    labels = not image.is_floating_point()
+    if mode is None:
+        mode = "nearest" if labels else "bilinear"
+    check_choice(mode, _MODES, "mode")
+    if labels and mode != "nearest":
+        raise ValueError(f"image: a {image.dtype} label map can only be warped with "
+                         f"mode='nearest' (or mode=None), got mode={mode!r}; "
+                         f"for a differentiable warp of labels, one-hot encode them as floats")
+    B = max(image.shape[0], disp.shape[0])
+    if image.shape[0] != disp.shape[0] and 1 not in (image.shape[0], disp.shape[0]):
+        raise ValueError(f"image and disp: batch sizes {image.shape[0]} and {disp.shape[0]} "
+                         f"do not match (a batch of 1 is broadcast)")
+    image = image.expand(B, *image.shape[1:])
+    disp = disp.expand(B, *disp.shape[1:]).to(image.dtype if not labels else disp.dtype)
+
+    if not disp.requires_grad and bool((disp == torch.round(disp)).all()):
+        return _warp_integer(image, disp, padding)
+
+    points = identity_grid(spatial, device=disp.device, dtype=disp.dtype) + disp
+    grid = _grid_sample_locations(points, spatial)
+    source = image.to(disp.dtype) if labels else image
+    out = F.grid_sample(source, grid, mode=mode, padding_mode=padding, align_corners=True)
+    return out.round().to(image.dtype) if labels else out
+
+
+class SpatialTransformer(nn.Module):
+    """Module form of :func:`warp` (same convention); ``forward(image, disp)``."""
+
+    def __init__(self, mode: str | None = None, padding: str = "zeros"):
+        super().__init__()
+        self.mode, self.padding = mode, padding
+
+    def forward(self, image: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+        return warp(image, disp, mode=self.mode, padding=self.padding)
+
+
+def affine_to_displacement(matrix: torch.Tensor, shape, *, center: str = "origin") -> torch.Tensor:
+    """Displacement of an affine map given in voxel coordinates.
+
+    Parameters
+    ----------
+    matrix : Tensor, shape (B, ndim, ndim + 1) or (B, ndim + 1, ndim + 1)
+        ``[A | t]``: the fixed point ``x`` maps to ``A (x - c) + c + t`` in the
+        moving image, coordinates in tensor-axis order.
+    shape : tuple of int
+        Spatial size of the fixed image.
+    center : {"origin", "image"}
+        ``c``: voxel 0, or the image centre ``(n - 1) / 2`` (rotate about the middle).
+
+    Returns
+    -------
+    Tensor, shape (B, ndim, *shape): ``u(x) = A (x - c) + c + t - x``.
+
+    >>> m = torch.tensor([[[1., 0., 2.], [0., 1., -1.]]])
+    >>> affine_to_displacement(m, (3, 4))[0, :, 0, 0]
+    tensor([ 2., -1.])
+    """
+    check_tensor(matrix, "matrix", floating=True)
+    check_choice(center, ("origin", "image"), "center")
+    shape = tuple(int(n) for n in shape)
+    nd = len(shape)
+    if nd not in (2, 3):
+        raise ValueError(f"shape: expected a 2D or 3D spatial size, got {shape}")
+    check_shape(matrix, "B R C", "matrix")
+    if matrix.shape[2] != nd + 1 or matrix.shape[1] not in (nd, nd + 1):
+        raise ValueError(f"matrix: a {nd}D affine needs shape (B, {nd}, {nd + 1}) or "
+                         f"(B, {nd + 1}, {nd + 1}), got {tuple(matrix.shape)}")
+    check_finite(matrix, "matrix")
+    A, t = matrix[:, :nd, :nd], matrix[:, :nd, nd]
+    x = identity_grid(shape, device=matrix.device, dtype=matrix.dtype)
+    c = torch.zeros(nd, device=matrix.device, dtype=matrix.dtype)
+    if center == "image":
+        c = torch.tensor([(n - 1) / 2 for n in shape], device=matrix.device, dtype=matrix.dtype)
+    c = c.view(1, nd, *([1] * nd))
+    y = torch.einsum("bij,bj...->bi...", A, (x - c).expand(matrix.shape[0], *x.shape[1:]))
+    return y + c + t.view(-1, nd, *([1] * nd)) - x
+
+
+def compose(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``phi1 o phi2``: ``u2 + warp(u1, u2)``.
+
+    ``warp(warp(m, u1), u2) == warp(m, compose(u1, u2))`` up to interpolation:
+    a cascade that warps by ``phi1`` first and then by ``phi2`` has the total
+    field ``compose(u1, u2)``. Fields are extended at the border (``padding=
+    "border"``) rather than by zero, which keeps motion near the edges.
+    """
+    check_field(u1, "u1")
+    check_field(u2, "u2", spatial=tuple(u1.shape[2:]))
+    return u2 + warp(u1, u2, mode="bilinear", padding="border")
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Integrate a stationary velocity field by scaling and squaring.
+
+    ``u = v / 2**steps``, then ``steps`` times ``u = compose(u, u)``; the result
+    approximates ``exp(v)``, a diffeomorphism when ``v`` is smooth enough.
+    ``steps=0`` returns ``v`` itself (a plain displacement).
+    """
+    check_field(velocity, "velocity")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
+    u = velocity / (2 ** steps)
+    for _ in range(steps):
+        u = compose(u, u)
+    return u
+
+
+class IntegrateVelocity(nn.Module):
+    """Module form of :func:`integrate_velocity`; ``forward(velocity)``."""
+
+    def __init__(self, steps: int = 7):
+        super().__init__()
+        self.steps = steps
+
+    def forward(self, velocity: torch.Tensor) -> torch.Tensor:
+        return integrate_velocity(velocity, self.steps)
+
+
+def resize_field(disp: torch.Tensor, size) -> torch.Tensor:
+    """Resample a displacement to a new spatial ``size``, rescaling its values.
+
+    With voxel centres mapped exactly, axis ``k`` stretches by
+    ``(size[k] - 1) / (n[k] - 1)``, and so does channel ``k`` (a field of one
+    voxel at 64^2 is one of ~2 voxels at 128^2).
+    """
+    check_field(disp, "disp")
+    old = tuple(disp.shape[2:])
+    size = tuple(int(n) for n in size)
+    if len(size) != len(old):
+        raise ValueError(f"size: expected {len(old)} sizes for a {len(old)}D field, got {size}")
+    for n in size:
+        check_positive(n, "size", integer=True)
+    factors = torch.tensor([(s - 1) / max(n - 1, 1) for s, n in zip(size, old)],
+                           device=disp.device, dtype=disp.dtype).view(1, -1, *([1] * len(old)))
+    interp = "bilinear" if len(old) == 2 else "trilinear"
+    return F.interpolate(disp, size=size, mode=interp, align_corners=True) * factors
+
+
+def warp_points(points: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """Map fixed-image points to the moving image: ``p -> p + u(p)``.
+
+    Parameters
+    ----------
+    points : Tensor, shape (N, ndim) or (B, N, ndim)
+        Voxel coordinates in the fixed image, in tensor-axis order (row, column
+        in 2D), not x-y.
+    disp : Tensor, shape (B, ndim, *spatial)
+
+    Returns
+    -------
+    Tensor of the shape of ``points``: where each point lies in the moving
+    image. ``u`` is interpolated linearly and extended at the border.
+    """
+    check_tensor(points, "points", floating=True)
+    check_field(disp, "disp")
+    nd = disp.shape[1]
+    squeeze = points.dim() == 2
+    pts = points[None] if squeeze else points
+    check_shape(pts, f"B N {nd}", "points")
+    check_finite(pts, "points")
+    if pts.shape[0] != disp.shape[0] and 1 not in (pts.shape[0], disp.shape[0]):
+        raise ValueError(f"points and disp: batch sizes {pts.shape[0]} and {disp.shape[0]} differ")
+    B = max(pts.shape[0], disp.shape[0])
+    pts = pts.to(disp.dtype).expand(B, *pts.shape[1:])
+    # Sample u at the points: the points become a (B, nd, N, 1[, 1]) "image" of locations.
+    loc = pts.transpose(1, 2).reshape(B, nd, -1, *([1] * (nd - 1)))
+    grid = _grid_sample_locations(loc, tuple(disp.shape[2:]))
+    u = F.grid_sample(disp.expand(B, *disp.shape[1:]), grid, mode="bilinear",
+                      padding_mode="border", align_corners=True)
+    out = pts + u.reshape(B, nd, -1).transpose(1, 2)
+    return out[0] if squeeze else out
