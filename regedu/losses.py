@@ -142,7 +142,9 @@ def ncc_local(fixed, warped, *, window: int = 9, eps: float = 1e-5, reduction: s
 
     The squared correlation coefficient in a ``window``-wide cube around each
     voxel (zero padding, as in VoxelMorph), averaged over voxels, negated.
-    Invariant to a positive affine change of intensities within each window.
+    Invariant to a positive affine change of intensities in windows inside the
+    image; windows that overlap the border see the zero padding, which a scale
+    leaves alone but an offset does not.
 
     Parameters
     ----------

@@ -1,0 +1,34 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED_DATA = Path(os.environ.get("REGEDU_SHARED_DATA",
+                                  Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "test_scan.npz").exists():
+        pytest.skip(f"voxelmorph's test scan not found in {SHARED_DATA} (set REGEDU_SHARED_DATA)")
+    return SHARED_DATA
+
+
+def smooth_field(shape, amplitude, *, seed=0, sigma_frac=0.15, dtype=torch.float32):
+    """A random smooth displacement (B=1) for tests: Gaussian-smoothed noise."""
+    from scipy.ndimage import gaussian_filter
+    rng = np.random.default_rng(seed)
+    nd = len(shape)
+    comps = []
+    for _ in range(nd):
+        n = gaussian_filter(rng.standard_normal(shape), sigma=[s * sigma_frac for s in shape])
+        comps.append(n / (np.abs(n).max() + 1e-12) * amplitude)
+    return torch.tensor(np.stack(comps)[None], dtype=dtype)

@@ -1,0 +1,108 @@
+"""Bad input gets an error that says what was expected and what came."""
+import numpy as np
+import pytest
+import torch
+
+from regedu import losses, metrics, profiles, spatial
+
+
+def test_2d_field_on_3d_image():
+    with pytest.raises(ValueError, match=r"disp: expected spatial size \(5, 6, 7\).*got \(6, 7\)"):
+        spatial.warp(torch.rand(1, 1, 5, 6, 7), torch.zeros(1, 2, 6, 7))
+
+
+def test_field_with_wrong_channel_count():
+    with pytest.raises(ValueError, match=r"disp: a 2D field needs 2 channels.*got shape \(1, 3, 6, 7\)"):
+        spatial.warp(torch.rand(1, 1, 6, 7), torch.zeros(1, 3, 6, 7))
+
+
+def test_image_without_batch_and_channel():
+    with pytest.raises(ValueError, match=r"image: expected shape \(B, C, \*S\)"):
+        spatial.warp(torch.rand(6, 7), torch.zeros(1, 2, 6, 7))
+
+
+def test_numpy_image_is_named():
+    with pytest.raises(TypeError, match="image: expected a torch.Tensor.*torch.from_numpy"):
+        spatial.warp(np.zeros((1, 1, 4, 4)), torch.zeros(1, 2, 4, 4))
+
+
+def test_fixed_and_moving_of_different_shapes():
+    with pytest.raises(ValueError, match=r"fixed and warped must have the same shape, got \(1, 1, 8, 8\) and \(1, 1, 8, 9\)"):
+        losses.mse(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 9))
+    with pytest.raises(ValueError, match="same shape"):
+        losses.ncc_local(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 9))
+
+
+def test_nan_in_image_and_field():
+    img = torch.rand(1, 1, 6, 6)
+    img[0, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="image: expected finite values, got 1 NaN"):
+        spatial.warp(img, torch.zeros(1, 2, 6, 6))
+    u = torch.zeros(1, 2, 6, 6)
+    u[0, 1, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="disp: expected finite values, got 0 NaN and 1 infinite"):
+        metrics.jacobian_determinant(u)
+    with pytest.raises(ValueError, match="warped: expected finite values"):
+        losses.ncc_local(torch.rand(1, 1, 6, 6), img)
+
+
+def test_float_label_map_with_non_integer_values():
+    with pytest.raises(ValueError, match="a: expected a label map of whole numbers"):
+        metrics.dice(np.array([0.5, 1.0]), np.array([1, 1]), [1])
+    assert metrics.dice(np.array([0.0, 1.0]), np.array([1, 1]), [1]).mean == pytest.approx(2 / 3)
+
+
+def test_integer_labels_with_bilinear():
+    with pytest.raises(ValueError, match="label map can only be warped with mode='nearest'"):
+        spatial.warp(torch.zeros(1, 1, 4, 4, dtype=torch.int64), torch.zeros(1, 2, 4, 4), mode="bilinear")
+
+
+def test_integer_image_for_loss():
+    with pytest.raises(TypeError, match="fixed: expected a floating-point tensor, got dtype torch.int64"):
+        losses.mse(torch.zeros(1, 1, 4, 4, dtype=torch.int64), torch.zeros(1, 1, 4, 4))
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="mode: expected one of 'bilinear', 'nearest', got 'cubic'"):
+        spatial.warp(torch.rand(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), mode="cubic")
+    with pytest.raises(ValueError, match="padding"):
+        spatial.warp(torch.rand(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), padding="reflect")
+    with pytest.raises(ValueError, match="window: expected an odd width"):
+        losses.ncc_local(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), window=4)
+    with pytest.raises(ValueError, match="steps: expected a non-negative integer"):
+        spatial.integrate_velocity(torch.zeros(1, 2, 4, 4), steps=-1)
+    with pytest.raises(ValueError, match="reduction"):
+        losses.mse(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4), reduction="sum")
+
+
+def test_batch_mismatch():
+    with pytest.raises(ValueError, match="disp: expected batch size|batch sizes 2 and 3"):
+        spatial.warp(torch.rand(2, 1, 4, 4), torch.zeros(3, 2, 4, 4))
+
+
+def test_affine_matrix_shape():
+    with pytest.raises(ValueError, match=r"matrix: a 3D affine needs shape \(B, 3, 4\) or \(B, 4, 4\), got \(1, 2, 3\)"):
+        spatial.affine_to_displacement(torch.zeros(1, 2, 3), (4, 5, 6))
+
+
+def test_points_shape():
+    with pytest.raises(ValueError, match=r"points: expected shape \(B, N, 2\)"):
+        spatial.warp_points(torch.zeros(4, 3), torch.zeros(1, 2, 5, 5))
+
+
+def test_tre_spacing_and_points():
+    with pytest.raises(ValueError, match="fixed_points and moving_points must have the same shape"):
+        metrics.tre(torch.zeros(3, 2), torch.zeros(4, 2), torch.zeros(1, 2, 5, 5))
+    with pytest.raises(ValueError, match="spacing: expected one number or 2"):
+        metrics.tre(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(1, 2, 5, 5), spacing=[1, 2, 3])
+
+
+def test_unknown_profile(monkeypatch):
+    monkeypatch.setenv("REGEDU_PROFILE", "laptop")
+    with pytest.raises(ValueError, match="REGEDU_PROFILE: expected one of ci, cpu, gpu, got 'laptop'"):
+        profiles.get_profile()
+
+
+def test_one_hot_requires_single_channel():
+    with pytest.raises(ValueError, match=r"labels: expected shape \(B, 1, \*S\)"):
+        losses.one_hot(torch.zeros(1, 2, 4, 4, dtype=torch.int64), [1])
