@@ -1,0 +1,630 @@
+"""One training loop for every registration model in regedu.
+
+:func:`fit` trains any model that follows the ``regedu.nets`` contract
+(``forward(moving, fixed) -> RegistrationOutput``) on batches of dicts with the
+keys ``moving`` and ``fixed`` (and optionally ``moving_seg`` and ``fixed_seg``,
+integer label maps). The loss is a sum of weighted terms chosen by name::
+
+    history = fit(model, data, losses={"ncc": 1.0, "diffusion": 1.0}, steps=500)
+
+Every weighted term is logged on its own (``history["train"]["ncc"]``), so a
+plot shows which term the optimiser is trading against which.
+
+The loop also keeps atomic checkpoints (model, optimiser, step, configs, RNG
+states, history) that resume exactly, uses mixed precision and channels-last on
+CUDA, and runs unchanged under ``torchrun`` with DistributedDataParallel.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+from . import losses as _losses
+from . import metrics as _metrics
+from ._checks import check_positive, check_same_shape, check_tensor
+from .spatial import warp
+
+__all__ = ["fit", "loss_terms", "LOSSES", "save_checkpoint", "load_checkpoint", "load_model",
+           "seed_everything", "default_device"]
+
+# name -> (kind, factory). The kind says what a term is computed on:
+#   "similarity"   fn(fixed, warped)
+#   "regulariser"  fn(field)
+#   "edge"         fn(field, fixed)      (edge-aware smoothness follows the fixed image)
+#   "dice"         fn(fixed_onehot, warped_onehot), needs moving_seg and fixed_seg
+LOSSES: dict[str, tuple[str, Callable[[], Callable]]] = {
+    "mse": ("similarity", lambda: _losses.MSE()),
+    "ncc": ("similarity", lambda: _losses.NCC(window=9)),
+    "ncc_global": ("similarity", lambda: _losses.NCC(kind="global")),
+    "mi": ("similarity", lambda: _losses.MI()),
+    "diffusion": ("regulariser", lambda: _losses.Diffusion("l2")),
+    "bending": ("regulariser", lambda: _losses.BendingEnergy()),
+    "edge_aware": ("edge", lambda: _losses.EdgeAwareSmoothness()),
+    "dice": ("dice", lambda: _losses.SoftDice()),
+}
+
+DEFAULT_LOSSES = {"ncc": 1.0, "diffusion": 1.0}
+
+
+@dataclass(frozen=True)
+class _Term:
+    name: str
+    kind: str
+    fn: Callable
+    weight: float
+
+
+def _build_terms(losses) -> list[_Term]:
+    if isinstance(losses, list) and all(isinstance(t, _Term) for t in losses):
+        return losses
+    if not isinstance(losses, Mapping) or not losses:
+        raise TypeError(f"losses: expected a non-empty dict such as {{'ncc': 1.0, 'diffusion': 1.0}}, "
+                        f"got {losses!r}")
+    terms = []
+    for name, spec in losses.items():
+        if name not in LOSSES:
+            raise ValueError(f"losses: unknown term {name!r}; expected names from "
+                             f"{', '.join(map(repr, LOSSES))}")
+        kind, factory = LOSSES[name]
+        # A (callable, weight) pair replaces the default callable, e.g. NCC(window=5).
+        fn, weight = spec if isinstance(spec, tuple) else (factory(), spec)
+        if not callable(fn) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"losses[{name!r}]: expected a weight or a (callable, weight) pair, "
+                            f"got {spec!r}")
+        terms.append(_Term(name, kind, fn, float(weight)))
+    if not any(t.kind == "similarity" for t in terms) and not any(t.kind == "dice" for t in terms):
+        raise ValueError(f"losses: no similarity term in {list(losses)}; add one of "
+                         f"'mse', 'ncc', 'ncc_global', 'mi' (or 'dice' with label maps)")
+    return terms
+
+
+def _terms_config(terms: list[_Term]) -> dict:
+    return {t.name: t.weight for t in terms}
+
+
+def _field_terms(terms, field, reg_field, moving, fixed, moving_onehot, fixed_onehot):
+    """Weighted terms for one field: similarity, regulariser(s) and Dice."""
+    out = {}
+    warped = None
+    for t in terms:
+        if t.weight == 0:
+            continue
+        if t.kind == "similarity":
+            warped = warp(moving, field) if warped is None else warped
+            value = t.fn(fixed, warped)
+        elif t.kind == "regulariser":
+            value = t.fn(reg_field)
+        elif t.kind == "edge":
+            value = t.fn(field, fixed)
+        else:
+            if moving_onehot is None:
+                continue
+            value = t.fn(fixed_onehot, warp(moving_onehot, field))
+        out[t.name] = t.weight * value
+    return out
+
+
+def _resolve_labels(labels, moving_seg, fixed_seg) -> list[int]:
+    if labels is not None:
+        return [int(v) for v in labels]
+    # No explicit list: every non-background label in either map of the batch.
+    found = torch.unique(torch.cat([moving_seg.flatten(), fixed_seg.flatten()]))
+    return [int(v) for v in found.tolist() if v != 0]
+
+
+def loss_terms(output, moving: torch.Tensor, fixed: torch.Tensor, *, losses=None,
+               moving_seg: torch.Tensor | None = None, fixed_seg: torch.Tensor | None = None,
+               labels=None, deep_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """The weighted loss terms of one batch and their sum.
+
+    Parameters
+    ----------
+    output : RegistrationOutput
+        What the model returned for ``(moving, fixed)``.
+    moving, fixed : Tensor, shape (B, C, *spatial)
+    losses : dict, optional
+        Term name -> weight, e.g. ``{"ncc": 1.0, "diffusion": 1.0, "dice": 0.1}``;
+        a value may also be a ``(callable, weight)`` pair to replace the default
+        callable (``{"ncc": (regedu.losses.NCC(window=5), 1.0)}``). Names are the
+        keys of :data:`LOSSES`. Default ``{"ncc": 1.0, "diffusion": 1.0}``.
+    moving_seg, fixed_seg : Tensor, shape (B, 1, *spatial), integer, optional
+        Label maps. The ``"dice"`` term compares ``fixed_seg`` with the one-hot
+        ``moving_seg`` warped linearly (differentiable); it is skipped without them.
+    labels : sequence of int, optional
+        Structures for the Dice term; default every non-zero label in the batch.
+    deep_weight : float
+        Weight of the deep-supervision term: each field in ``output.deep`` is
+        supervised exactly like the final one (same terms, same weights), and the
+        ``"deep"`` term is ``deep_weight`` times their mean.
+
+    Returns
+    -------
+    dict
+        ``{name: weighted term}`` for every active term, ``"deep"`` when the model
+        has deep-supervision fields, and ``"loss"``, their sum (what is minimised).
+
+    Notes
+    -----
+    The regulariser acts on ``output.velocity`` when the model integrates one
+    (as VoxelMorph regularises its pre-integration field) and on the
+    displacement otherwise. Edge-aware smoothness always acts on the displacement.
+
+    Examples
+    --------
+    >>> from regedu import nets
+    >>> model = nets.create("unet", spatial_dims=2)
+    >>> moving, fixed = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    >>> terms = loss_terms(model(moving, fixed), moving, fixed, losses={"mse": 1.0, "diffusion": 0.1})
+    >>> sorted(terms)
+    ['diffusion', 'loss', 'mse']
+    >>> bool(terms["loss"] == terms["mse"] + terms["diffusion"])
+    True
+    """
+    terms = _build_terms(DEFAULT_LOSSES if losses is None else losses)
+    moving_onehot = fixed_onehot = None
+    if moving_seg is not None and fixed_seg is not None and any(t.kind == "dice" for t in terms):
+        label_list = _resolve_labels(labels, moving_seg, fixed_seg)
+        moving_onehot = _losses.one_hot(moving_seg, label_list).to(moving.dtype)
+        fixed_onehot = _losses.one_hot(fixed_seg, label_list).to(moving.dtype)
+    reg_field = output.velocity if output.velocity is not None else output.disp
+    out = _field_terms(terms, output.disp, reg_field, moving, fixed, moving_onehot, fixed_onehot)
+    if output.deep and deep_weight:
+        deep = [sum(_field_terms(terms, d, d, moving, fixed, moving_onehot, fixed_onehot).values())
+                for d in output.deep]
+        out["deep"] = deep_weight * sum(deep) / len(deep)
+    out["loss"] = sum(out.values())
+    return out
+
+
+# ---------------------------------------------------------------- seeds and devices
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's (CPU and CUDA) random generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    """The device of the active profile (``regedu.profiles``): CUDA when available."""
+    from .profiles import get_profile
+    return torch.device(get_profile().device)
+
+
+def _rng_state() -> dict:
+    # Plain types and tensors only, so checkpoints load with weights_only=True.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Write ``state`` to ``path`` atomically.
+
+    The file is written to a temporary file in the same folder and moved over
+    ``path`` with ``os.replace`` only once complete, so a crash (or Ctrl-C, or a
+    full disk) while saving leaves the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path, *, map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`fit` (with ``weights_only=True``).
+
+    ``weights_only=True`` refuses to run code hidden in a file, so a checkpoint
+    downloaded from somewhere is safe to open.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no file {str(path)!r}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        # torch's unpickling errors bury the cause under advice; keep the line that names it.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        cause = next((ln for ln in lines if "error:" in ln.lower()), lines[0])
+        raise ValueError(f"checkpoint: {str(path)!r} is not a regedu checkpoint that torch can "
+                         f"read with weights_only=True ({cause})") from None
+
+
+def load_model(path, *, map_location="cpu") -> nn.Module:
+    """Rebuild the model stored in a checkpoint (``regedu.nets.from_config``) with its weights.
+
+    The model is returned in eval mode.
+    """
+    from . import nets
+    state = load_checkpoint(path, map_location=map_location)
+    config = state.get("config") if isinstance(state, dict) else None
+    if not config or "model" not in state:
+        raise ValueError(f"checkpoint: {str(path)!r} holds no model config; save models that have "
+                         f"a .config dict (every regedu.nets model does) to rebuild them")
+    model = nets.from_config(config)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+# ---------------------------------------------------------------- data
+
+def _as_loader(data, batch_size, num_workers, sampler=None, pin_memory=False) -> DataLoader:
+    if isinstance(data, DataLoader):
+        if sampler is None:
+            return data
+        # Under DDP each process needs its own shard: same loader, distributed sampler.
+        return DataLoader(data.dataset, batch_size=data.batch_size, sampler=sampler,
+                          num_workers=data.num_workers, collate_fn=data.collate_fn,
+                          drop_last=data.drop_last, pin_memory=data.pin_memory)
+    if not isinstance(data, (Dataset, IterableDataset)) and not hasattr(data, "__getitem__"):
+        raise TypeError(f"train_data: expected a torch Dataset or DataLoader of dict batches, "
+                        f"got a {type(data).__name__}")
+    iterable = isinstance(data, IterableDataset)
+    return DataLoader(data, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                      shuffle=not iterable and sampler is None, sampler=sampler)
+
+
+def _prepare_batch(batch, device, memory_format) -> dict:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        batch = {"moving": batch[0], "fixed": batch[1]}
+    if not isinstance(batch, Mapping) or "moving" not in batch or "fixed" not in batch:
+        got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"batch: expected a dict with keys 'moving' and 'fixed' "
+                         f"(and optionally 'moving_seg', 'fixed_seg'), got {got}")
+    out = {}
+    for key in ("moving", "fixed"):
+        x = check_tensor(batch[key], key)
+        out[key] = x.to(device, torch.float32, non_blocking=True).contiguous(memory_format=memory_format)
+    check_same_shape(out["moving"], out["fixed"], ("moving", "fixed"))
+    for key in ("moving_seg", "fixed_seg"):
+        if batch.get(key) is not None:
+            out[key] = batch[key].to(device, non_blocking=True).long()
+    return out
+
+
+def _memory_format(ndim: int, enabled: bool):
+    if not enabled:
+        return torch.contiguous_format
+    return torch.channels_last if ndim == 4 else torch.channels_last_3d
+
+
+# ---------------------------------------------------------------- validation
+
+@torch.no_grad()
+def _validate(model, loader, terms, *, device, memory_format, labels, deep_weight, amp) -> dict:
+    was_training = model.training
+    model.eval()
+    sums: dict[str, list[float]] = {"loss": [], "dice": [], "percent_folding": [], "sdlogj": []}
+    for raw in loader:
+        batch = _prepare_batch(raw, device, memory_format)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            output = model(batch["moving"], batch["fixed"])
+        output = _float_output(output)
+        sums["loss"].append(float(loss_terms(output, batch["moving"], batch["fixed"], losses=terms,
+                                             moving_seg=batch.get("moving_seg"),
+                                             fixed_seg=batch.get("fixed_seg"), labels=labels,
+                                             deep_weight=deep_weight)["loss"]))
+        for i in range(output.disp.shape[0]):
+            disp = output.disp[i:i + 1]
+            stats = _metrics.folding_stats(disp)
+            sums["percent_folding"].append(float(stats["percent_folding"]))
+            sums["sdlogj"].append(float(stats["sdlogj"]))
+            if "moving_seg" in batch and "fixed_seg" in batch:
+                ms, fs = batch["moving_seg"][i:i + 1], batch["fixed_seg"][i:i + 1]
+                label_list = _resolve_labels(labels, ms, fs)
+                result = _metrics.dice(warp(ms, disp, mode="nearest")[0, 0].cpu(), fs[0, 0].cpu(),
+                                       label_list)
+                sums["dice"].append(float(result.mean))
+    model.train(was_training)
+    return {k: float(np.mean(v)) for k, v in sums.items() if v}
+
+
+def _float_output(output):
+    # Losses run in float32 even under autocast: NCC's local variances and the
+    # Jacobian underflow or cancel in float16.
+    if output.disp.dtype == torch.float32:
+        return output
+    cast = lambda t: None if t is None else t.float()
+    return type(output)(warped=cast(output.warped), disp=cast(output.disp),
+                        stages=[cast(s) for s in output.stages], deep=[cast(d) for d in output.deep],
+                        velocity=cast(output.velocity))
+
+
+# ---------------------------------------------------------------- distributed
+
+def _distributed() -> tuple[int, int, int, bool]:
+    """(rank, world size, local rank, whether fit initialised the process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), False
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return 0, 1, 0, False
+    # Launched by torchrun: it sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True
+
+
+# ---------------------------------------------------------------- the loop
+
+def _new_history() -> dict:
+    return {"train": {"step": []}, "val": {"step": []}}
+
+
+def _append(log: dict, step: int, values: Mapping[str, float]) -> None:
+    log["step"].append(step)
+    for k, v in values.items():
+        log.setdefault(k, []).append(float(v))
+
+
+def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int | None = None,
+        epochs: int | None = None, lr: float = 1e-4, batch_size: int = 1, labels=None,
+        deep_weight: float = 1.0, val_every: int | None = None, checkpoint=None,
+        checkpoint_every: int | None = None, resume=False, seed: int = 0, device=None,
+        amp: bool | None = None, channels_last: bool | None = None, progress: bool = True,
+        num_workers: int = 0) -> dict:
+    """Train a registration model with Adam; return the history.
+
+    Parameters
+    ----------
+    model : nn.Module
+        ``forward(moving, fixed) -> RegistrationOutput`` (see ``regedu.nets``),
+        with a ``config`` dict so that checkpoints can rebuild it. Trained in place.
+    train_data : Dataset or DataLoader
+        Yields dicts with ``moving`` and ``fixed`` ``(B, C, *spatial)`` images and
+        optionally ``moving_seg`` / ``fixed_seg`` integer label maps ``(B, 1, *spatial)``.
+        A Dataset is wrapped in a shuffling DataLoader of ``batch_size``.
+    val_data : Dataset or DataLoader, optional
+        Finite; evaluated every ``val_every`` steps and at the end: mean loss,
+        mean Dice of the nearest-neighbour-warped labels (when present), % of
+        folding voxels and SDlogJ, into ``history["val"]``.
+    losses : dict, optional
+        Weighted terms, see :func:`loss_terms`. Default ``{"ncc": 1.0, "diffusion": 1.0}``.
+    steps, epochs : int
+        How long to train (give one). With ``epochs`` the data needs a length.
+        On resume, the total: ``fit(..., steps=1000, resume=True)`` after a run
+        stopped at 400 trains 600 more steps.
+    lr : float
+        Adam's learning rate (VoxelMorph and VV-Net: 1e-4).
+    labels : sequence of int, optional
+        Structures for the Dice loss and the validation Dice; default every
+        non-zero label present.
+    deep_weight : float
+        Weight of the deep-supervision term (see :func:`loss_terms`).
+    val_every : int, optional
+        Steps between validations; default a tenth of the run.
+    checkpoint : str or Path, optional
+        Checkpoint file, written atomically every ``checkpoint_every`` steps
+        (default: only at the end) and at the end.
+    resume : bool or str or Path
+        ``True`` continues from ``checkpoint`` if that file exists; a path
+        continues from that file. The run continues exactly: on CPU its losses
+        equal those of an uninterrupted run.
+    seed : int
+        Seeds Python, NumPy and PyTorch at the start (not on resume: the saved
+        generator states are restored instead).
+    device : str or torch.device, optional
+        Default: the profile's device (CUDA when available).
+    amp, channels_last : bool, optional
+        Mixed precision (float16 autocast with a gradient scaler) and channels-last
+        memory; default on with CUDA. Both are CUDA-only.
+    progress : bool
+        Show a progress bar (``tqdm.auto``: a widget in Jupyter, text in a terminal).
+    num_workers : int
+        DataLoader workers when ``train_data`` is a Dataset.
+
+    Returns
+    -------
+    dict
+        ``history["train"]``: ``step``, ``loss`` and every weighted term, one value
+        per step; ``history["val"]``: ``step`` and the validation metrics.
+
+    Notes
+    -----
+    Under ``torchrun --nproc_per_node N`` the same call trains with
+    DistributedDataParallel: each process takes a shard of the data
+    (``DistributedSampler``), gradients are averaged, the logged losses are
+    averaged over processes, and only rank 0 shows progress, validates and
+    writes checkpoints. ``batch_size`` is per process.
+
+    Exact resume works by saving, beside the generator states, those at the
+    start of the current epoch and the number of batches already drawn: on
+    resume the epoch's data order is drawn again and the used batches skipped.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got a {type(model).__name__}")
+    if (steps is None) == (epochs is None):
+        raise ValueError(f"give exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
+    check_positive(steps if steps is not None else epochs, "steps" if steps is not None else "epochs",
+                   integer=True)
+    check_positive(lr, "lr")
+    check_positive(batch_size, "batch_size", integer=True)
+    terms = _build_terms(DEFAULT_LOSSES if losses is None else losses)
+
+    rank, world, local_rank, own_group = _distributed()
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    amp = device.type == "cuda" if amp is None else bool(amp)
+    channels_last = device.type == "cuda" if channels_last is None else bool(channels_last)
+    if (amp or channels_last) and device.type != "cuda":
+        raise ValueError(f"amp and channels_last are for CUDA devices; got device {device} "
+                         f"with amp={amp}, channels_last={channels_last}")
+
+    sampler = None
+    if world > 1 and not isinstance(getattr(train_data, "dataset", train_data), IterableDataset):
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(getattr(train_data, "dataset", train_data), seed=seed)
+    loader = _as_loader(train_data, batch_size, num_workers, sampler, pin_memory=device.type == "cuda")
+    val_loader = None
+    if val_data is not None:
+        val_loader = val_data if isinstance(val_data, DataLoader) else DataLoader(val_data, batch_size=1)
+    if epochs is not None:
+        try:
+            total = epochs * len(loader)
+        except TypeError:
+            raise ValueError("epochs: this data has no length (an endless sampler?); give steps "
+                             "instead") from None
+    else:
+        total = steps
+    val_every = val_every or max(1, math.ceil(total / 10))
+
+    net = model.to(device)
+    config = dict(getattr(net, "config", {}) or {})
+    if not any(True for _ in net.parameters()):
+        raise ValueError("model: has no parameters to train")
+    # The fused CUDA kernel updates all parameters in one launch (same maths).
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    train_config = {"losses": _terms_config(terms), "lr": lr, "batch_size": batch_size,
+                    "steps": steps, "epochs": epochs, "seed": seed, "deep_weight": deep_weight,
+                    "labels": None if labels is None else [int(v) for v in labels],
+                    "amp": amp, "channels_last": channels_last, "world_size": world}
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    history = _new_history()
+    resume_state = None
+    resume_path = (Path(checkpoint) if resume is True and checkpoint is not None
+                   else Path(resume) if resume not in (False, None, True) else None)
+    if resume is True and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=PATH (the file to continue from)")
+    if resume_path is not None and resume_path.is_file():
+        resume_state = load_checkpoint(resume_path, map_location=device)
+        net.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        step, epoch = resume_state["step"], resume_state["epoch"]
+        batch_in_epoch = resume_state["batch_in_epoch"]
+        history = resume_state["history"]
+    elif resume not in (False, True, None):
+        raise FileNotFoundError(f"resume: no checkpoint file {str(resume_path)!r}")
+    else:
+        seed_everything(seed + rank)
+
+    train_net = net
+    if world > 1:
+        train_net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint_state() -> dict:
+        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if amp else {}, "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "config": config, "train_config": train_config,
+                "rng": _rng_state(), "rng_epoch_start": rng_epoch_start, "history": history,
+                "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]}}
+
+    bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="training",
+               dynamic_ncols=True)
+    net.train()
+    memory_format = None
+    shown: dict[str, str] = {}  # the last validation, kept on the progress bar
+    try:
+        while step < total:
+            if resume_state is not None:
+                # Draw this epoch's order again from the saved start state, skip what was used.
+                rng_epoch_start = resume_state["rng_epoch_start"]
+                _set_rng_state(rng_epoch_start)
+            else:
+                rng_epoch_start = _rng_state()
+                batch_in_epoch = 0
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            batches = iter(loader)
+            if resume_state is not None:
+                for _ in range(batch_in_epoch):
+                    next(batches)
+                _set_rng_state(resume_state["rng"])
+                resume_state = None
+            for raw in batches:
+                if memory_format is None:
+                    ndim = raw["moving"].dim() if isinstance(raw, Mapping) else raw[0].dim()
+                    memory_format = _memory_format(ndim, channels_last)
+                    if channels_last:
+                        net.to(memory_format=memory_format)
+                batch = _prepare_batch(raw, device, memory_format)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                    output = train_net(batch["moving"], batch["fixed"])
+                values = loss_terms(_float_output(output), batch["moving"], batch["fixed"],
+                                    losses=terms, moving_seg=batch.get("moving_seg"),
+                                    fixed_seg=batch.get("fixed_seg"), labels=labels,
+                                    deep_weight=deep_weight)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(values["loss"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                batch_in_epoch += 1
+                logged = torch.stack([v.detach().float() for v in values.values()])
+                if world > 1:
+                    dist.all_reduce(logged)
+                    logged /= world
+                _append(history["train"], step, dict(zip(values, logged.tolist())))
+                bar.update(1)
+                bar.set_postfix({"loss": f"{history['train']['loss'][-1]:.4g}", **shown}, refresh=False)
+                if rank == 0 and val_loader is not None and (step % val_every == 0 or step == total):
+                    # Validation must not move the generators, or where a run stops
+                    # (with its final validation) would change the run that resumes.
+                    rng = _rng_state()
+                    metrics = _validate(net, val_loader, terms, device=device,
+                                        memory_format=memory_format, labels=labels,
+                                        deep_weight=deep_weight, amp=amp)
+                    _set_rng_state(rng)
+                    _append(history["val"], step, metrics)
+                    shown = {f"val_{k}": f"{metrics[k]:.4g}" for k in ("loss", "dice") if k in metrics}
+                if rank == 0 and checkpoint is not None and (
+                        step == total or (checkpoint_every and step % checkpoint_every == 0)):
+                    save_checkpoint(checkpoint, checkpoint_state())
+                if step >= total:
+                    break
+            else:
+                if batch_in_epoch == 0:
+                    raise ValueError("train_data: yielded no batches")
+                epoch += 1
+    finally:
+        bar.close()
+        if own_group:
+            dist.destroy_process_group()
+    return history

@@ -1,0 +1,288 @@
+"""Tests of regedu.train: learning, exact resume, checkpoints, loss terms."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from regedu import losses, nets, train
+from regedu.nets import RegistrationOutput
+from regedu.spatial import warp
+
+
+class TinyNet(nn.Module):
+    """Two convolutions and a flow head; the head's bias alone can learn a translation.
+
+    ``deep=True`` adds a second head whose field is only seen by deep supervision;
+    ``dropout`` makes the forward pass consume the torch RNG (for the resume test).
+    """
+
+    def __init__(self, deep=False, dropout=0.0):
+        super().__init__()
+        self.config = {"name": "tiny", "deep": deep, "dropout": dropout}
+        self.body = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.LeakyReLU(0.2),
+                                  nn.Dropout(dropout))
+        self.flow = nn.Conv2d(8, 2, 3, padding=1)
+        self.deep_flow = nn.Conv2d(8, 2, 3, padding=1) if deep else None
+        for head in (self.flow, self.deep_flow):
+            if head is not None:
+                nn.init.normal_(head.weight, std=1e-5)
+                nn.init.zeros_(head.bias)
+
+    def forward(self, moving, fixed):
+        h = self.body(torch.cat([moving, fixed], 1))
+        disp = self.flow(h)
+        deep = [self.deep_flow(h)] if self.deep_flow is not None else []
+        return RegistrationOutput(warp(moving, disp), disp, [], deep, None)
+
+
+def blobs(shape=(32, 32), seed=0):
+    """A smooth random image in [0, 1]: a sum of Gaussian blobs."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:shape[0], :shape[1]].astype(np.float32)
+    img = np.zeros(shape, np.float32)
+    for _ in range(6):
+        cy, cx = g.uniform(6, shape[0] - 6), g.uniform(6, shape[1] - 6)
+        img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * g.uniform(2, 4) ** 2))
+    return torch.from_numpy(img / img.max())[None]
+
+
+class ShiftPairs(Dataset):
+    """Pairs (moving, fixed) where fixed(x) = moving(x + shift); labels by thresholding.
+
+    ``noise`` adds NumPy-drawn noise in __getitem__, so the data consume the NumPy RNG.
+    """
+
+    def __init__(self, n=1, shift=(2.0, -1.0), noise=0.0):
+        self.images = [blobs(seed=i) for i in range(n)]
+        self.shift, self.noise = shift, noise
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        moving = self.images[i]
+        u = torch.tensor(self.shift).view(1, 2, 1, 1).expand(1, 2, *moving.shape[1:])
+        fixed = warp(moving[None], u, padding="border")[0]
+        if self.noise:
+            moving = moving + torch.from_numpy(np.random.normal(0, self.noise, moving.shape)
+                                               .astype(np.float32))
+        seg = lambda x: (x > 0.3).long() + (x > 0.6).long()
+        return {"moving": moving, "fixed": fixed, "moving_seg": seg(moving), "fixed_seg": seg(fixed)}
+
+
+def test_a_regedu_unet_learns_a_known_translation(tmp_path):
+    torch.manual_seed(0)
+    model = nets.create("unet", spatial_dims=2, encoder=(8, 16), decoder=(16, 8, 8))
+    ckpt = tmp_path / "unet.pt"
+    history = train.fit(model, ShiftPairs(), losses={"mse": 1.0, "diffusion": 0.01}, steps=40,
+                        lr=1e-2, checkpoint=ckpt, progress=False, device="cpu")
+    loss = history["train"]["loss"]
+    assert len(loss) == 40 and history["train"]["step"][-1] == 40
+    assert loss[-1] < 0.5 * loss[0], f"loss fell only from {loss[0]:.4g} to {loss[-1]:.4g}"
+    item = ShiftPairs()[0]
+    moving, fixed = item["moving"][None], item["fixed"][None]
+    with torch.no_grad():
+        disp = model(moving, fixed).disp
+    # fixed(x) = moving(x + shift) and warped(x) = moving(x + u(x)): u must be the shift.
+    mean = disp[0, :, 8:-8, 8:-8].mean(dim=(1, 2))
+    assert torch.allclose(mean, torch.tensor([2.0, -1.0]), atol=0.3), mean
+    # The checkpoint rebuilds the same network from its config.
+    rebuilt = train.load_model(ckpt)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(moving, fixed).disp, model.eval()(moving, fixed).disp)
+
+
+def test_a_diffeomorphic_model_regularises_its_velocity():
+    torch.manual_seed(0)
+    model = nets.create("unet", spatial_dims=2, encoder=(8,), decoder=(8,), integrate_steps=5)
+    nn.init.normal_(model.flow.weight, std=0.1)
+    item = ShiftPairs()[0]
+    moving, fixed = item["moving"][None], item["fixed"][None]
+    output = model(moving, fixed)
+    terms = train.loss_terms(output, moving, fixed, losses={"ncc": 1.0, "diffusion": 2.0})
+    assert torch.allclose(terms["diffusion"], 2.0 * losses.diffusion(output.velocity))
+    assert not torch.allclose(terms["diffusion"], 2.0 * losses.diffusion(output.disp))
+
+
+def test_each_weighted_term_is_logged_and_sums_to_the_loss():
+    torch.manual_seed(0)
+    history = train.fit(TinyNet(), ShiftPairs(), losses={"ncc": 1.0, "diffusion": 0.5, "dice": 0.2},
+                        steps=3, progress=False, device="cpu")
+    h = history["train"]
+    assert {"ncc", "diffusion", "dice", "loss"} <= set(h)
+    total = np.array(h["ncc"]) + np.array(h["diffusion"]) + np.array(h["dice"])
+    np.testing.assert_allclose(total, h["loss"], rtol=1e-5)
+
+
+def test_deep_supervision_terms_are_present_and_trained():
+    torch.manual_seed(0)
+    model = TinyNet(deep=True)
+    item = ShiftPairs()[0]
+    moving, fixed = item["moving"][None], item["fixed"][None]
+    terms = train.loss_terms(model(moving, fixed), moving, fixed, losses={"mse": 1.0, "diffusion": 0.1})
+    assert "deep" in terms
+    terms["loss"].backward()
+    # The deep head only reaches the loss through deep supervision.
+    assert model.deep_flow.bias.grad is not None and model.deep_flow.bias.grad.abs().sum() > 0
+
+    model.zero_grad(set_to_none=True)
+    terms = train.loss_terms(model(moving, fixed), moving, fixed, losses={"mse": 1.0}, deep_weight=0)
+    assert "deep" not in terms
+    terms["loss"].backward()
+    assert model.deep_flow.bias.grad is None
+
+    history = train.fit(TinyNet(deep=True), ShiftPairs(), losses={"mse": 1.0}, steps=2, progress=False,
+                        device="cpu", deep_weight=0.5)
+    assert len(history["train"]["deep"]) == 2
+
+
+def _resume_run(tmp_path, split):
+    """8 steps over 5 noisy pairs in batches of 2 (3 batches an epoch), with dropout;
+    ``split`` stops after that many steps and resumes from the checkpoint."""
+    data, val = ShiftPairs(n=5, noise=0.05), ShiftPairs(n=2)
+    kwargs = dict(val_data=val, losses={"ncc": 1.0, "diffusion": 0.1, "dice": 0.1}, batch_size=2,
+                  lr=1e-2, seed=3, progress=False, device="cpu", val_every=3)
+    ckpt = tmp_path / f"run{split}.pt"
+    torch.manual_seed(0)
+    model = TinyNet(dropout=0.3)
+    if split:
+        train.fit(model, data, steps=split, checkpoint=ckpt, **kwargs)
+        torch.manual_seed(123)  # a different initialisation and RNG state: resume must undo both
+        model = TinyNet(dropout=0.3)
+        np.random.seed(99)
+    history = train.fit(model, data, steps=8, checkpoint=ckpt, resume=True, **kwargs)
+    return history, model
+
+
+@pytest.mark.parametrize("split", [4, 3])
+def test_resume_continues_exactly(tmp_path, split):
+    # split 4 stops mid-epoch; split 3 stops exactly at an epoch's end.
+    straight, model_a = _resume_run(tmp_path, 0)
+    resumed, model_b = _resume_run(tmp_path, split)
+    assert straight["train"]["loss"] == resumed["train"]["loss"]
+    # The stopped run also validated at its last step; every other validation matches.
+    val_a, val_b = straight["val"], resumed["val"]
+    keep = [i for i, s in enumerate(val_b["step"]) if s in val_a["step"]]
+    assert val_a == {k: [v[i] for i in keep] for k, v in val_b.items()}
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class CrashingPairs(ShiftPairs):
+    """Raises (like a killed job) when item ``crash_at`` is drawn."""
+
+    def __init__(self, crash_at, **kwargs):
+        super().__init__(**kwargs)
+        self.crash_at, self.drawn = crash_at, 0
+
+    def __getitem__(self, i):
+        self.drawn += 1
+        if self.drawn == self.crash_at:
+            raise KeyboardInterrupt("job killed")
+        return super().__getitem__(i)
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_exactly(tmp_path):
+    kwargs = dict(losses={"ncc": 1.0, "diffusion": 0.1}, batch_size=2, lr=1e-2, seed=3,
+                  progress=False, device="cpu", steps=7, checkpoint_every=2)
+    torch.manual_seed(0)
+    model = TinyNet(dropout=0.3)
+    straight = train.fit(model, ShiftPairs(n=5, noise=0.05), checkpoint=tmp_path / "a.pt", **kwargs)
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "b.pt"
+    with pytest.raises(KeyboardInterrupt):  # killed while drawing step 5's batch (items 8, 9)
+        train.fit(TinyNet(dropout=0.3), CrashingPairs(8, n=5, noise=0.05), checkpoint=ckpt, **kwargs)
+    assert train.load_checkpoint(ckpt)["step"] == 4
+    resumed = train.fit(TinyNet(dropout=0.3), ShiftPairs(n=5, noise=0.05), checkpoint=ckpt,
+                        resume=True, **kwargs)
+    assert straight["train"] == resumed["train"]
+
+
+def test_checkpoint_holds_config_and_loads_with_weights_only(tmp_path):
+    ckpt = tmp_path / "sub" / "model.pt"
+    train.fit(TinyNet(), ShiftPairs(), losses={"mse": 1.0}, steps=2, checkpoint=ckpt, progress=False,
+              device="cpu", seed=5)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["config"] == {"name": "tiny", "deep": False, "dropout": 0.0}
+    assert state["train_config"]["losses"] == {"mse": 1.0}
+    assert state["train_config"]["seed"] == 5
+    assert state["step"] == 2
+    assert set(state["rng"]) >= {"torch", "numpy", "python"}
+    assert set(state["model"]) == set(TinyNet().state_dict())
+    assert state["optimizer"]["state"], "optimiser moments are saved"
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    train.save_checkpoint(path, {"step": 1, "w": torch.arange(3)})
+    before = path.read_bytes()
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, {"step": 2, "w": torch.arange(4)})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert train.load_checkpoint(path)["step"] == 1
+    assert list(tmp_path.iterdir()) == [path], "no temporary file left behind"
+
+
+def test_validation_metrics_are_recorded():
+    torch.manual_seed(0)
+    history = train.fit(TinyNet(), ShiftPairs(), val_data=ShiftPairs(n=2), losses={"mse": 1.0},
+                        steps=4, val_every=2, lr=0.05, progress=False, device="cpu", labels=[1, 2])
+    val = history["val"]
+    assert val["step"] == [2, 4]
+    assert {"loss", "dice", "percent_folding", "sdlogj"} <= set(val)
+    assert all(0 <= d <= 1 for d in val["dice"])
+    assert val["percent_folding"] == [0.0, 0.0]
+
+
+def test_epochs_count_batches():
+    history = train.fit(TinyNet(), ShiftPairs(n=3), losses={"mse": 1.0}, epochs=2, batch_size=2,
+                        progress=False, device="cpu")
+    assert history["train"]["step"] == [1, 2, 3, 4]
+
+
+def test_progress_bar_runs(capsys):
+    train.fit(TinyNet(), ShiftPairs(), losses={"mse": 1.0}, steps=2, progress=True, device="cpu")
+    assert "2/2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(losses={"ncc": 1.0, "smooth": 1.0}, steps=1), "unknown term 'smooth'"),
+    (dict(losses={"diffusion": 1.0}, steps=1), "no similarity term"),
+    (dict(steps=2, epochs=1), "exactly one of steps and epochs"),
+    (dict(steps=0), "steps: expected a positive integer"),
+    (dict(steps=1, amp=True), "amp and channels_last are for CUDA"),
+    (dict(steps=1, resume=True), "resume=True needs checkpoint"),
+])
+def test_bad_arguments_say_what_is_wrong(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train.fit(TinyNet(), ShiftPairs(), progress=False, device="cpu", **kwargs)
+
+
+def test_mismatched_pair_is_reported():
+    data = [{"moving": torch.zeros(1, 32, 32), "fixed": torch.zeros(1, 30, 32)}]
+    with pytest.raises(ValueError, match=r"moving and fixed must have the same shape"):
+        train.fit(TinyNet(), data, steps=1, progress=False, device="cpu")
+
+
+def test_missing_resume_file_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        train.fit(TinyNet(), ShiftPairs(), steps=1, resume=tmp_path / "nope.pt", progress=False,
+                  device="cpu")
+
+
+def test_load_checkpoint_rejects_other_files(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a regedu checkpoint"):
+        train.load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="no file"):
+        train.load_checkpoint(tmp_path / "missing.pt")
