@@ -1,0 +1,41 @@
+"""Data for regedu: offline images, real-dataset readers, fetching and pair samplers.
+
+Offline (shipped with the dependencies, no network):
+
+- fundus: :func:`make_fire_pair` (FIRE-like S/P/A pairs of
+  ``skimage.data.retina()`` with exact ground truth and control points),
+  :func:`synthetic_fundus` (procedural retinas), :func:`retina_green`;
+- brain: :func:`mni_brain` (MNI152 2009 + Desikan-Killiany, 30-structure
+  FreeSurfer labels, :data:`MNI_NOTICE`), :func:`synth_subject`,
+  :func:`donor_brain` (six Allen donors, affinely aligned), :func:`label_table`.
+
+Real datasets: :class:`FIRE`, :class:`NeuriteOASIS`, :class:`Learn2RegOASIS`,
+:func:`load_vxm_scan`, :func:`load_vxm_labels`; downloads through
+:func:`fetch` (``regedu fetch``), cached in ``REGEDU_DATA``.
+
+Pair samplers (torch Datasets): :class:`FundusPairs`, :class:`BrainPairs`,
+:class:`SubjectPairs`, :class:`FIREPairs`.
+"""
+from ._image import resize_image, resize_labels, scale_points
+from .brain import (BRAIN_SHAPES, DONORS, MNI_NOTICE, Brain, donor_brain, donor_dice, label_table,
+                    mni_brain, synth_subject, to_freesurfer)
+from .fetch import (REGISTRY, ChecksumError, DatasetInfo, DataUnavailableError, UnsafeArchiveError,
+                    data_dir, fetch, fetch_main, is_cached, mirror_dir, safe_extract, verify_file)
+from .fundus import (CATEGORIES, FIRE_SIZE, FundusPair, fire_lines, make_fire_pair, parse_fire_lines,
+                     retina_green, synthetic_fundus)
+from .readers import (FIRE, FREESURFER_NAMES, Learn2RegOASIS, NeuriteOASIS, load_vxm_labels,
+                      load_vxm_scan, read_label_table)
+from .samplers import BrainPairs, FIREPairs, FundusPairs, SubjectPairs, brain_slice
+
+__all__ = [
+    "resize_image", "resize_labels", "scale_points",
+    "BRAIN_SHAPES", "DONORS", "MNI_NOTICE", "Brain", "donor_brain", "donor_dice", "label_table",
+    "mni_brain", "synth_subject", "to_freesurfer",
+    "REGISTRY", "ChecksumError", "DatasetInfo", "DataUnavailableError", "UnsafeArchiveError",
+    "data_dir", "fetch", "fetch_main", "is_cached", "mirror_dir", "safe_extract", "verify_file",
+    "CATEGORIES", "FIRE_SIZE", "FundusPair", "fire_lines", "make_fire_pair", "parse_fire_lines",
+    "retina_green", "synthetic_fundus",
+    "FIRE", "FREESURFER_NAMES", "Learn2RegOASIS", "NeuriteOASIS", "load_vxm_labels", "load_vxm_scan",
+    "read_label_table",
+    "BrainPairs", "FIREPairs", "FundusPairs", "SubjectPairs", "brain_slice",
+]

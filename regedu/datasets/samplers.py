@@ -1,0 +1,274 @@
+"""Pair samplers: torch Datasets that return one registration pair per item.
+
+Every item is a dict:
+
+- ``moving``, ``fixed``: ``(C, *spatial)`` float32 tensors;
+- ``moving_seg``, ``fixed_seg``: ``(1, *spatial)`` int64 label maps (when the
+  source has labels);
+- ``moving_points``, ``fixed_points``: ``(N, ndim)`` float32 landmarks,
+  (row, col) order (when the source has them);
+- ``disp``: the ground-truth displacement ``(ndim, *spatial)`` when it is known
+  by construction (``moving(x + disp(x)) = fixed(x)``);
+- ``meta``: a dict of strings and numbers (names, category, seed...).
+
+Generated pairs are drawn from ``numpy/torch`` generators seeded with
+``(seed, index)``: item ``i`` is the same in every epoch, in every worker of a
+``DataLoader`` and on every machine. With ``cache=True`` an item is kept in
+memory once made.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .._checks import check_choice, check_positive
+
+__all__ = ["FundusPairs", "BrainPairs", "SubjectPairs", "FIREPairs", "brain_slice"]
+
+
+def _item_seed(seed: int, index: int) -> int:
+    # One integer per (seed, index) pair, well mixed, so that neighbouring
+    # items do not get correlated streams.
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def _tensor(x, dtype) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(dtype)
+
+
+class _Cached(Dataset):
+    def __init__(self, n: int, cache: bool):
+        check_positive(n, "n", integer=True)
+        self.n, self.cache = n, cache
+        self._items: dict[int, dict] = {}
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} pairs")
+        if index in self._items:
+            return self._items[index]
+        item = self._make(index)
+        if self.cache:
+            self._items[index] = item
+        return item
+
+    def _make(self, index: int) -> dict:
+        raise NotImplementedError
+
+
+class FundusPairs(_Cached):
+    """FIRE-like fundus pairs made on the fly (:func:`regedu.datasets.make_fire_pair`).
+
+    Parameters
+    ----------
+    n : int
+        Number of pairs.
+    size : int, optional
+        Image side; default: the profile's ``fundus_size``.
+    categories : sequence of {"S", "P", "A"}
+        Item ``i`` has category ``categories[i % len(categories)]``.
+    source : {"retina", "procedural", "mixed"}
+        The real photograph, a new procedural retina per pair, or alternate
+        (even items procedural, odd items retina).
+    seed : int
+    cache : bool
+        Keep pairs in memory once made.
+    pool : int
+        Procedural retinas are drawn from a pool of this many (made once each,
+        then reused under new views and illumination): drawing a retina costs
+        about twice as much as making a pair from it.
+
+    Items carry ``disp``, ``moving_points``/``fixed_points`` (10 control
+    points), ``fixed_mask``/``moving_mask`` and ``meta`` (category, overlap,
+    source, index).
+    """
+
+    def __init__(self, n: int, size: int | None = None, *, categories=("S", "P", "A"),
+                 source: str = "retina", seed: int = 0, cache: bool = False, pool: int = 16):
+        super().__init__(n, cache)
+        check_positive(pool, "pool", integer=True)
+        check_choice(source, ("retina", "procedural", "mixed"), "source")
+        for c in categories:
+            check_choice(c, ("S", "P", "A"), "categories")
+        if size is None:
+            from ..profiles import get_profile
+            size = get_profile().fundus_size
+        self.size, self.categories, self.source, self.seed = int(size), tuple(categories), source, seed
+        self.pool = pool
+        self._retinas: dict[int, np.ndarray] = {}
+
+    def _procedural(self, k: int) -> np.ndarray:
+        from .fundus import canvas_size, synthetic_fundus
+        if k not in self._retinas:
+            # A third seed word keeps the retinas' streams apart from the pairs'.
+            seed = int(np.random.SeedSequence([int(self.seed), k, 1]).generate_state(1)[0])
+            image, _ = synthetic_fundus(canvas_size(self.size), seed)
+            self._retinas[k] = image
+        return self._retinas[k]
+
+    def _make(self, index):
+        from .fundus import make_fire_pair
+        source = self.source if self.source != "mixed" else ("procedural", "retina")[index % 2]
+        category = self.categories[index % len(self.categories)]
+        rng = np.random.default_rng(_item_seed(self.seed, index))
+        retina = self._procedural(int(rng.integers(self.pool))) if source == "procedural" else "retina"
+        pair = make_fire_pair(category, self.size, rng, source=retina)
+        return dict(moving=pair.moving, fixed=pair.fixed, moving_mask=pair.moving_mask,
+                    fixed_mask=pair.fixed_mask, moving_points=pair.moving_points,
+                    fixed_points=pair.fixed_points, disp=pair.disp,
+                    meta=dict(category=category, overlap=pair.overlap, source=source, index=index))
+
+
+def brain_slice(brain, index: int | None = None) -> dict:
+    """A coronal slice of a 3D brain, as a 2D ``{"image", "seg", "name"}``.
+
+    Coronal, as neurite-oasis's 2D slices: the last (anterior) axis is fixed,
+    the image is ``(1, D, H)`` (left-right by inferior-superior).
+    """
+    image = np.asarray(brain["image"] if isinstance(brain, dict) else brain.image)
+    seg = np.asarray(brain["seg"] if isinstance(brain, dict) else brain.seg)
+    name = brain["name"] if isinstance(brain, dict) else brain.name
+    index = image.shape[-1] // 2 if index is None else index
+    return dict(image=np.ascontiguousarray(image[..., index]), seg=np.ascontiguousarray(seg[..., index]),
+                name=f"{name}[..., {index}]")
+
+
+class BrainPairs(_Cached):
+    """Synthetic brain pairs, 2D or 3D, atlas-to-subject or subject-to-subject.
+
+    Subjects are made by :func:`regedu.datasets.synth_subject` (random
+    diffeomorphism, bias field, gamma, noise) from a source brain: the atlas
+    itself, or one of ``subjects`` (e.g. the Allen donors of
+    :func:`regedu.datasets.donor_brain`, for real inter-subject anatomy).
+
+    Parameters
+    ----------
+    n : int
+    atlas : Brain or dict, optional
+        Default: :func:`regedu.datasets.mni_brain` at the profile's resolution.
+    mode : {"atlas", "subject"}
+        ``"atlas"``: moving = a subject, fixed = the atlas (as VV-Net and
+        VoxelMorph's atlas-based training). ``"subject"``: two subjects.
+    ndim : {2, 3}
+        2 takes the middle coronal slice (:func:`brain_slice`).
+    subjects : sequence of Brain or dict, optional
+        Anatomies to draw subjects from (default: the atlas alone).
+    seed : int
+    cache : bool
+    **synth_kwargs
+        Passed to :func:`regedu.datasets.synth_subject` (``max_velocity``...).
+        The default ``max_velocity`` scales with the grid: 1.5 voxels at
+        80x96x112.
+    """
+
+    def __init__(self, n: int, *, atlas=None, mode: str = "atlas", ndim: int = 3, subjects=None,
+                 seed: int = 0, cache: bool = False, **synth_kwargs):
+        super().__init__(n, cache)
+        check_choice(mode, ("atlas", "subject"), "mode")
+        check_choice(ndim, (2, 3), "ndim")
+        if atlas is None:
+            from .brain import mni_brain
+            atlas = mni_brain()
+        self.atlas = self._as_source(atlas, ndim)
+        self.subjects = [self._as_source(s, ndim) for s in subjects] if subjects else [self.atlas]
+        self.mode, self.ndim, self.seed = mode, ndim, seed
+        scale = self.atlas["image"].shape[1] / 80
+        self.synth_kwargs = dict(max_velocity=1.5 * scale, control=max(2, int(round(8 * scale))))
+        self.synth_kwargs.update(synth_kwargs)
+
+    @staticmethod
+    def _as_source(brain, ndim) -> dict:
+        src = brain if isinstance(brain, dict) else brain.as_dict()
+        if np.asarray(src["image"]).ndim == 4 and ndim == 2:
+            src = brain_slice(src)
+        return dict(image=torch.as_tensor(np.asarray(src["image"]), dtype=torch.float32),
+                    seg=torch.as_tensor(np.asarray(src["seg"]), dtype=torch.int64),
+                    name=src.get("name", "brain"))
+
+    def _subject(self, g: torch.Generator) -> tuple[dict, str]:
+        from .brain import synth_subject
+        k = int(torch.randint(len(self.subjects), (1,), generator=g))
+        source = self.subjects[k]
+        return synth_subject(source, g, **self.synth_kwargs), source["name"]
+
+    def _make(self, index):
+        g = torch.Generator()
+        g.manual_seed(_item_seed(self.seed, index))
+        moving, moving_name = self._subject(g)
+        if self.mode == "atlas":
+            fixed = dict(image=self.atlas["image"], seg=self.atlas["seg"][None])
+            fixed_name = self.atlas["name"]
+        else:
+            fixed, fixed_name = self._subject(g)
+        return dict(moving=moving["image"], fixed=fixed["image"], moving_seg=moving["seg"],
+                    fixed_seg=fixed["seg"],
+                    meta=dict(moving=f"synth({moving_name})", fixed=fixed_name if self.mode == "atlas"
+                              else f"synth({fixed_name})", mode=self.mode, index=index))
+
+
+class SubjectPairs(Dataset):
+    """Pairs of loaded subjects: a real dataset through one of the readers.
+
+    Parameters
+    ----------
+    load : callable
+        ``load(key) -> {"image": (C, *spatial), "seg": (*spatial) or None}``,
+        e.g. ``NeuriteOASIS(root).load``.
+    keys : sequence
+        Subjects (``reader.subjects``, ``reader.cases``).
+    atlas : dict, optional
+        Atlas-to-subject: every subject is moving, the atlas fixed.
+    pairs : sequence of (moving_key, fixed_key), optional
+        Subject-to-subject pairs (e.g. ``Learn2RegOASIS.pairs("val")``, whose
+        tuples are (fixed, moving): reverse them). Default: every ordered pair
+        of distinct subjects.
+    """
+
+    def __init__(self, load, keys, *, atlas=None, pairs=None):
+        self.load, self.keys, self.atlas = load, list(keys), atlas
+        if atlas is not None:
+            self.pairs = [(k, None) for k in self.keys]
+        else:
+            self.pairs = list(pairs) if pairs is not None else list(itertools.permutations(self.keys, 2))
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        moving_key, fixed_key = self.pairs[index]
+        moving = self.load(moving_key)
+        fixed = self.atlas if fixed_key is None else self.load(fixed_key)
+        item = dict(moving=_tensor(moving["image"], torch.float32), fixed=_tensor(fixed["image"], torch.float32),
+                    meta=dict(moving=str(moving.get("name", moving_key)),
+                              fixed=str(fixed.get("name", fixed_key)), index=index))
+        if moving.get("seg") is not None and fixed.get("seg") is not None:
+            item["moving_seg"] = _tensor(moving["seg"], torch.int64).reshape(1, *item["moving"].shape[1:])
+            item["fixed_seg"] = _tensor(fixed["seg"], torch.int64).reshape(1, *item["fixed"].shape[1:])
+        return item
+
+
+class FIREPairs(Dataset):
+    """FIRE's real pairs (:class:`regedu.datasets.FIRE`) as sampler items, with control points."""
+
+    def __init__(self, fire, size: int | None = None, *, categories=("S", "P", "A")):
+        self.fire, self.size = fire, size
+        self.names = [p for p in fire.pairs if fire.category(p) in categories]
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        item = self.fire.load(self.names[index], size=self.size)
+        out = dict(moving=torch.from_numpy(item["moving"]), fixed=torch.from_numpy(item["fixed"]),
+                   moving_points=torch.from_numpy(item["moving_points"]),
+                   fixed_points=torch.from_numpy(item["fixed_points"]),
+                   meta=dict(category=item["category"], name=item["name"], scale=item["scale"], index=index))
+        if item["mask"] is not None:
+            out["fixed_mask"] = out["moving_mask"] = torch.from_numpy(item["mask"])
+        return out
