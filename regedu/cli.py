@@ -350,21 +350,22 @@ def _parse_weights(text: str) -> dict[str, float]:
     return out
 
 
+def _freesurfer_30():
+    from .datasets import FREESURFER_30
+    return FREESURFER_30
+
+
 def _parse_labels(text):
     if text is None or isinstance(text, list):
         return text
     if text == "freesurfer30":
-        return list(_FREESURFER_30)
+        return list(_freesurfer_30())
     try:
         return [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise CLIError(f"--labels: expected integers separated by commas (e.g. 2,3,4) or "
                        f"'freesurfer30', got {text!r}") from None
 
-
-# The 30 FreeSurfer structures of the VoxelMorph and VV-Net evaluations (DESIGN.md 5b).
-_FREESURFER_30 = [2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43, 46,
-                  47, 49, 50, 51, 52, 53, 54, 60, 63]
 
 
 def _parse_model_args(items) -> dict:
@@ -430,7 +431,7 @@ def _train(args) -> int:
         val = (OfflinePairs(config["data"], profile.n_test_pairs, first_seed=10_000)
                if config["val_data"] in (None, config["data"]) else PairFolder(config["val_data"]))
         if config["data"] == "brain" and config["labels"] is None:
-            config["labels"] = list(_FREESURFER_30)
+            config["labels"] = list(_freesurfer_30())
     else:
         data = PairFolder(config["data"], atlas=config["atlas"])
         val = PairFolder(config["val_data"], atlas=config["atlas"]) if config["val_data"] else None

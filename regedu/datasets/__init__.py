@@ -17,7 +17,7 @@ Pair samplers (torch Datasets): :class:`FundusPairs`, :class:`BrainPairs`,
 :class:`SubjectPairs`, :class:`FIREPairs`.
 """
 from ._image import resize_image, resize_labels, scale_points
-from .brain import (BRAIN_SHAPES, DONORS, MNI_NOTICE, Brain, donor_brain, donor_dice, label_table,
+from .brain import (BRAIN_SHAPES, DONORS, FREESURFER_30, MNI_NOTICE, Brain, donor_brain, donor_dice, label_table,
                     mni_brain, synth_subject, to_freesurfer)
 from .fetch import (REGISTRY, ChecksumError, DatasetInfo, DataUnavailableError, UnsafeArchiveError,
                     data_dir, fetch, fetch_main, is_cached, mirror_dir, safe_extract, verify_file)
@@ -29,7 +29,7 @@ from .samplers import BrainPairs, FIREPairs, FundusPairs, SubjectPairs, brain_sl
 
 __all__ = [
     "resize_image", "resize_labels", "scale_points",
-    "BRAIN_SHAPES", "DONORS", "MNI_NOTICE", "Brain", "donor_brain", "donor_dice", "label_table",
+    "BRAIN_SHAPES", "DONORS", "FREESURFER_30", "MNI_NOTICE", "Brain", "donor_brain", "donor_dice", "label_table",
     "mni_brain", "synth_subject", "to_freesurfer",
     "REGISTRY", "ChecksumError", "DatasetInfo", "DataUnavailableError", "UnsafeArchiveError",
     "data_dir", "fetch", "fetch_main", "is_cached", "mirror_dir", "safe_extract", "verify_file",

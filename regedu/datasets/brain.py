@@ -77,7 +77,8 @@ _EXTRA = {101: ("Left-Cerebral-White-Matter", "L", 2), 102: ("Right-Cerebral-Whi
           105: ("3rd-Ventricle", "B", 14), 106: ("4th-Ventricle", "B", 15), 107: ("CSF", "B", 24),
           108: ("Left-Cerebellum-White-Matter", "L", 7), 109: ("Left-Cerebellum-Cortex", "L", 8),
           110: ("Right-Cerebellum-White-Matter", "R", 46), 111: ("Right-Cerebellum-Cortex", "R", 47)}
-_THIRTY = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
+#: The 30 FreeSurfer structures of the VoxelMorph and VV-Net evaluations (DESIGN.md 5b).
+FREESURFER_30 = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
            41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
 # T1 intensity of each FreeSurfer class, from the template's medians (WM 0.84,
 # GM 0.66, CSF 0.30) and the usual ordering of deep grey nuclei.
@@ -120,7 +121,7 @@ def label_table() -> pd.DataFrame:
         rows.append((label, name, hemi, structure, "MNI152 tissue maps + position", fs))
     table = pd.DataFrame(rows, columns=["label", "name", "hemisphere", "structure", "source", "freesurfer"])
     table["freesurfer"] = table["freesurfer"].astype("Int64")
-    table["in_30"] = table["freesurfer"].isin(_THIRTY)
+    table["in_30"] = table["freesurfer"].isin(FREESURFER_30)
     return table
 
 
