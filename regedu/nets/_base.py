@@ -1,0 +1,296 @@
+"""What every registration network shares: its output, input checks, padding,
+the flow head, the generic ``Registration`` wrapper and the model registry.
+
+Convention: images ``(B, C, *spatial)``; displacements ``(B, ndim, *spatial)``
+in voxels, channel ``k`` along spatial axis ``k``; warping pulls,
+``warped(x) = moving(x + u(x))`` (see :mod:`regedu.spatial`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils._pytree
+
+from .._checks import check_choice, check_positive, check_shape, check_tensor
+from ..spatial import integrate_velocity, warp
+
+__all__ = ["RegistrationOutput", "Registration", "create", "from_config", "available_models"]
+
+_REGISTRY: dict[str, type] = {}
+
+
+@dataclasses.dataclass
+class RegistrationOutput:
+    """What every regedu registration model returns.
+
+    Attributes
+    ----------
+    warped : Tensor, shape (B, C, *spatial)
+        The moving image warped by ``disp`` (one interpolation of the original).
+    disp : Tensor, shape (B, ndim, *spatial)
+        The final displacement, in voxels, on the fixed grid.
+    stages : list of Tensor, each (B, ndim, *spatial)
+        Intermediate fields (cascade stages, VV-Net's phi1, the affine stage...),
+        for inspection; each model's docstring says what they are. May be empty.
+    deep : list of Tensor, each (B, ndim, *spatial)
+        Deep-supervision fields at full resolution. Each is a complete
+        moving-to-fixed field: train it exactly like ``disp`` (similarity of the
+        fixed image and the moving image warped by it, plus the regulariser).
+    velocity : Tensor, shape (B, ndim, *spatial), or None
+        The stationary velocity field when the model integrates one.
+
+    The same fields exist whatever the model and its flags.
+    """
+
+    warped: torch.Tensor
+    disp: torch.Tensor
+    stages: list = dataclasses.field(default_factory=list)
+    deep: list = dataclasses.field(default_factory=list)
+    velocity: torch.Tensor | None = None
+
+
+# DistributedDataParallel (find_unused_parameters=True) walks outputs as pytrees:
+# declare the fields so that it reaches the tensors inside.
+torch.utils._pytree.register_pytree_node(
+    RegistrationOutput,
+    lambda out: ([out.warped, out.disp, out.stages, out.deep, out.velocity], None),
+    lambda values, _: RegistrationOutput(*values),
+    serialized_type_name="regedu.nets.RegistrationOutput")
+
+
+# ----------------------------------------------------------------------------- registry
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make a model buildable by ``create(name, ...)``."""
+    def deco(cls: type) -> type:
+        _REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+    return deco
+
+
+def available_models() -> list[str]:
+    """Names that :func:`create` and :func:`from_config` accept."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, **kwargs) -> nn.Module:
+    """Build a registration model by its registry name.
+
+    >>> create("unet", spatial_dims=2).config["name"]
+    'unet'
+    """
+    check_choice(name, tuple(available_models()), "name")
+    return _REGISTRY[name](**kwargs)
+
+
+def from_config(config: dict) -> nn.Module:
+    """Rebuild a model from its ``model.config`` (as saved with its weights).
+
+    The weights are not part of the config: load them with ``load_state_dict``.
+    """
+    if not isinstance(config, dict) or "name" not in config:
+        raise ValueError(f"config: expected a dict with a 'name' key (a model's .config), got "
+                         f"{config!r:.200}")
+    kwargs = {k: v for k, v in config.items() if k != "name"}
+    if config["name"] not in _REGISTRY:
+        raise ValueError(f"config: unknown model name {config['name']!r}; known: "
+                         f"{', '.join(available_models())}. A Registration built around a custom "
+                         f"backbone cannot be rebuilt from its config: build it again in code and "
+                         f"load the weights with load_state_dict")
+    return create(config["name"], **kwargs)
+
+
+def _jsonable(value):
+    # Configs travel as JSON inside checkpoints: tuples become lists.
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def make_config(name: str, **kwargs) -> dict:
+    """The ``config`` dict of a model: its registry name and constructor arguments."""
+    return {"name": name, **_jsonable(kwargs)}
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_spatial_dims(spatial_dims) -> int:
+    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+        raise ValueError(f"spatial_dims: expected 2 (images (B, C, H, W)) or 3 (volumes "
+                         f"(B, C, D, H, W)), got {spatial_dims!r}")
+    return spatial_dims
+
+
+def check_features(features, name: str, length: int | None = None) -> tuple[int, ...]:
+    """Check a sequence of positive channel counts."""
+    if isinstance(features, (str, bytes)) or not hasattr(features, "__len__"):
+        raise ValueError(f"{name}: expected a sequence of channel counts, got {features!r}")
+    if length is not None and len(features) != length:
+        raise ValueError(f"{name}: expected {length} channel counts, got {len(features)}: "
+                         f"{tuple(features)}")
+    for f in features:
+        check_positive(f, name, integer=True)
+    return tuple(int(f) for f in features)
+
+
+def check_pair(moving, fixed, spatial_dims: int, in_channels: int) -> torch.Tensor:
+    """Check a (moving, fixed) pair for a model; return ``fixed`` broadcast to the batch.
+
+    A fixed batch of 1 (an atlas) is expanded to the moving batch.
+    """
+    kind = {2: "2D (B, C, H, W)", 3: "3D (B, C, D, H, W)"}[spatial_dims]
+    for name, x in (("moving", moving), ("fixed", fixed)):
+        check_tensor(x, name, floating=True)
+        if x.dim() != spatial_dims + 2:
+            fixes = []
+            if x.dim() == spatial_dims:
+                fixes.append(f"add the batch and channel axes ({name}[None, None] for one grey "
+                             f"image)")
+            elif x.dim() == spatial_dims + 1:
+                fixes.append(f"add the batch axis ({name}[None] for one image)")
+            if x.dim() - 2 in (2, 3):
+                fixes.append(f"build the model with spatial_dims={x.dim() - 2} for "
+                             f"{x.dim() - 2}D inputs")
+            raise ValueError(f"{name}: this model is {spatial_dims}D (spatial_dims={spatial_dims}) "
+                             f"and expects {kind} tensors, got shape {tuple(x.shape)} "
+                             f"({x.dim()} axes); "
+                             + (" or ".join(fixes) or "pass one image or volume per batch item"))
+        c = check_shape(x, "B C *S", name)["C"]
+        if c != in_channels:
+            raise ValueError(f"{name}: this model expects {in_channels} image channel(s) "
+                             f"(in_channels={in_channels}), got {c} in shape {tuple(x.shape)}; "
+                             f"convert the image (e.g. RGB to grey: x.mean(1, keepdim=True)) or "
+                             f"build the model with in_channels={c}")
+    if moving.shape[2:] != fixed.shape[2:]:
+        raise ValueError(f"moving and fixed: expected the same spatial size, got "
+                         f"{tuple(moving.shape[2:])} and {tuple(fixed.shape[2:])}; resample the "
+                         f"moving image onto the fixed image's grid first (the network predicts "
+                         f"one displacement per fixed voxel)")
+    if fixed.shape[0] != moving.shape[0]:
+        if fixed.shape[0] != 1:
+            raise ValueError(f"moving and fixed: batch sizes {moving.shape[0]} and "
+                             f"{fixed.shape[0]} differ (a fixed batch of 1, an atlas, is "
+                             f"broadcast)")
+        fixed = fixed.expand(moving.shape[0], *fixed.shape[1:])
+    return fixed
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the spatial axes of ``x`` up to a multiple of ``multiple``.
+
+    Returns the padded tensor and the region (one slice per spatial axis) that
+    :func:`crop` uses to cut the original extent back out. Padding is split
+    between both ends so that the image stays centred.
+
+    >>> y, region = pad_to_multiple(torch.zeros(1, 1, 37, 45), 16)
+    >>> tuple(y.shape), tuple(crop(y, region).shape)
+    ((1, 1, 48, 48), (1, 1, 37, 45))
+    """
+    extra = [(-n) % multiple for n in x.shape[2:]]
+    region = tuple(slice(e // 2, e // 2 + n) for e, n in zip(extra, x.shape[2:]))
+    if not any(extra):
+        return x, region
+    pad = []
+    for e in reversed(extra):  # F.pad lists the last axis first
+        pad += [e // 2, e - e // 2]
+    return F.pad(x, pad), region
+
+
+def crop(x: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
+    """Cut ``region`` (from :func:`pad_to_multiple`) out of the spatial axes of ``x``."""
+    return x[(Ellipsis, *region)]
+
+
+def conv(spatial_dims: int, in_channels: int, out_channels: int, *, kernel_size: int = 3,
+         stride: int = 1) -> nn.Module:
+    """A plain ``Conv{n}d`` with 'same' padding (halving the size when ``stride=2``)."""
+    Conv = getattr(nn, f"Conv{spatial_dims}d")
+    return Conv(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
+
+
+def conv_block(spatial_dims: int, in_channels: int, out_channels: int, *,
+               stride: int = 1) -> nn.Sequential:
+    """Convolution then LeakyReLU(0.2), VoxelMorph's block."""
+    # In place: the activation's backward needs only its output, so this saves
+    # one feature map per block at no cost.
+    return nn.Sequential(conv(spatial_dims, in_channels, out_channels, stride=stride),
+                         nn.LeakyReLU(0.2, inplace=True))
+
+
+def flow_head(spatial_dims: int, in_channels: int, *, std: float = 1e-5) -> nn.Module:
+    """3x3(x3) convolution to ``spatial_dims`` channels with N(0, std) weights and zero bias.
+
+    Tiny weights make the first prediction almost the identity (u ~ 0), so
+    training starts from "no motion" instead of a random warp.
+    """
+    head = conv(spatial_dims, in_channels, spatial_dims)
+    nn.init.normal_(head.weight, mean=0.0, std=std)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour upsampling by 2 (exact sizes: inputs are padded to a multiple)."""
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+class Registration(nn.Module):
+    """A registration model around any backbone: features, flow head, integration, warp.
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        Maps the concatenated pair ``(B, 2 * in_channels, *spatial)`` to
+        features ``(B, F, *spatial)`` of the same spatial size, and has an
+        ``out_features`` attribute (``F``).
+    spatial_dims : {2, 3}
+    in_channels : int
+        Channels of each image.
+    integrate_steps : int
+        0: the head predicts the displacement. ``n > 0``: it predicts a
+        stationary velocity field, integrated by scaling and squaring in ``n``
+        steps (a diffeomorphic model, as VoxelMorph-diff and SVF-Net).
+
+    Convention: ``forward(moving, fixed)``; the field lives on the fixed grid and
+    pulls the moving image into it (see :mod:`regedu.spatial`).
+    """
+
+    def __init__(self, backbone: nn.Module, spatial_dims: int = 3, in_channels: int = 1, *,
+                 integrate_steps: int = 0):
+        super().__init__()
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        self.in_channels = check_positive(in_channels, "in_channels", integer=True)
+        if not isinstance(integrate_steps, int) or isinstance(integrate_steps, bool) \
+                or integrate_steps < 0:
+            raise ValueError(f"integrate_steps: expected a non-negative integer (0 = no "
+                             f"integration, 7 is usual), got {integrate_steps!r}")
+        if not hasattr(backbone, "out_features"):
+            raise TypeError(f"backbone: expected a module with an 'out_features' attribute (its "
+                            f"number of output channels), got {type(backbone).__name__}")
+        self.integrate_steps = integrate_steps
+        self.backbone = backbone
+        self.flow = flow_head(spatial_dims, backbone.out_features)
+        self.config = make_config("custom", backbone=type(backbone).__name__,
+                                  spatial_dims=spatial_dims, in_channels=in_channels,
+                                  integrate_steps=integrate_steps)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
+        fixed = check_pair(moving, fixed, self.spatial_dims, self.in_channels)
+        # features of the pair, moving first (VoxelMorph's order)
+        flow = self.flow(self.backbone(torch.cat([moving, fixed], dim=1)))
+        # a velocity field is integrated into a diffeomorphic displacement
+        velocity = flow if self.integrate_steps else None
+        disp = integrate_velocity(flow, self.integrate_steps) if self.integrate_steps else flow
+        # warp the moving image into the fixed image's space
+        return RegistrationOutput(warp(moving, disp), disp, [], [], velocity)
