@@ -84,7 +84,9 @@ def check_shape(x, spec: str, name: str) -> dict[str, int]:
 
 def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
     """Raise if ``x`` holds NaN or infinite values."""
-    if x.is_floating_point() and not torch.isfinite(x).all():
+    with torch.no_grad():  # a check, not part of any model: keep it out of autograd's graph
+        finite = not x.is_floating_point() or bool(torch.isfinite(x).all())
+    if not finite:
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(f"{name}: expected finite values, got {n_nan} NaN and {n_inf} infinite "
