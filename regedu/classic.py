@@ -1,0 +1,422 @@
+"""Classical registration: ANTs Affine and SyN, and instance optimisation in torch.
+
+These are the "traditional iterative" methods the seed papers compare learning
+with. Every function returns a displacement in regedu's convention, so the
+result plugs into :func:`regedu.spatial.warp`, :mod:`regedu.metrics` and
+:func:`regedu.evaluate.evaluate` exactly like a network's prediction.
+
+Convention: a displacement ``u`` is ``(B, ndim, *spatial)``, in voxels of the
+fixed image, channel ``k`` along spatial axis ``k`` (tensor-axis order), and
+warping pulls: ``warped(x) = moving(x + u(x))`` (DESIGN.md section 1).
+
+ANTs (antspyx) is an optional extra: ``pip install regedu[ants]``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._checks import as_tensor, check_choice, check_field, check_finite, check_positive, \
+    check_same_shape, check_shape
+from .losses import MSE, Diffusion
+from .spatial import resize_field, warp
+
+__all__ = ["ants_register", "ants_affine", "ants_syn", "ants_to_displacement",
+           "bspline_upsample", "instance_optimisation", "InstanceOptimisationResult"]
+
+_INSTALL_HINT = ("antspyx is not installed; it is an optional extra of regedu. Install it with "
+                 "`pip install regedu[ants]` (or `pip install antspyx`)")
+
+
+def _import_ants():
+    try:
+        import ants
+    except ImportError as err:
+        raise ImportError(f"regedu.classic: {_INSTALL_HINT}") from err
+    return ants
+
+
+# --------------------------------------------------------------------------- ANTs
+
+def _as_volumes(x, name: str) -> list[np.ndarray]:
+    """A bare ``(*spatial)`` array or a ``(B, 1, *spatial)`` batch -> list of float32 arrays."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array or torch.Tensor, got a {type(x).__name__}")
+    if x.ndim in (2, 3):
+        x = x[None, None]
+    if x.ndim not in (4, 5) or x.shape[1] != 1:
+        raise ValueError(f"{name}: expected a single-channel image, (H, W), (D, H, W), "
+                         f"(B, 1, H, W) or (B, 1, D, H, W), got shape {x.shape}; ANTs registers "
+                         f"one channel at a time")
+    check_finite(torch.from_numpy(np.ascontiguousarray(x)), name)
+    return [np.ascontiguousarray(v[0], dtype=np.float32) for v in x]
+
+
+def ants_to_displacement(transforms, fixed) -> torch.Tensor:
+    """Turn ANTs forward transforms into a regedu displacement.
+
+    Parameters
+    ----------
+    transforms : list of str
+        Transform files as ANTs lists them for ``ants.apply_transforms(fixed,
+        moving, transforms)``, e.g. ``ants.registration(...)["fwdtransforms"]``.
+        They map fixed-space points to moving-space points.
+    fixed : ants.ANTsImage
+        The fixed image (its grid, origin, spacing and direction). The moving
+        image must lie on the same grid (one voxel array shape and header).
+
+    Returns
+    -------
+    Tensor, shape (1, ndim, *spatial), float32: ``warp(moving, u)`` equals
+    ``ants.apply_transforms(fixed, moving, transforms)`` up to interpolation.
+
+    Convention: ANTs composes the transforms into one displacement field in
+    physical units (mm, along the image's physical axes, ITK's LPS frame).
+    The voxel displacement is ``(direction @ diag(spacing))^-1 @ d``, and axis
+    ``k`` of the array ``fixed.numpy()`` is ITK index ``k``, so the result is in
+    tensor-axis order already. The sign needs no change: both ANTs and regedu
+    describe where a fixed point lands in the moving image.
+    """
+    ants = _import_ants()
+    if not ants.is_image(fixed):
+        raise TypeError(f"fixed: expected an ants.ANTsImage, got a {type(fixed).__name__}")
+    if isinstance(transforms, str):
+        transforms = [transforms]
+    with tempfile.TemporaryDirectory(prefix="regedu_ants_") as tmp:
+        path = ants.apply_transforms(fixed, fixed, list(transforms),
+                                     compose=os.path.join(tmp, "fwd"))
+        if path is None:
+            raise RuntimeError(f"ANTs could not compose the transforms {transforms} "
+                               f"into a displacement field")
+        d = ants.image_read(path).numpy()  # (*spatial, ndim), physical units
+    ndim = fixed.dimension
+    to_voxels = np.linalg.inv(np.asarray(fixed.direction) @ np.diag(fixed.spacing))
+    u = np.einsum("kj,...j->k...", to_voxels, d.astype(np.float64))
+    return torch.from_numpy(u.astype(np.float32))[None].reshape(1, ndim, *fixed.shape)
+
+
+@contextlib.contextmanager
+def _ants_seed(ants, seed):
+    # antspyx reads its seed from a module global (set by set_ants_deterministic,
+    # which would also force one thread); set it only for this call.
+    old = ants.config._random_seed
+    ants.config._random_seed = seed
+    try:
+        yield
+    finally:
+        ants.config._random_seed = old
+
+
+def ants_register(moving, fixed, transform: str = "SyN", *, spacing=1.0, seed: int | None = 0,
+                  **ants_kwargs) -> torch.Tensor:
+    """Register ``moving`` to ``fixed`` with ``ants.registration``; return our displacement.
+
+    Parameters
+    ----------
+    moving, fixed : ndarray or Tensor, shape (*spatial), or (B, 1, *spatial)
+        Single-channel 2D or 3D images on the same grid. A batch is registered
+        pair by pair.
+    transform : str
+        ANTs' ``type_of_transform``: "Translation", "Rigid", "Affine", "SyN",
+        "SyNCC", "SyNOnly", "ElasticSyN", ... (see ``ants.registration``).
+    spacing : float or tuple of float
+        Voxel size in mm, so that ANTs' smoothing and step sizes act in mm as
+        they would on a real scan; the returned field is in voxels anyway.
+    seed : int or None
+        Seed of ANTs' random metric sampling (None: ANTs' default, not
+        reproducible).
+    **ants_kwargs
+        Passed to ``ants.registration`` (``reg_iterations``, ``aff_metric``,
+        ``syn_metric``, ``grad_step``, ``flow_sigma``, ...).
+
+    Returns
+    -------
+    Tensor, shape (B, ndim, *spatial), float32 (B = 1 for a bare image).
+
+    Raises
+    ------
+    ImportError
+        If antspyx is missing (with the command that installs it).
+    ValueError
+        If the images are not single-channel 2D/3D of one shape.
+
+    Convention: the field pulls ``moving`` into ``fixed`` space
+    (``warp(moving, u)``); voxel units; tensor-axis order. ANTs' threads follow
+    ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` (all cores by default).
+    """
+    ants = _import_ants()
+    movings, fixeds = _as_volumes(moving, "moving"), _as_volumes(fixed, "fixed")
+    if len(movings) != len(fixeds):
+        raise ValueError(f"moving and fixed: expected the same number of images, got "
+                         f"{len(movings)} and {len(fixeds)}")
+    check_same_shape(movings[0], fixeds[0], ("moving", "fixed"))
+    ndim = movings[0].ndim
+    spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, dtype=float), (ndim,)))
+    for s in spacing:
+        check_positive(s, "spacing")
+    fields = []
+    for m, f in zip(movings, fixeds):
+        fi = ants.from_numpy(f, spacing=spacing)
+        mi = ants.from_numpy(m, spacing=spacing)
+        with tempfile.TemporaryDirectory(prefix="regedu_ants_") as tmp, _ants_seed(ants, seed):
+            out = ants.registration(fi, mi, type_of_transform=transform,
+                                    outprefix=os.path.join(tmp, "reg_"), **ants_kwargs)
+            fields.append(ants_to_displacement(out["fwdtransforms"], fi))
+    return torch.cat(fields)
+
+
+def ants_affine(moving, fixed, **kwargs) -> torch.Tensor:
+    """ANTs affine registration (``type_of_transform="Affine"``): see :func:`ants_register`."""
+    return ants_register(moving, fixed, "Affine", **kwargs)
+
+
+def ants_syn(moving, fixed, **kwargs) -> torch.Tensor:
+    """ANTs SyN (affine then symmetric normalisation, mutual information): see :func:`ants_register`.
+
+    ``ants_syn(m, f, syn_metric="CC")`` uses local cross-correlation, the choice
+    of the VoxelMorph paper's SyN baseline (slower).
+    """
+    return ants_register(moving, fixed, "SyN", **kwargs)
+
+
+# ------------------------------------------------------------ instance optimisation
+
+def _bspline_matrix(n: int, spacing: int, dtype, device) -> torch.Tensor:
+    # W[x, j] = B3((x - x_j) / spacing), the cubic B-spline of control point j
+    # (at voxel x_j = (j - 1) * spacing) evaluated at voxel x.
+    x = torch.arange(n, dtype=torch.float64)[:, None]
+    xj = (torch.arange((n - 1) // spacing + 4, dtype=torch.float64)[None] - 1) * spacing
+    t = ((x - xj) / spacing).abs()
+    w = torch.where(t < 1, 2 / 3 - t ** 2 + t ** 3 / 2, (2 - t).clamp(min=0) ** 3 / 6)
+    return w.to(dtype=dtype, device=device)
+
+
+def _control_shape(shape, spacing: int) -> tuple[int, ...]:
+    # Control point j sits at voxel (j - 1) * spacing; a voxel x needs the four
+    # control points around it, so the grid runs from -spacing to past the end.
+    return tuple((n - 1) // spacing + 4 for n in shape)
+
+
+def bspline_upsample(control: torch.Tensor, shape, spacing: int) -> torch.Tensor:
+    """Dense field from a cubic B-spline control grid.
+
+    Parameters
+    ----------
+    control : Tensor, shape (B, C, *grid)
+        Control-point values; point ``j`` along an axis sits at voxel
+        ``(j - 1) * spacing``, so ``grid[k] = (shape[k] - 1) // spacing + 4``
+        points cover ``shape``.
+    shape : tuple of int
+        Spatial size of the dense field.
+    spacing : int
+        Control-point spacing in voxels (the same along every axis).
+
+    Returns
+    -------
+    Tensor, shape (B, C, *shape): ``sum_j control_j B3((x - x_j) / spacing)``.
+
+    Notes
+    -----
+    Exact cubic B-spline interpolation (not ``F.interpolate``'s bicubic, which
+    is a cubic *convolution* kernel and has no 3D form). The tensor-product
+    spline is separable: one small ``(n, grid)`` matrix of B-spline weights is
+    applied along each axis in turn (a matrix product, fast forward and
+    backward; a strided transposed convolution computes the same thing).
+
+    Cubic B-splines sum to one, so constant control values give a constant:
+
+    >>> bspline_upsample(torch.ones(1, 1, 6), (9,), 4)  # 6 = (9 - 1) // 4 + 4
+    tensor([[[1., 1., 1., 1., 1., 1., 1., 1., 1.]]])
+    """
+    spacing = check_positive(spacing, "spacing", integer=True)
+    shape = tuple(int(n) for n in shape)
+    expected = _control_shape(shape, spacing)
+    if tuple(control.shape[2:]) != expected:
+        raise ValueError(f"control: a grid with spacing {spacing} for size {shape} needs "
+                         f"spatial shape {expected}, got {tuple(control.shape[2:])}")
+    out = control
+    for axis, n in enumerate(shape):
+        w = _bspline_matrix(n, spacing, control.dtype, control.device)
+        out = torch.matmul(out.movedim(2 + axis, -1), w.T).movedim(-1, 2 + axis)
+    return out
+
+
+def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    # Separable Gaussian, edges replicated: anti-aliasing before downsampling.
+    radius = max(1, int(round(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g = (g / g.sum()).view(1, 1, -1)
+    out = image
+    for dim in range(2, image.dim()):
+        moved = out.movedim(dim, -1)
+        flat = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (radius, radius), mode="replicate")
+        out = F.conv1d(flat, g).reshape(moved.shape).movedim(-1, dim)
+    return out
+
+
+def _downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
+    if factor == 1:
+        return image
+    spatial = image.shape[2:]
+    # Keep voxel centres aligned the way resize_field assumes (align_corners).
+    size = tuple(max(2, round((n - 1) / factor) + 1) for n in spatial)
+    mode = "bilinear" if len(spatial) == 2 else "trilinear"
+    return F.interpolate(_blur(image, factor / 2), size=size, mode=mode, align_corners=True)
+
+
+@dataclass
+class InstanceOptimisationResult:
+    """What :func:`instance_optimisation` returns.
+
+    Attributes
+    ----------
+    disp : Tensor, shape (B, ndim, *spatial)
+        The optimised displacement at full resolution (detached).
+    warped : Tensor, shape (B, C, *spatial)
+        ``warp(moving, disp)``.
+    history : dict of lists
+        Per iteration: ``"loss"``, ``"similarity"``, ``"regularisation"`` (its
+        value before the weight) and ``"level"`` (the downsampling factor).
+    seconds : float
+        Wall-clock time of the optimisation.
+    """
+
+    disp: torch.Tensor
+    warped: torch.Tensor
+    history: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def instance_optimisation(moving, fixed, *, similarity=None, regulariser=None,
+                          weight: float = 1.0, transform: str = "dense", control_spacing: int = 4,
+                          levels=(1,), iterations=100, lr: float = 0.1, init=None,
+                          progress: bool = True) -> InstanceOptimisationResult:
+    """Register one pair (or a batch) by optimising its field directly with Adam.
+
+    Minimises ``similarity(fixed, warp(moving, u)) + weight * regulariser(u)``
+    over ``u``: the "traditional iterative" registration that learning
+    replaces by one forward pass, and a way to refine a network's prediction
+    (``init=model(moving, fixed).disp``).
+
+    Parameters
+    ----------
+    moving, fixed : Tensor or ndarray, shape (B, C, *spatial)
+        Float images, 2D or 3D, of the same shape.
+    similarity : callable (fixed, warped) -> scalar Tensor, optional
+        Any regedu loss, e.g. ``losses.NCC(window=9)`` or ``losses.MI()``;
+        lower is better. Default ``losses.MSE()``.
+    regulariser : callable (disp) -> scalar Tensor, optional
+        Default ``losses.Diffusion("l2")``; ``losses.BendingEnergy()`` suits
+        B-splines. For the edge-aware term, close over the image:
+        ``lambda u: losses.edge_aware_smoothness(u, fixed)``.
+    weight : float
+        Regularisation weight lambda (>= 0).
+    transform : {"dense", "bspline"}
+        "dense": one free vector per voxel. "bspline": a cubic B-spline control
+        grid every ``control_spacing`` voxels (see :func:`bspline_upsample`).
+    control_spacing : int
+        B-spline control-point spacing, in voxels of the level being optimised.
+    levels : tuple of int
+        Downsampling factors, coarse to fine, e.g. ``(4, 2, 1)``. Each level
+        optimises a correction on top of the field of the previous one.
+    iterations : int or tuple of int
+        Adam steps per level (one number for all levels, or one per level).
+    lr : float
+        Adam learning rate, in voxels of the level (dense) or control-point units.
+    init : Tensor, shape (B or 1, ndim, *spatial), optional
+        Starting field (e.g. a network's prediction); default zero.
+    progress : bool
+        Show a progress bar (tqdm.auto: a widget in a notebook).
+
+    Returns
+    -------
+    InstanceOptimisationResult
+        ``disp`` (B, ndim, *spatial), ``warped``, ``history``, ``seconds``.
+
+    Convention: ``disp`` pulls ``moving`` into ``fixed`` space
+    (``warp(moving, disp)``), in full-resolution voxels, tensor-axis order.
+    Coarse levels see images blurred (sigma = factor / 2) and resampled with
+    voxel centres aligned (``align_corners=True``); fields move between levels
+    with :func:`regedu.spatial.resize_field`.
+    """
+    from tqdm.auto import tqdm
+
+    moving = check_finite(as_tensor(moving, "moving"), "moving")
+    fixed = check_finite(as_tensor(fixed, "fixed"), "fixed")
+    for x, name in ((moving, "moving"), (fixed, "fixed")):
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point image, got dtype {x.dtype}")
+    spatial = check_shape(fixed, "B C *S", "fixed")["S"]
+    check_same_shape(moving, fixed, ("moving", "fixed"))
+    if len(spatial) not in (2, 3):
+        raise ValueError(f"fixed: expected (B, C, H, W) or (B, C, D, H, W), got shape "
+                         f"{tuple(fixed.shape)}")
+    check_choice(transform, ("dense", "bspline"), "transform")
+    levels = tuple(levels) if isinstance(levels, (tuple, list)) else (levels,)
+    for f in levels:
+        check_positive(f, "levels", integer=True)
+    iterations = tuple(iterations) if isinstance(iterations, (tuple, list)) \
+        else (iterations,) * len(levels)
+    if len(iterations) != len(levels):
+        raise ValueError(f"iterations: expected one number or one per level ({len(levels)}), "
+                         f"got {iterations}")
+    for n in iterations:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"iterations: expected non-negative integers, got {iterations}")
+    check_positive(lr, "lr")
+    if not isinstance(weight, (int, float)) or weight < 0:
+        raise ValueError(f"weight: expected a non-negative number, got {weight!r}")
+    if transform == "bspline":
+        check_positive(control_spacing, "control_spacing", integer=True)
+    similarity = MSE() if similarity is None else similarity
+    regulariser = Diffusion("l2") if regulariser is None else regulariser
+    B, nd = fixed.shape[0], len(spatial)
+    disp = torch.zeros(B, nd, *spatial, dtype=fixed.dtype, device=fixed.device)
+    if init is not None:
+        init = check_field(as_tensor(init, "init"), "init", spatial=spatial, batch=B)
+        disp = disp + init.detach().to(disp)
+
+    history = {"loss": [], "similarity": [], "regularisation": [], "level": []}
+    start = time.perf_counter()
+    bar = tqdm(total=sum(iterations), disable=not progress, desc="instance optimisation")
+    for factor, n_iter in zip(levels, iterations):
+        fixed_l, moving_l = _downsample(fixed, factor), _downsample(moving, factor)
+        size = tuple(fixed_l.shape[2:])
+        base = resize_field(disp, size).detach()
+        if transform == "dense":
+            param = torch.zeros_like(base, requires_grad=True)
+        else:
+            param = torch.zeros(B, nd, *_control_shape(size, control_spacing), dtype=base.dtype,
+                                device=base.device, requires_grad=True)
+        optimiser = torch.optim.Adam([param], lr=lr)
+        for _ in range(n_iter):
+            u = base + (param if transform == "dense" else
+                        bspline_upsample(param, size, control_spacing))
+            sim = similarity(fixed_l, warp(moving_l, u))
+            reg = regulariser(u)
+            loss = sim + weight * reg
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            for key, value in (("loss", loss), ("similarity", sim), ("regularisation", reg)):
+                history[key].append(float(value.detach()))
+            history["level"].append(factor)
+            bar.update()
+        with torch.no_grad():
+            u = base + (param if transform == "dense" else
+                        bspline_upsample(param, size, control_spacing))
+            disp = resize_field(u, spatial)
+    bar.close()
+    disp = disp.detach()
+    return InstanceOptimisationResult(disp=disp, warped=warp(moving, disp), history=history,
+                                      seconds=time.perf_counter() - start)
