@@ -1,4 +1,4 @@
-"""The ``regedu`` command: ``doctor``, ``fetch``, ``train``, ``register``, ``evaluate``.
+"""The ``regedu`` command: ``doctor``, ``fetch``, ``train``, ``register``, ``evaluate``, ``course``.
 
 Run ``regedu COMMAND --help`` for each command's options. Errors a user can
 fix (a missing file, images of different shapes, a 2D model given a volume)
@@ -217,8 +217,9 @@ class PairFolder(torch.utils.data.Dataset):
 class OfflinePairs(torch.utils.data.Dataset):
     """Pairs made from data shipped with the dependencies, sized by the profile.
 
-    ``"fundus"``: FIRE-like pairs of ``skimage.data.retina()`` (categories S, P,
-    A in turn; ``regedu.datasets.make_fire_pair``). ``"brain"``: synthetic
+    ``"fundus"``: FIRE-like pairs (categories S, P, A in turn;
+    ``regedu.datasets.make_fire_pair``) of *procedural* retinas, so that the
+    real photograph ``skimage.data.retina()`` stays held out for testing. ``"brain"``: synthetic
     subjects (the MNI template under random diffeomorphisms and intensity
     changes, ``regedu.datasets.synth_subject``) as moving images, the template
     as the fixed one (atlas-based, as VV-Net), with labels. Pair ``i`` is drawn
@@ -247,7 +248,8 @@ class OfflinePairs(torch.utils.data.Dataset):
             from . import datasets
             seed = self.first_seed + i
             if self.source == "fundus":
-                pair = datasets.make_fire_pair("SPA"[i % 3], size=self.profile.fundus_size, seed=seed)
+                pair = datasets.make_fire_pair("SPA"[i % 3], size=self.profile.fundus_size, seed=seed,
+                                               source="procedural")
                 item = {"moving": pair.moving, "fixed": pair.fixed}
             else:
                 subject = datasets.synth_subject(self.atlas, seed=seed)
@@ -582,6 +584,17 @@ def _evaluate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- course
+
+def _course(args) -> int:
+    from .course import run_course
+    summary = run_course(args.notebooks or None, profile=args.profile, out_dir=args.out,
+                         timeout=args.timeout)
+    print(summary.to_markdown())
+    print(f"HTML pages in {args.out}/ (open index.html)")
+    return 0 if summary.ok else 1
+
+
 # ---------------------------------------------------------------- the parser
 
 def _parser() -> argparse.ArgumentParser:
@@ -657,10 +670,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="structures: 2,3,4 or freesurfer30 (default: all in the fixed labels)")
     p.add_argument("--csv", help="also write the table to this CSV file")
     p.add_argument("--device", help="cpu, cuda ... (default: CUDA when available)")
+
+    p = sub.add_parser("course", help="run the course notebooks headless and write HTML pages",
+                       description="Execute the course notebooks in fresh kernels under a profile, "
+                                   "write an HTML page per notebook and a summary of time and peak "
+                                   "memory (index.html, summary.md).")
+    p.add_argument("notebooks", nargs="*", help="notebooks to run: paths or numbers (default: all)")
+    p.add_argument("--profile", default="ci", choices=["ci", "cpu", "gpu"], help="default ci")
+    p.add_argument("--out", default="_course_html", help="output folder (default _course_html)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell (default 900)")
     return parser
 
 
-_COMMANDS = {"doctor": _doctor, "train": _train, "register": _register, "evaluate": _evaluate}
+_COMMANDS = {"doctor": _doctor, "train": _train, "register": _register, "evaluate": _evaluate,
+             "course": _course}
 
 
 def main(argv=None) -> int:
