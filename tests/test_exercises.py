@@ -1,0 +1,123 @@
+"""regedu.exercises: right answers pass, wrong ones fail with feedback, unfinished ones are "not done"."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regedu import exercises, metrics, nets, spatial
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    exercises.reset()
+    yield
+    exercises.reset()
+
+
+def box_ncc(fixed, warped, window=9):
+    # An independent implementation with convolutions (the library uses banded matrix products).
+    nd = fixed.dim() - 2
+    conv = getattr(F, f"conv{nd}d")
+    k = torch.ones(1, 1, *[window] * nd, dtype=fixed.dtype)
+    n = window ** nd
+    s = [conv(x, k, padding=window // 2) for x in (fixed, warped, fixed * fixed, warped * warped,
+                                                   fixed * warped)]
+    cross = s[4] - s[0] * s[1] / n
+    var_f, var_w = s[2] - s[0] ** 2 / n, s[3] - s[1] ** 2 / n
+    return -(cross ** 2 / (var_f * var_w + 1e-5)).mean()
+
+
+def numpy_dice(a, b, labels):
+    out = []
+    for k in labels:
+        total = (a == k).sum() + (b == k).sum()
+        out.append(2 * ((a == k) & (b == k)).sum() / total if total else np.nan)
+    return np.array(out)
+
+
+def not_written(*args):
+    raise NotImplementedError
+
+
+RIGHT = {
+    "dice": numpy_dice,
+    "ncc": box_ncc,
+    "jacobian": metrics.jacobian_determinant,
+    "compose": lambda u1, u2: u2 + spatial.warp(u1, u2, padding="border"),
+    "tre": lambda fp, mp, u: (spatial.warp_points(fp, u) - mp).norm(dim=-1),
+}
+
+WRONG = {  # a typical mistake, and words the feedback must contain
+    "dice": (lambda a, b, labels: np.nan_to_num(numpy_dice(a, b, labels)), "NaN"),
+    "ncc": (lambda f, w: -box_ncc(f, w), "NEGATIVE"),
+    "jacobian": (lambda u: metrics.jacobian_determinant(u) - 1, "identity"),
+    "compose": (lambda u1, u2: u2 + spatial.warp(u1, u2), "border"),
+    "tre": (lambda fp, mp, u: (fp - mp).norm(dim=-1), "p + u(p)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RIGHT))
+def test_right_answer_passes(name):
+    result = exercises.check(name, RIGHT[name], quiet=True)
+    assert result.status == "passed", result.message
+
+
+@pytest.mark.parametrize("name", sorted(WRONG))
+def test_wrong_answer_fails_with_actionable_feedback(name):
+    fn, words = WRONG[name]
+    result = exercises.check(name, fn, quiet=True)
+    assert result.status == "failed"
+    assert words in result.message, result.message
+    assert "expected" in result.message and "got" in result.message, result.message
+
+
+@pytest.mark.parametrize("name", sorted(exercises.EXERCISES))
+def test_unfinished_is_not_done_and_never_raises(name):
+    assert exercises.check(name, None, quiet=True).status == "not done yet"
+    if name != "sweep":
+        r = exercises.check(name, not_written, quiet=True)
+        assert r.status == "not done yet" and "NotImplementedError" in r.message
+        assert exercises.check(name, lambda *a: None, quiet=True).status == "not done yet"
+
+
+def test_crash_in_student_code_is_feedback():
+    r = exercises.check("jacobian", lambda u: u.no_such_method(), quiet=True)
+    assert r.status == "failed" and "AttributeError" in r.message and "zero field" in r.message
+
+
+def test_sweep_checks_the_trade_off():
+    good = {0.0: dict(similarity=-0.8, roughness=0.5, folding=1.0),
+            1.0: dict(similarity=-0.7, roughness=0.05, folding=0.0),
+            10.0: dict(similarity=-0.5, roughness=0.001, folding=0.0)}
+    assert exercises.check("sweep", good, quiet=True).passed
+    assert exercises.check("sweep", lambda: good, quiet=True).passed
+    backwards = {w: dict(row, roughness=1 / (1 + row["roughness"])) for w, row in good.items()}
+    r = exercises.check("sweep", backwards, quiet=True)
+    assert r.status == "failed" and "smoother" in r.message
+    r = exercises.check("sweep", {0: good[0.0], 1: good[1.0]}, quiet=True)
+    assert r.status == "failed" and "at least 3" in r.message
+    assert exercises.check("sweep", {}, quiet=True).status == "not done yet"
+
+
+def test_network_check_accepts_a_change_and_rejects_the_default():
+    small = lambda: nets.create("unet", spatial_dims=2, encoder=(8, 16, 16), decoder=(16, 16, 16, 8))
+    r = exercises.check("network", small, quiet=True)
+    assert r.passed, r.message
+    r = exercises.check("network", lambda: nets.create("unet", spatial_dims=2), quiet=True)
+    assert r.status == "failed" and "default" in r.message
+    r = exercises.check("network", lambda: torch.nn.Conv2d(2, 2, 3), quiet=True)
+    assert r.status == "failed"
+
+
+def test_report_and_all_passed(capsys):
+    for name, fn in RIGHT.items():
+        exercises.check(name, fn, quiet=True)
+    assert not exercises.all_passed()
+    status = exercises.report()
+    assert status["dice"] == "passed" and status["network"] == "not checked"
+    assert "5 of 7 exercises passed" in capsys.readouterr().out
+
+
+def test_unknown_exercise_is_an_error():
+    with pytest.raises(ValueError, match="ncc"):
+        exercises.check("nccc", box_ncc)
