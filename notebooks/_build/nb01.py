@@ -236,8 +236,9 @@ halfway between two pixels, where rounding can go either way.)
 ## 7. Deformation-grid playground
 
 `regedu.viz.DeformationPlayground` draws a random smooth displacement and
-shows the warped retina, the **deformed grid** (the lines $\varphi(x) = x + u(x)$:
-where each line of the fixed grid reads in the moving image) and the Jacobian
+shows the warped retina, the **deformed grid** (a regular grid drawn on the
+moving image and carried along by the warp exactly like the image, i.e. the
+curves where a coordinate of $\varphi(x) = x + u(x)$ is constant) and the Jacobian
 determinant (notebook 02). Move the sliders: `amplitude` scales the field (in
 pixels), `smoothness` is the width of the Gaussian that smooths random noise
 into a field (small: wiggly). Switch the interpolation to `nearest` and zoom in
