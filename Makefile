@@ -18,9 +18,13 @@ SHARED_DATA ?= $(abspath ../shared/data)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# A +cpu wheel that pip can already see (a local wheel house or mirror) is used
+# as it is; otherwise torch's CPU index is asked.
 $(VENV)/.torch: | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || \
+	@$(BIN)/python -c "import torch" 2>/dev/null || \
+	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
 	  $(BIN)/python -m pip install "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_INDEX)
+	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'CUDA' if torch.cuda.is_available() else 'CPU')"
 	touch $@
 
 $(VENV)/.runtime: pyproject.toml $(VENV)/.torch
