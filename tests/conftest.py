@@ -15,6 +15,19 @@ def _seed():
     np.random.seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module on one torch thread (``pytestmark = pytest.mark.usefixtures(...)``).
+
+    Its tensors are small: on a 2-core machine shared with other jobs, the
+    OpenMP barriers of a second thread stall and small ops run 10-30x slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "test_scan.npz").exists():

@@ -11,15 +11,7 @@ from regedu.spatial import affine_to_displacement, warp
 
 ants = pytest.importorskip("ants")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: threads only add OpenMP barriers, which stall
-    # badly when the cores are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _blobs(shape, seed=0, sigma=3.0):

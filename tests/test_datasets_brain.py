@@ -1,26 +1,16 @@
 """Offline brain: template + labels, label table, synthetic subjects, donors, brain samplers."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from regedu.datasets import (MNI_NOTICE, BrainPairs, SubjectPairs, brain_slice, donor_brain, label_table,
+from conftest import SHARED_DATA
+from regedu.datasets import (FREESURFER_30, MNI_NOTICE, BrainPairs, SubjectPairs, brain_slice, donor_brain, label_table,
                              load_vxm_labels, mni_brain, synth_subject, to_freesurfer)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 THIRTY = [2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
-          41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63]
+          41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63]  # DESIGN.md 5b, written out independently
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # On a shared 2-core machine, torch's thread pool spins against other
-    # processes and small ops run 10-30x slower; one thread is steady.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +36,7 @@ def test_template_shape_range_and_cache(brain, cache):
 
 def test_labels_cover_the_thirty_structures_where_a_source_exists(brain):
     present = set(np.unique(brain.seg)) - {0}
+    assert list(FREESURFER_30) == THIRTY
     missing = set(THIRTY) - present
     assert missing == {28, 31, 60, 63}  # ventral DC and choroid plexus: no source offline
     table = label_table()
@@ -67,14 +58,14 @@ def test_template_anatomy_is_where_it_should_be(brain):
     assert wm > gm > csf
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
 def test_template_labels_overlap_a_real_subject(brain):
     # Without any registration the template and voxelmorph's subject already
     # overlap: same orientation, same field of view, same label numbers.
     from regedu.datasets import load_vxm_scan
     from regedu.datasets.brain import donor_dice
-    scan = load_vxm_scan(SHARED / "test_scan.npz", shape=(40, 48, 56))
-    labels = load_vxm_labels(SHARED / "labels.npz")
+    scan = load_vxm_scan(SHARED_DATA / "test_scan.npz", shape=(40, 48, 56))
+    labels = load_vxm_labels(SHARED_DATA / "labels.npz")
     seg = np.where(np.isin(scan["seg"], labels), scan["seg"], 0)
     assert donor_dice(np.where(np.isin(brain.seg, labels), brain.seg, 0), seg) > 0.35
 

@@ -7,15 +7,7 @@ from regedu.datasets import (FIRE_SIZE, FundusPairs, make_fire_pair, parse_fire_
                              synthetic_fundus)
 from regedu.spatial import warp, warp_points
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # On a shared 2-core machine, torch's thread pool spins against other
-    # processes and small ops run 10-30x slower; one thread is steady.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
