@@ -35,8 +35,11 @@ $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
+# Jupyter refuses to run as root unless told; containers and CI machines often are root.
+LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: $(VENV)/.runtime
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_FLAGS)
 
 # The browser test drives Debian's chromium; without root or apt it skips and says why.
 browser-deps:
