@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .._checks import check_choice, check_positive
+from ..metrics import dice
 from ..spatial import integrate_velocity, resize_field, warp
 from .fetch import data_dir
 
@@ -457,9 +458,7 @@ def donor_dice(seg_a: np.ndarray, seg_b: np.ndarray) -> float:
     """Mean Dice over the FreeSurfer structures present in both maps (background excluded)."""
     labels = np.intersect1d(np.unique(seg_a), np.unique(seg_b))
     labels = labels[labels > 0]
-    scores = [2 * np.sum((seg_a == k) & (seg_b == k)) / (np.sum(seg_a == k) + np.sum(seg_b == k))
-              for k in labels]
-    return float(np.mean(scores)) if scores else float("nan")
+    return dice(seg_a, seg_b, labels).mean if labels.size else float("nan")
 
 
 # ----------------------------------------------------------------------------- synthetic subjects
