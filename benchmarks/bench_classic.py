@@ -6,21 +6,19 @@ Same run, same pairs, at 80x96x112 (2 mm) and 160x192x224 (1 mm): seconds per
 Pairs (offline, no download): the fixed image is the MNI152 template
 (:func:`regedu.datasets.brain.mni_brain`), the moving one a synthetic subject
 (:func:`~regedu.datasets.brain.synth_subject`) drawn from a held-out seed. The
-random velocity lives on a coarse grid of 5x6x7 control points at every
-resolution (``control`` = 8, 16, 32 voxels at 4, 2, 1 mm, amplitude scaled the
-same way), so one seed gives the same physical deformation at every size:
-the pairs at 80x96x112 and 160x192x224 are the same subjects.
+deformation has the same physical scale at every resolution (synth_subject's
+defaults: control points every 16 mm, velocity scale 6 mm), so one seed gives
+the same subject at every size: the pairs at 80x96x112 and 160x192x224 are the same subjects.
 
 Two steps::
 
-    # 1. train a VoxelMorph U-Net (NCC + diffusion + Dice) on synthetic subjects
-    python benchmarks/bench_classic.py train --spacing 4 --steps 350 \\
-        --checkpoint benchmarks/results/unet_4mm.pt
+    # 1. train a VoxelMorph U-Net (NCC + diffusion + Dice) on synthetic subjects:
+    #    the command in notebooks/checkpoints/brain_unet_4mm.txt
     # 2. time and score SyN and the network on the same pairs
-    python benchmarks/bench_classic.py run --checkpoint benchmarks/results/unet_4mm.pt \\
+    python benchmarks/bench_classic.py run --checkpoint notebooks/checkpoints/brain_unet_4mm.pt \\
         --pairs 3 --out benchmarks/results/bench_classic
 
-The network is trained at ``--spacing`` mm. On a larger grid it runs on the
+The network is trained at ``--train-spacing`` mm (4). On a larger grid it runs on the
 images block-averaged to its training grid and its field is upsampled back
 ("VoxelMorph"); the same U-Net run directly at full size is timed too
 ("U-Net full-size forward", timing only: its weights were not trained at that
@@ -31,14 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from regedu import classic, evaluate as E, nets, train
 from regedu.datasets import brain
@@ -55,49 +50,22 @@ def _labels(template) -> dict:
 
 
 def _subject(template, seed: int) -> dict:
-    """A synthetic subject whose deformation has the same physical scale at any spacing."""
-    factor = 4 / template.spacing_mm  # voxels per 4 mm
-    s = brain.synth_subject(template, seed, control=int(8 * factor), max_velocity=1.5 * factor)
+    """A synthetic subject (synth_subject's defaults: the same physical deformation at any spacing)."""
+    s = brain.synth_subject(template, seed)
     return {"moving": s["image"], "fixed": torch.from_numpy(template.image).float(),
             "moving_seg": s["seg"], "fixed_seg": torch.from_numpy(template.seg)[None],
             "meta": {"id": f"seed{seed}", "dataset": "x".join(map(str, template.seg.shape))}}
 
 
-class SyntheticSubjects(Dataset):
-    """Template (fixed) and synthetic subjects (moving), seeds 0..n-1."""
+class _Rescaled(nn.Module):
+    """``nets.Rescaled`` with the factor that brings each input size to the training grid."""
 
-    def __init__(self, template, n: int):
-        self.template, self.n = template, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        item = _subject(self.template, i)
-        item.pop("meta")
-        return item
-
-
-class CoarseNet(nn.Module):
-    """Run ``model`` on its training grid and upsample its field to the input's.
-
-    The input is block-averaged by ``f = input size / train size`` (the way the
-    template's coarse grids were made: coarse voxel ``i`` sits at fine position
-    ``f i + (f - 1) / 2``); trilinear upsampling with ``align_corners=False``
-    and an exact scale factor inverts that mapping, and the displacement (in
-    voxels) is multiplied by ``f``.
-    """
-
-    def __init__(self, model: nn.Module, train_shape):
+    def __init__(self, model, train_shape):
         super().__init__()
         self.model, self.train_shape = model, tuple(train_shape)
 
     def forward(self, moving, fixed):
-        f = moving.shape[2] // self.train_shape[0]
-        if f == 1:
-            return self.model(moving, fixed).disp
-        disp = self.model(F.avg_pool3d(moving, f), F.avg_pool3d(fixed, f)).disp
-        return F.interpolate(disp, scale_factor=f, mode="trilinear", align_corners=False) * f
+        return nets.Rescaled(self.model, moving.shape[2] // self.train_shape[0])(moving, fixed).disp
 
 
 class FullSize(nn.Module):
@@ -116,21 +84,6 @@ def syn(moving, fixed):
     return classic.ants_syn(moving, fixed, spacing=160 / moving.shape[2])
 
 
-def cmd_train(args):
-    torch.set_num_threads(args.threads)
-    template = brain.mni_brain(args.spacing)
-    labels = list(_labels(template))
-    model = nets.create("unet", spatial_dims=3)
-    data = SyntheticSubjects(template, args.steps)
-    start = time.perf_counter()
-    history = train.fit(model, data, losses={"ncc": 1.0, "diffusion": 1.0, "dice": 1.0},
-                        steps=args.steps, lr=args.lr, labels=labels, device="cpu",
-                        checkpoint=args.checkpoint, checkpoint_every=25, resume=True,
-                        progress=True)
-    print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s; last losses:",
-          {k: float(np.mean(v[-20:])) for k, v in history["train"].items() if k != "step"})
-
-
 def cmd_run(args):
     torch.set_num_threads(args.threads)
     model = train.load_model(args.checkpoint)
@@ -141,7 +94,7 @@ def cmd_run(args):
         labels.update(_labels(template))
         pairs += [_subject(template, 10_000 + i) for i in range(args.pairs)]
     methods = {"Identity": E.identity, "ANTs SyN": syn,
-               "VoxelMorph": CoarseNet(model, train_shape), "U-Net full-size": FullSize(model)}
+               "VoxelMorph": _Rescaled(model, train_shape), "U-Net full-size": FullSize(model)}
     evaluations = []
     for name, method in methods.items():
         ev = E.evaluate(method, pairs, labels=labels, name=name,
@@ -176,14 +129,8 @@ def cmd_run(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train")
-    t.add_argument("--spacing", type=int, default=4, choices=(1, 2, 4))
-    t.add_argument("--steps", type=int, default=350)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--threads", type=int, default=torch.get_num_threads())
-    t.add_argument("--checkpoint", default="benchmarks/results/unet_4mm.pt")
     r = sub.add_parser("run")
-    r.add_argument("--checkpoint", default="benchmarks/results/unet_4mm.pt")
+    r.add_argument("--checkpoint", default="notebooks/checkpoints/brain_unet_4mm.pt")
     r.add_argument("--train-spacing", type=int, default=4)
     r.add_argument("--sizes", type=int, nargs="+", default=list(SIZES_MM),
                    help="spacings in mm: 2 -> 80x96x112, 1 -> 160x192x224")
@@ -191,7 +138,7 @@ def main():
     r.add_argument("--threads", type=int, default=torch.get_num_threads())
     r.add_argument("--out", default="benchmarks/results/bench_classic")
     args = p.parse_args()
-    {"train": cmd_train, "run": cmd_run}[args.cmd](args)
+    {"run": cmd_run}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -223,7 +223,8 @@ class OfflinePairs(torch.utils.data.Dataset):
     subjects (the MNI template under random diffeomorphisms and intensity
     changes, ``regedu.datasets.synth_subject``) as moving images, the template
     as the fixed one (atlas-based, as VV-Net), with labels. Pair ``i`` is drawn
-    from seed ``first_seed + i``, so a run is reproducible; pairs are kept once made.
+    from seed ``first_seed + i``, so a run is reproducible; up to 256 pairs are kept
+    once made (more would fill the memory: they are made again when needed).
     """
 
     def __init__(self, source: str, n: int, *, first_seed: int = 0):
@@ -256,6 +257,8 @@ class OfflinePairs(torch.utils.data.Dataset):
                 item = {"moving": subject["image"], "moving_seg": subject["seg"],
                         "fixed": torch.as_tensor(self.atlas.image),
                         "fixed_seg": torch.as_tensor(self.atlas.seg)[None]}
+            if self.n > 256:
+                return item
             self._items[i] = item
         return self._items[i]
 
@@ -337,7 +340,7 @@ _TRAIN_DEFAULTS = {"model": "unet", "data": None, "atlas": None, "steps": None, 
                    "lr": 1e-4, "batch_size": 1, "losses": {"ncc": 1.0, "diffusion": 1.0},
                    "labels": None, "val_data": None, "val_every": None, "out": "regedu_model.pt",
                    "checkpoint_every": None, "resume": False, "seed": 0, "device": None,
-                   "progress": True, "model_args": {}}
+                   "progress": True, "model_args": {}, "pairs": None, "grad_clip": None}
 
 
 def _parse_weights(text: str) -> dict[str, float]:
@@ -428,8 +431,13 @@ def _train(args) -> int:
         raise CLIError("train: give the training images with --data FOLDER (or 'data' in --config)")
     device = _device(config["device"])
     profile = get_profile()
+    if config["pairs"] is not None and (not isinstance(config["pairs"], int) or config["pairs"] < 1):
+        raise CLIError(f"--pairs: expected a positive number of pairs, got {config['pairs']!r}")
+    if config["pairs"] is not None and config["data"] not in ("fundus", "brain"):
+        raise CLIError(f"--pairs: only for the offline data (--data fundus or brain); a folder "
+                       f"({config['data']!r}) gives its own pairs")
     if config["data"] in ("fundus", "brain"):
-        data = OfflinePairs(config["data"], profile.n_train_pairs)
+        data = OfflinePairs(config["data"], config["pairs"] or profile.n_train_pairs)
         val = (OfflinePairs(config["data"], profile.n_test_pairs, first_seed=10_000)
                if config["val_data"] in (None, config["data"]) else PairFolder(config["val_data"]))
         if config["data"] == "brain" and config["labels"] is None:
@@ -453,7 +461,7 @@ def _train(args) -> int:
                   labels=_parse_labels(config["labels"]), val_every=config["val_every"],
                   checkpoint=out, checkpoint_every=config["checkpoint_every"],
                   resume=bool(config["resume"]), seed=config["seed"], device=device,
-                  progress=config["progress"])
+                  progress=config["progress"], grad_clip=config["grad_clip"])
     loss = history["train"]["loss"]
     print(f"done: {history['train']['step'][-1]} steps, loss {loss[0]:.4g} -> {loss[-1]:.4g}; "
           f"saved {out}")
@@ -629,10 +637,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--losses", help="weighted terms, e.g. 'ncc=1,diffusion=1' or 'mse=1,diffusion=0.01,dice=0.1' "
                                     "(default ncc=1,diffusion=1)")
     p.add_argument("--labels", help="structures for the Dice term and validation: 2,3,4 or freesurfer30")
+    p.add_argument("--pairs", type=int, help="with --data fundus/brain: how many different training "
+                                             "pairs to draw (default: the profile's n_train_pairs)")
     p.add_argument("--steps", type=int, help="optimiser steps (default: the profile's, 2D or 3D)")
     p.add_argument("--epochs", type=int, help="passes over the pairs, instead of --steps")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="pairs per step (default 1)")
+    p.add_argument("--grad-clip", dest="grad_clip", type=float,
+                   help="clip the gradient norm to this value (default: no clipping)")
     p.add_argument("--val-every", dest="val_every", type=int, help="steps between validations")
     p.add_argument("--out", help="checkpoint file (default regedu_model.pt)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,

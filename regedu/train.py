@@ -38,7 +38,7 @@ from ._checks import check_positive, check_same_shape, check_tensor
 from .spatial import warp
 
 __all__ = ["fit", "loss_terms", "LOSSES", "save_checkpoint", "load_checkpoint", "load_model",
-           "seed_everything", "default_device"]
+           "seed_everything", "default_device", "checkpoint_note"]
 
 # name -> (kind, factory). The kind says what a term is computed on:
 #   "similarity"   fn(fixed, warped)
@@ -271,9 +271,11 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
                          f"read with weights_only=True ({cause})") from None
 
 
-def load_model(path, *, map_location="cpu") -> nn.Module:
+def load_model(path, *, map_location="cpu", factor: int = 1) -> nn.Module:
     """Rebuild the model stored in a checkpoint (``regedu.nets.from_config``) with its weights.
 
+    ``factor > 1`` wraps it in :class:`regedu.nets.Rescaled`: a model trained at
+    4 mm runs on 2 mm volumes with ``factor=2`` (inputs coarsened, field upsampled).
     The model is returned in eval mode.
     """
     from . import nets
@@ -284,7 +286,20 @@ def load_model(path, *, map_location="cpu") -> nn.Module:
                          f"a .config dict (every regedu.nets model does) to rebuild them")
     model = nets.from_config(config)
     model.load_state_dict(state["model"])
+    if factor != 1:
+        model = nets.Rescaled(model, factor)
     return model.eval()
+
+
+def checkpoint_note(path) -> str:
+    """What a notebook prints when it loads a shipped checkpoint: the file, its
+    training step, and the command that made it (``NAME.txt`` beside ``NAME.pt``)."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    command = path.with_suffix(".txt")
+    made_by = command.read_text().strip() if command.is_file() else "(no command file beside it)"
+    return (f"LOADED a pre-trained checkpoint: {path} ({state['config']['name']}, step "
+            f"{state.get('step', '?')})\nmade by: {made_by}")
 
 
 # ---------------------------------------------------------------- data
@@ -403,7 +418,7 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
         deep_weight: float = 1.0, val_every: int | None = None, checkpoint=None,
         checkpoint_every: int | None = None, resume=False, seed: int = 0, device=None,
         amp: bool | None = None, channels_last: bool | None = None, progress: bool = True,
-        num_workers: int = 0) -> dict:
+        num_workers: int = 0, grad_clip: float | None = None) -> dict:
     """Train a registration model with Adam; return the history.
 
     Parameters
@@ -453,6 +468,11 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
         Show a progress bar (``tqdm.auto``: a widget in Jupyter, text in a terminal).
     num_workers : int
         DataLoader workers when ``train_data`` is a Dataset.
+    grad_clip : float, optional
+        Clip the gradient's global norm to this value before each step. A
+        registration loss can spike when a structure slides off the brain into
+        the zero background; one such step at a high learning rate can undo
+        hundreds of good ones.
 
     Returns
     -------
@@ -518,7 +538,10 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
     # The fused CUDA kernel updates all parameters in one launch (same maths).
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    if grad_clip is not None:
+        check_positive(grad_clip, "grad_clip")
     train_config = {"losses": _terms_config(terms), "lr": lr, "batch_size": batch_size,
+                    "grad_clip": grad_clip,
                     "steps": steps, "epochs": epochs, "seed": seed, "deep_weight": deep_weight,
                     "labels": None if labels is None else [int(v) for v in labels],
                     "amp": amp, "channels_last": channels_last, "world_size": world}
@@ -593,6 +616,9 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
                                     deep_weight=deep_weight)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(values["loss"]).backward()
+                if grad_clip is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+                    nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1

@@ -130,6 +130,12 @@ def test_train_on_the_offline_fundus_pairs(tmp_path, capsys, monkeypatch):
     state = load_checkpoint(ckpt)
     assert state["config"]["encoder"] == [8, 8] and state["step"] == 2
     assert state["history"]["val"]["step"] == [1, 2]  # held-out pairs, every tenth of the run
+    code, out, err = run(["train", "--data", "fundus", "--pairs", 3, "--steps", 1, "--out", ckpt,
+                          "--no-progress", "--grad-clip", 1, "--model-arg", "encoder=[8,8]",
+                          "--model-arg", "decoder=[8,8,8]"], capsys)
+    assert code == 0, err
+    assert "on 3 pairs of 128x128 from fundus" in out
+    assert load_checkpoint(ckpt)["train_config"]["grad_clip"] == 1.0
 
 
 def test_train_from_a_toml_config_and_resume(folder2d, tmp_path, capsys):
@@ -257,6 +263,10 @@ def test_bad_options_are_explained(folder2d, tmp_path, capsys):
     one_line_error(code, err, "unknown keys ['stpes']")
     code, _, err = run(["evaluate", "--model", tmp_path / "x.pt"], capsys)
     one_line_error(code, err, "--model: no checkpoint file")
+    code, _, err = run(["train", "--data", folder2d, "--pairs", 5], capsys)
+    one_line_error(code, err, "--pairs: only for the offline data")
+    code, _, err = run(["train", "--data", "brain", "--pairs", 0], capsys)
+    one_line_error(code, err, "--pairs: expected a positive number")
     code, _, err = run(["frobnicate"], capsys)
     one_line_error(code, err, "invalid choice: 'frobnicate'")
     code, _, err = run(["train", "--data", folder2d, "--device", "tpu:0"], capsys)

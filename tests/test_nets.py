@@ -46,7 +46,7 @@ class _Field(nn.Module):
 
 def test_registry_has_the_contract_names():
     assert set(nets.available_models()) == {"unet", "vnet", "vvnet", "affine", "affine_unet",
-                                            "cascade", "pyramid"}
+                                            "cascade", "pyramid", "rescaled"}
 
 
 @pytest.mark.parametrize("nd", [2, 3])
@@ -351,3 +351,60 @@ def test_output_is_a_pytree_for_distributed_training():
     assert len(tensors) == 2 + len(out.stages) + len(out.deep)
     again = tree_unflatten(leaves, spec)
     assert isinstance(again, nets.RegistrationOutput) and again.disp is out.disp
+
+
+class _ConstantModel(nn.Module):
+    """A registration 'model' whose field is a fixed tensor (to test wrappers exactly)."""
+
+    def __init__(self, field):
+        super().__init__()
+        self.field = field
+        self.config = {"name": "constant", "spatial_dims": field.dim() - 2, "in_channels": 1}
+        self.seen = None
+
+    def forward(self, moving, fixed):
+        self.seen = moving.shape
+        return nets.RegistrationOutput(moving, self.field.expand(moving.shape[0], *self.field.shape[1:]))
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_rescaled_runs_coarse_and_scales_the_field_back(nd):
+    coarse_shape = (5, 6, 7)[:nd]
+    # A coarse translation by t coarse voxels is f * t fine voxels everywhere.
+    t = torch.tensor([1.0, -2.0, 0.5][:nd]).view(1, nd, *[1] * nd)
+    inner = _ConstantModel(t.expand(1, nd, *coarse_shape).clone())
+    model = nets.Rescaled(inner, 2)
+    moving = torch.rand(1, 1, *[2 * n for n in coarse_shape])
+    out = model(moving, moving)
+    assert inner.seen[2:] == coarse_shape
+    assert torch.allclose(out.disp, 2 * t.expand_as(out.disp), atol=1e-6)
+    # A linear coarse field u(i) = i (one voxel of motion per coarse voxel) is linear on the
+    # fine grid with the block centres at f i + (f - 1) / 2: u_fine(x) = f * (x - 0.5) / 2.
+    ramp = torch.arange(coarse_shape[0], dtype=torch.float32).view(1, 1, -1, *[1] * (nd - 1))
+    field = torch.zeros(1, nd, *coarse_shape)
+    field[:, :1] = ramp.expand(1, 1, *coarse_shape)
+    disp = nets.Rescaled(_ConstantModel(field), 2)(moving, moving).disp
+    along_axis0 = disp[(0, 0, slice(1, -1)) + (0,) * (nd - 1)]  # the end voxels are clamped
+    x = torch.arange(1, 2 * coarse_shape[0] - 1, dtype=torch.float32)
+    assert torch.allclose(along_axis0, 2 * (x - 0.5) / 2, atol=1e-5)
+
+
+def test_rescaled_round_trips_through_its_config_and_checks_sizes():
+    model = nets.Rescaled(small("unet", 3), 2)
+    again = nets.from_config(model.config)
+    again.load_state_dict(model.state_dict())
+    x = torch.rand(1, 1, 16, 20, 24)
+    assert torch.equal(again(x, x).disp, model(x, x).disp)
+    assert again.config == model.config and again.config["model"]["name"] == "unet"
+    by_name = nets.create("rescaled", model="unet", factor=4, spatial_dims=2)
+    assert by_name.config["model"]["spatial_dims"] == 2 and by_name.factor == 4
+    with pytest.raises(ValueError, match="multiple of factor=2"):
+        model(torch.rand(1, 1, 16, 20, 25), torch.rand(1, 1, 16, 20, 25))
+    with pytest.raises(TypeError, match="registration model"):
+        nets.Rescaled(nn.Identity(), 2)
+    with pytest.raises(ValueError, match="spatial_dims=3, got 2"):
+        nets.Rescaled(small("unet", 3), 2, spatial_dims=2)
+    # as a cascade stage: the same coarse network applied twice, fields composed at full size
+    cascade = nets.create("cascade", spatial_dims=3, n_stages=2, shared=True, stage="rescaled",
+                          stage_kwargs={"model": small("unet", 3).config, "factor": 2})
+    assert cascade(x, x).disp.shape == (1, 3, 16, 20, 24)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from regedu import losses, nets, train
@@ -91,6 +92,15 @@ def test_a_regedu_unet_learns_a_known_translation(tmp_path):
     rebuilt = train.load_model(ckpt)
     with torch.no_grad():
         assert torch.equal(rebuilt(moving, fixed).disp, model.eval()(moving, fixed).disp)
+    # factor=2: the same network on the pair at twice the resolution finds twice the shift.
+    fine = [F.interpolate(x, scale_factor=2, mode="nearest") for x in (moving, fixed)]
+    with torch.no_grad():
+        disp2 = train.load_model(ckpt, factor=2)(*fine).disp
+    mean2 = disp2[0, :, 16:-16, 16:-16].mean(dim=(1, 2))
+    assert torch.allclose(mean2, torch.tensor([4.0, -2.0]), atol=0.6), mean2
+    ckpt.with_suffix(".txt").write_text("regedu train --steps 40\n")
+    note = train.checkpoint_note(ckpt)
+    assert "LOADED" in note and "step 40" in note and "regedu train --steps 40" in note, note
 
 
 def test_a_diffeomorphic_model_regularises_its_velocity():
@@ -286,3 +296,27 @@ def test_load_checkpoint_rejects_other_files(tmp_path):
         train.load_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="no file"):
         train.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_grad_clip_bounds_the_norm_the_optimiser_sees(tmp_path):
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.nn.utils.get_total_norm(grads)))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        for clip in (None, 1e-4):
+            torch.manual_seed(0)
+            train.fit(TinyNet(), ShiftPairs(), losses={"mse": 1.0}, steps=3, lr=1e-3, progress=False,
+                      device="cpu", grad_clip=clip, checkpoint=tmp_path / f"clip{clip}.pt")
+    finally:
+        handle.remove()
+    unclipped, clipped = seen[:3], seen[3:]
+    assert min(unclipped) > 1e-4, unclipped  # so that the clip below binds
+    assert all(n <= 1e-4 * (1 + 1e-4) for n in clipped), clipped
+    assert train.load_checkpoint(tmp_path / "clip0.0001.pt")["train_config"]["grad_clip"] == 1e-4
+    with pytest.raises(ValueError, match="grad_clip"):
+        train.fit(TinyNet(), ShiftPairs(), losses={"mse": 1.0}, steps=1, progress=False, grad_clip=-1.0)

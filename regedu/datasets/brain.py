@@ -472,7 +472,7 @@ def _generator(seed) -> torch.Generator:
     return g
 
 
-def synth_subject(brain, seed=None, *, max_velocity: float = 1.5, control: int = 8,
+def synth_subject(brain, seed=None, *, max_velocity: float | None = None, control: int | None = None,
                   bias: float = 0.2, gamma: float = 0.15, noise: float = 0.02, steps: int = 7) -> dict:
     """A synthetic subject: ``brain`` under a random diffeomorphism and intensity changes.
 
@@ -482,10 +482,15 @@ def synth_subject(brain, seed=None, *, max_velocity: float = 1.5, control: int =
         2D or 3D.
     seed : int, torch.Generator or None
         Same seed, same subject.
-    max_velocity : float
+    max_velocity : float, optional
         Scale (voxels) of the random velocity field before integration.
-    control : int
-        Control grid spacing in voxels: larger is smoother.
+        Default: 3 voxels on an 80-voxel first axis (6 mm on the 2 mm brain),
+        scaled with the grid (1.5 at 40x48x56, 6 at 160x192x224).
+    control : int, optional
+        Control grid spacing in voxels: larger is smoother. Default: 8 on an
+        80-voxel first axis, scaled the same way. The defaults give the same
+        physical deformation at every resolution, so a network trained at
+        4 mm meets the subjects it knows at 2 mm (:class:`regedu.nets.Rescaled`).
     bias, gamma, noise : float
         Strength of the smooth multiplicative bias field (log scale), std of the
         log gamma exponent, std of the Gaussian noise.
@@ -499,7 +504,6 @@ def synth_subject(brain, seed=None, *, max_velocity: float = 1.5, control: int =
         tensor (warped with nearest neighbour), ``disp`` (ndim, *spatial): the
         field with ``subject(x) = brain(x + disp(x))``, and ``velocity``.
     """
-    check_positive(control, "control", integer=True)
     image = torch.as_tensor(np.asarray(brain["image"] if isinstance(brain, dict) else brain.image))
     seg = torch.as_tensor(np.asarray(brain["seg"] if isinstance(brain, dict) else brain.seg))
     spatial = tuple(image.shape[1:])
@@ -507,6 +511,10 @@ def synth_subject(brain, seed=None, *, max_velocity: float = 1.5, control: int =
     if nd not in (2, 3) or tuple(seg.shape) != spatial:
         raise ValueError(f"brain: expected image (1, *spatial) and seg (*spatial) in 2D or 3D, got "
                          f"image {tuple(image.shape)} and seg {tuple(seg.shape)}")
+    scale = spatial[0] / 80
+    max_velocity = 3.0 * scale if max_velocity is None else max_velocity
+    control = max(2, int(round(8 * scale))) if control is None else control
+    check_positive(control, "control", integer=True)
     g = _generator(seed)
     coarse = [max(2, n // control) for n in spatial]
     half = [max(2, n // 2) for n in spatial]

@@ -162,9 +162,9 @@ class BrainPairs(_Cached):
     seed : int
     cache : bool
     **synth_kwargs
-        Passed to :func:`regedu.datasets.synth_subject` (``max_velocity``...).
-        The default ``max_velocity`` scales with the grid: 1.5 voxels at
-        80x96x112.
+        Passed to :func:`regedu.datasets.synth_subject` (``max_velocity``,
+        ``control``...); its defaults scale with the grid (the same physical
+        deformation at every resolution).
     """
 
     def __init__(self, n: int, *, atlas=None, mode: str = "atlas", ndim: int = 3, subjects=None,
@@ -178,9 +178,7 @@ class BrainPairs(_Cached):
         self.atlas = self._as_source(atlas, ndim)
         self.subjects = [self._as_source(s, ndim) for s in subjects] if subjects else [self.atlas]
         self.mode, self.ndim, self.seed = mode, ndim, seed
-        scale = self.atlas["image"].shape[1] / 80
-        self.synth_kwargs = dict(max_velocity=1.5 * scale, control=max(2, int(round(8 * scale))))
-        self.synth_kwargs.update(synth_kwargs)
+        self.synth_kwargs = synth_kwargs
 
     @staticmethod
     def _as_source(brain, ndim) -> dict:

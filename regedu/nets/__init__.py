@@ -4,7 +4,8 @@ Every model is an ``nn.Module`` with ``forward(moving, fixed)`` (both
 ``(B, C, *spatial)``) returning a :class:`RegistrationOutput`, keeps its
 constructor arguments in ``model.config`` and is rebuilt by
 :func:`from_config`. Registry names: ``"unet"``, ``"vnet"``, ``"vvnet"``,
-``"affine"``, ``"affine_unet"``, ``"cascade"``, ``"pyramid"``.
+``"affine"``, ``"affine_unet"``, ``"cascade"``, ``"pyramid"``, ``"rescaled"``
+(any of them run on a coarser grid than its inputs).
 
 >>> from regedu import nets
 >>> model = nets.create("unet", spatial_dims=2)
@@ -15,6 +16,7 @@ from ._base import Registration, RegistrationOutput, available_models, create, f
 from .affine import AffineNet, AffineThenDeformable
 from .cascade import Cascade
 from .pyramid import PyramidNet
+from .rescaled import Rescaled
 from .summary import Summary, summary
 from .unet import UNet, VoxelMorph
 from .vnet import VNet, VNetRegistration
@@ -22,4 +24,4 @@ from .vvnet import VVNet
 
 __all__ = ["RegistrationOutput", "Registration", "create", "from_config", "available_models",
            "UNet", "VoxelMorph", "VNet", "VNetRegistration", "VVNet", "AffineNet",
-           "AffineThenDeformable", "Cascade", "PyramidNet", "summary", "Summary"]
+           "AffineThenDeformable", "Cascade", "PyramidNet", "Rescaled", "summary", "Summary"]
