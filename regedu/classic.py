@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ._checks import as_tensor, check_choice, check_field, check_finite, check_positive, \
     check_same_shape, check_shape
 from .losses import MSE, Diffusion
-from .spatial import resize_field, warp
+from .spatial import gaussian_blur, resize_field, warp
 
 __all__ = ["ants_register", "ants_affine", "ants_syn", "ants_to_displacement",
            "bspline_upsample", "instance_optimisation", "InstanceOptimisationResult"]
@@ -250,20 +250,6 @@ def bspline_upsample(control: torch.Tensor, shape, spacing: int) -> torch.Tensor
     return out
 
 
-def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    # Separable Gaussian, edges replicated: anti-aliasing before downsampling.
-    radius = max(1, int(round(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
-    g = torch.exp(-0.5 * (x / sigma) ** 2)
-    g = (g / g.sum()).view(1, 1, -1)
-    out = image
-    for dim in range(2, image.dim()):
-        moved = out.movedim(dim, -1)
-        flat = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (radius, radius), mode="replicate")
-        out = F.conv1d(flat, g).reshape(moved.shape).movedim(-1, dim)
-    return out
-
-
 def _downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
     if factor == 1:
         return image
@@ -271,7 +257,7 @@ def _downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
     # Keep voxel centres aligned the way resize_field assumes (align_corners).
     size = tuple(max(2, round((n - 1) / factor) + 1) for n in spatial)
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
-    return F.interpolate(_blur(image, factor / 2), size=size, mode=mode, align_corners=True)
+    return F.interpolate(gaussian_blur(image, factor / 2), size=size, mode=mode, align_corners=True)
 
 
 @dataclass

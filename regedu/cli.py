@@ -219,7 +219,9 @@ class OfflinePairs(torch.utils.data.Dataset):
 
     ``"fundus"``: FIRE-like pairs (categories S, P, A in turn;
     ``regedu.datasets.make_fire_pair``) of *procedural* retinas, so that the
-    real photograph ``skimage.data.retina()`` stays held out for testing. ``"brain"``: synthetic
+    real photograph ``skimage.data.retina()`` stays held out for testing, as
+    vessel contrast (``regedu.datasets.vessel_contrast``): a model trained on
+    them registers images prepared the same way. ``"brain"``: synthetic
     subjects (the MNI template under random diffeomorphisms and intensity
     changes, ``regedu.datasets.synth_subject``) as moving images, the template
     as the fixed one (atlas-based, as VV-Net), with labels. Pair ``i`` is drawn
@@ -251,7 +253,8 @@ class OfflinePairs(torch.utils.data.Dataset):
             if self.source == "fundus":
                 pair = datasets.make_fire_pair("SPA"[i % 3], size=self.profile.fundus_size, seed=seed,
                                                source="procedural")
-                item = {"moving": pair.moving, "fixed": pair.fixed}
+                item = {"moving": datasets.vessel_contrast(pair.moving, pair.moving_mask),
+                        "fixed": datasets.vessel_contrast(pair.fixed, pair.fixed_mask)}
             else:
                 subject = datasets.synth_subject(self.atlas, seed=seed)
                 item = {"moving": subject["image"], "moving_seg": subject["seg"],
@@ -628,7 +631,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "flags override it.")
     p.add_argument("--config", help="JSON or TOML file with any of the options below")
     p.add_argument("--data", help="folder of training images (.nii.gz, .nii, .npz, .npy), or "
-                                  "'fundus' / 'brain' for the offline data sized by the profile")
+                                  "'fundus' / 'brain' for the offline data sized by the profile "
+                                  "(fundus pairs as vessel contrast, regedu.datasets.vessel_contrast)")
     p.add_argument("--atlas", help="register every image to this fixed image (atlas-based)")
     p.add_argument("--val-data", dest="val_data", help="folder of validation images")
     p.add_argument("--model", help="network name from regedu.nets (default unet)")

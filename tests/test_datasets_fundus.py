@@ -112,3 +112,29 @@ def test_bad_arguments_are_named():
         make_fire_pair("S", 0)
     with pytest.raises(ValueError, match="source"):
         make_fire_pair("S", 64, source="nope")
+
+
+def test_vessel_contrast_makes_the_true_alignment_the_best_one():
+    """On a 64-pixel grid (where the fundus networks work), raw photographs match best near the
+    identity, because illumination and aperture belong to the camera; their vessel contrast
+    matches best at the true field, and better the closer a field gets to it."""
+    import torch.nn.functional as F
+    from regedu import losses
+    from regedu.datasets import FundusPairs, vessel_contrast
+
+    def ncc_along_the_truth(item):
+        moving, fixed = F.avg_pool2d(item["moving"][None], 2), F.avg_pool2d(item["fixed"][None], 2)
+        disp = F.avg_pool2d(item["disp"][None], 2) / 2
+        return [float(losses.ncc_local(fixed, warp(moving, a * disp))) for a in (0, 0.75, 1)]
+
+    raw = [ncc_along_the_truth(FundusPairs(4, 128, categories=("S",), source="procedural")[i]) for i in range(4)]
+    vessels = [ncc_along_the_truth(FundusPairs(4, 128, categories=("S",), source="procedural",
+                                               contrast="vessels")[i]) for i in range(4)]
+    assert sum(truth > identity for identity, _, truth in raw) >= 2, raw  # the trap
+    for identity, most, truth in vessels:
+        assert truth < identity - 0.2 and most < identity, vessels
+    out = vessel_contrast(FundusPairs(1, 128, source="procedural")[0]["fixed"])
+    inside = out != 0
+    assert abs(float(out[inside].mean())) < 0.1 and abs(float(out[inside].std()) - 1) < 0.05
+    with pytest.raises(ValueError, match=r"expected \(C, H, W\) or \(B, C, H, W\)"):
+        vessel_contrast(torch.zeros(8, 8))

@@ -47,6 +47,7 @@ here (`compose=True`); `compose=False` is the literal reading.
 code(r"""
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,22 +94,24 @@ we use local NCC, as VoxelMorph, plus the diffusion regulariser.
 
 **Budget.** In the `ci` and `cpu` profiles we train a VV-Net of half the width
 (`features=(8, 16, 32)`, `deep_features=(16, 16, 16)`) for a few dozen steps
-with a learning rate of $10^{-3}$; the `gpu` profile trains the paper's widths
-at $10^{-4}$.
+with a learning rate of $10^{-3}$, twice, to see what deep supervision changes;
+the `gpu` profile trains the paper's widths at $10^{-4}$. A few dozen steps are
+not a trained network, so the results at the end also use a **pre-trained
+VV-Net** of the paper's width, made by the project's own command `regedu train`
+at 4 mm (printed below; NCC + diffusion + Dice, deep supervision on).
 """),
 code(r"""
 atlas = datasets.mni_brain()
 table = datasets.label_table()
 labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
 names = {k: viz.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
-deform = dict(max_velocity=3.0 * atlas.image.shape[1] / 80)
 donors = [datasets.donor_brain(d) for d in datasets.DONORS]
 train_pairs = datasets.BrainPairs(profile.n_train_pairs, atlas=atlas, subjects=[atlas] + donors[:4], seed=0,
-                                  cache=True, **deform)
+                                  cache=True)
 n_test = max(1, profile.n_test_pairs // 2)
 test_pairs = []
 for name, subjects, seed in (("synthetic", None, 100), ("donors", donors[4:], 101)):
-    source = datasets.BrainPairs(n_test, atlas=atlas, subjects=subjects, seed=seed, **deform)
+    source = datasets.BrainPairs(n_test, atlas=atlas, subjects=subjects, seed=seed)
     test_pairs += [{**source[i], "meta": {"dataset": name, "id": f"{name}-{i}"}} for i in range(n_test)]
 
 small = profile.name != "gpu"
@@ -166,8 +169,12 @@ def coarse(model):
     return method
 
 
+checkpoint = Path("checkpoints/brain_vvnet_4mm.pt")
+print(train.checkpoint_note(checkpoint))
+pretrained = train.load_model(checkpoint, factor=int(round(4 / atlas.spacing_mm)))
 methods = {"identity": evaluate.identity, "VV-Net": vvnet, "VV-Net, no deep supervision": vvnet_no_ds,
-           "phi1 of VV-Net": coarse(vvnet), "phi1 without deep supervision": coarse(vvnet_no_ds)}
+           "phi1 of VV-Net": coarse(vvnet), "phi1 without deep supervision": coarse(vvnet_no_ds),
+           "VV-Net (pre-trained)": pretrained, "phi1 of VV-Net (pre-trained)": coarse(pretrained)}
 results = evaluate.compare(methods, test_pairs, labels=names, progress=False)
 evaluate.summary(results, metrics=("dice", "percent_folding", "seconds"), by=None)
 """),
@@ -175,11 +182,13 @@ code(r"""
 mean_dice = {ev.name: float(np.nanmean(ev.dice.to_numpy(float))) for ev in results}
 folds = {ev.name: float(ev.table()["percent_folding"].mean()) for ev in results}
 fig = viz.plot_dice({k: ev.dice.to_numpy(float) for k, ev in zip(methods, results)
-                     if k in ("identity", "VV-Net", "VV-Net, no deep supervision")}, labels=labels)
+                     if k in ("identity", "VV-Net", "VV-Net, no deep supervision", "VV-Net (pre-trained)")}, labels=labels)
 fig
 """),
 code(r"""
-viewer = viz.SliceViewer(pair["fixed"][0], pair["moving"][0], out.warped[0, 0], disp=out.disp,
+with torch.no_grad():
+    out_pre = pretrained(moving, fixed)
+viewer = viz.SliceViewer(pair["fixed"][0], pair["moving"][0], out_pre.warped[0, 0], disp=out_pre.disp,
                          rows=["fixed", "warped", "grid"], index=profile.slices)
 viewer
 """),
@@ -194,7 +203,9 @@ What to look for:
   which matters most early in training and for deep networks. In a short CPU run
   (`ci`, `cpu` profiles) both networks have barely left the identity and the
   differences in Dice are within the noise; the `gpu` profile trains long enough
-  to compare them.
+  to compare them;
+* the pre-trained VV-Net (trained with deep supervision) shows the end state:
+  Dice well above identity, and its $\varphi_1$ alone already a registration.
 
 ## Exercises
 
@@ -216,9 +227,8 @@ assert report.outputs["warped"] == (1, 1, 160, 192, 224), f"the warped image sho
 assert report.params == n_params == 2_340_596, f"the paper-width VV-Net has 2,340,596 parameters here, got {report.params:,}"
 assert "deep" in history["train"] and "deep" not in history_no_ds["train"], "deep supervision should add the 'deep' loss term, and only when deep_weight > 0"
 assert "deep" in terms_ds and "deep" not in terms_no and float(terms_ds["loss"]) != float(terms_no["loss"]), "deep supervision should change the loss of the same output"
-# Short CPU runs barely move Dice (notebook 06): there the Dice checks allow a small tolerance,
-# and the similarity (local NCC, lower is better) must improve.
-tolerance = 0.01 if small else 0.0
+# Short CPU runs barely move Dice (notebook 06): for them the similarity (local NCC, lower
+# is better) must improve; the Dice checks are on the pre-trained VV-Net.
 with torch.no_grad():
     ncc = {k: float(np.mean([float(losses.ncc_local(p["fixed"][None], warp(p["moving"][None], disp(p))))
                              for p in test_pairs]))
@@ -228,8 +238,10 @@ with torch.no_grad():
 print("held-out local NCC (lower is better):", {k: round(v, 4) for k, v in ncc.items()})
 assert ncc["VV-Net"] < ncc["identity"], f"trained VV-Net should make held-out pairs more similar: {ncc}"
 assert ncc["phi1 of VV-Net"] < ncc["identity"], f"with deep supervision, phi1 alone should already improve the similarity: {ncc}"
-assert mean_dice["VV-Net"] > mean_dice["identity"] - tolerance, f"VV-Net should not lose Dice against identity (tolerance {tolerance}): {mean_dice}"
-assert folds["VV-Net"] < 1.0, f"folding should stay below 1% of the voxels: {folds}"
+assert mean_dice["VV-Net (pre-trained)"] > mean_dice["identity"] + 0.02, f"the pre-trained VV-Net should beat identity by more than 0.02 Dice: {mean_dice}"
+assert mean_dice["phi1 of VV-Net (pre-trained)"] > mean_dice["identity"], f"with deep supervision, the pre-trained phi1 alone should beat identity: {mean_dice}"
+assert mean_dice["VV-Net (pre-trained)"] >= mean_dice["phi1 of VV-Net (pre-trained)"] - 0.005, f"V-Net 2 should not undo phi1's work: {mean_dice}"
+assert folds["VV-Net"] < 1.0 and folds["VV-Net (pre-trained)"] < 1.0, f"folding should stay below 1% of the voxels: {folds}"
 print("all checks passed")
 print(f"peak memory of this kernel: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 """),

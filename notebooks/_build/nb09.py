@@ -92,9 +92,8 @@ atlas = datasets.mni_brain(1 if full else None)
 table = datasets.label_table()
 labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
 names = {k: viz.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
-deform = dict(max_velocity=3.0 * shape[0] / 80)
-train_pairs = datasets.BrainPairs(profile.n_train_pairs, atlas=atlas, seed=0, cache=True, **deform)
-test_source = datasets.BrainPairs(2, atlas=atlas, seed=100, **deform)
+train_pairs = datasets.BrainPairs(profile.n_train_pairs, atlas=atlas, seed=0, cache=True)
+test_source = datasets.BrainPairs(2, atlas=atlas, seed=100)
 test_pairs = [test_source[i] for i in range(2)]
 
 steps = min(profile.steps_3d, 500) if full else {"ci": 6, "cpu": 12}.get(profile.name, 12)

@@ -22,7 +22,7 @@ from .brain import (BRAIN_SHAPES, DONORS, FREESURFER_30, MNI_NOTICE, Brain, dono
 from .fetch import (REGISTRY, ChecksumError, DatasetInfo, DataUnavailableError, UnsafeArchiveError,
                     data_dir, fetch, fetch_main, is_cached, mirror_dir, safe_extract, verify_file)
 from .fundus import (CATEGORIES, FIRE_SIZE, FundusPair, fire_lines, make_fire_pair, parse_fire_lines,
-                     retina_green, synthetic_fundus)
+                     retina_green, synthetic_fundus, vessel_contrast)
 from .readers import (FIRE, FREESURFER_NAMES, Learn2RegOASIS, NeuriteOASIS, load_vxm_labels,
                       load_vxm_scan, read_label_table)
 from .samplers import BrainPairs, FIREPairs, FundusPairs, SubjectPairs, brain_slice
@@ -34,7 +34,7 @@ __all__ = [
     "REGISTRY", "ChecksumError", "DatasetInfo", "DataUnavailableError", "UnsafeArchiveError",
     "data_dir", "fetch", "fetch_main", "is_cached", "mirror_dir", "safe_extract", "verify_file",
     "CATEGORIES", "FIRE_SIZE", "FundusPair", "fire_lines", "make_fire_pair", "parse_fire_lines",
-    "retina_green", "synthetic_fundus",
+    "retina_green", "synthetic_fundus", "vessel_contrast",
     "FIRE", "FREESURFER_NAMES", "Learn2RegOASIS", "NeuriteOASIS", "load_vxm_labels", "load_vxm_scan",
     "read_label_table",
     "BrainPairs", "FIREPairs", "FundusPairs", "SubjectPairs", "brain_slice",

@@ -83,6 +83,10 @@ class FundusPairs(_Cached):
         Procedural retinas are drawn from a pool of this many (made once each,
         then reused under new views and illumination): drawing a retina costs
         about twice as much as making a pair from it.
+    contrast : {"raw", "vessels"}
+        ``"vessels"`` replaces both images by their vessel contrast
+        (:func:`regedu.datasets.vessel_contrast`: illumination removed inside
+        the field of view), which is what a similarity loss should compare.
 
     Items carry ``disp``, ``moving_points``/``fixed_points`` (10 control
     points), ``fixed_mask``/``moving_mask`` and ``meta`` (category, overlap,
@@ -90,9 +94,12 @@ class FundusPairs(_Cached):
     """
 
     def __init__(self, n: int, size: int | None = None, *, categories=("S", "P", "A"),
-                 source: str = "retina", seed: int = 0, cache: bool = False, pool: int = 16):
+                 source: str = "retina", seed: int = 0, cache: bool = False, pool: int = 16,
+                 contrast: str = "raw"):
         super().__init__(n, cache)
         check_positive(pool, "pool", integer=True)
+        check_choice(contrast, ("raw", "vessels"), "contrast")
+        self.contrast = contrast
         check_choice(source, ("retina", "procedural", "mixed"), "source")
         for c in categories:
             check_choice(c, ("S", "P", "A"), "categories")
@@ -113,13 +120,17 @@ class FundusPairs(_Cached):
         return self._retinas[k]
 
     def _make(self, index):
-        from .fundus import make_fire_pair
+        from .fundus import make_fire_pair, vessel_contrast
         source = self.source if self.source != "mixed" else ("procedural", "retina")[index % 2]
         category = self.categories[index % len(self.categories)]
         rng = np.random.default_rng(_item_seed(self.seed, index))
         retina = self._procedural(int(rng.integers(self.pool))) if source == "procedural" else "retina"
         pair = make_fire_pair(category, self.size, rng, source=retina)
-        return dict(moving=pair.moving, fixed=pair.fixed, moving_mask=pair.moving_mask,
+        moving, fixed = pair.moving, pair.fixed
+        if self.contrast == "vessels":
+            moving = vessel_contrast(moving, pair.moving_mask)
+            fixed = vessel_contrast(fixed, pair.fixed_mask)
+        return dict(moving=moving, fixed=fixed, moving_mask=pair.moving_mask,
                     fixed_mask=pair.fixed_mask, moving_points=pair.moving_points,
                     fixed_points=pair.fixed_points, disp=pair.disp,
                     meta=dict(category=category, overlap=pair.overlap, source=source, index=index))
@@ -252,10 +263,16 @@ class SubjectPairs(Dataset):
 
 
 class FIREPairs(Dataset):
-    """FIRE's real pairs (:class:`regedu.datasets.FIRE`) as sampler items, with control points."""
+    """FIRE's real pairs (:class:`regedu.datasets.FIRE`) as sampler items, with control points.
 
-    def __init__(self, fire, size: int | None = None, *, categories=("S", "P", "A")):
-        self.fire, self.size = fire, size
+    ``contrast="vessels"``: both images replaced by their vessel contrast, as
+    :class:`FundusPairs` (the same code path for the offline and the real pairs).
+    """
+
+    def __init__(self, fire, size: int | None = None, *, categories=("S", "P", "A"),
+                 contrast: str = "raw"):
+        check_choice(contrast, ("raw", "vessels"), "contrast")
+        self.fire, self.size, self.contrast = fire, size, contrast
         self.names = [p for p in fire.pairs if fire.category(p) in categories]
 
     def __len__(self):
@@ -269,4 +286,8 @@ class FIREPairs(Dataset):
                    meta=dict(category=item["category"], name=item["name"], scale=item["scale"], index=index))
         if item["mask"] is not None:
             out["fixed_mask"] = out["moving_mask"] = torch.from_numpy(item["mask"])
+        if self.contrast == "vessels":
+            from .fundus import vessel_contrast
+            for key in ("moving", "fixed"):
+                out[key] = vessel_contrast(out[key], out.get(f"{key}_mask"))
         return out
