@@ -72,6 +72,31 @@ def find_notebooks(notebooks=None, *, folder=None) -> list[Path]:
     return found
 
 
+def _get_msg_in_slices(channel, slice_s: float = 1.0) -> None:
+    """Make ``channel.get_msg(timeout)`` wait in short polls instead of one long one.
+
+    Why: with nbclient's async client a reply can sit unread in its socket while
+    the wait for it sleeps on (a missed wake-up; here about one kernel start in
+    seven stalled for as long as the cell timeout, 15 minutes, with both the
+    kernel and the client idle). A fresh poll looks at the socket again, so
+    polling every second bounds the stall to a second.
+    """
+    from queue import Empty
+    get_msg = channel.get_msg
+
+    async def get_msg_in_slices(timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = slice_s if deadline is None else min(slice_s, max(0.0, deadline - time.monotonic()))
+            try:
+                return await get_msg(timeout=wait)
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    channel.get_msg = get_msg_in_slices
+
+
 def execute_notebook(path, html_path, *, profile: str = "ci", timeout: int = 900) -> dict:
     """Execute one notebook in a fresh kernel (in this process) and write its HTML page.
 
@@ -88,8 +113,15 @@ def execute_notebook(path, html_path, *, profile: str = "ci", timeout: int = 900
     os.environ["REGEDU_PROFILE"] = profile
     # Progress bars written to a file-like stderr would only clutter the pages.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+    class Client(NotebookClient):
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            _get_msg_in_slices(kc.shell_channel)
+            _get_msg_in_slices(kc.iopub_channel)
+            return kc
+
+    client = Client(nb, timeout=timeout, kernel_name="python3",
+                    resources={"metadata": {"path": str(path.parent)}})
     status, error = "ok", ""
     start = time.perf_counter()
     try:

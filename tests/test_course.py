@@ -77,3 +77,35 @@ def test_cli_course_command(tmp_path, capsys):
     assert main(["course", str(nb), "--profile", "ci", "--out", str(tmp_path / "html")]) == 0
     out = capsys.readouterr().out
     assert "| 03_tiny | ok |" in out and (tmp_path / "html" / "03_tiny.html").is_file()
+
+
+def test_get_msg_polls_in_slices_until_the_reply_or_the_deadline():
+    import asyncio
+    import time
+    from queue import Empty
+
+    from regedu.course import _get_msg_in_slices
+
+    class Channel:
+        # A reply that a long wait would miss: only a fresh poll after 0.25 s sees it.
+        def __init__(self):
+            self.start, self.waits = time.monotonic(), []
+
+        async def get_msg(self, timeout=None):
+            self.waits.append(timeout)
+            await asyncio.sleep(min(timeout, 0.05))
+            if time.monotonic() - self.start > 0.25:
+                return {"msg": "reply"}
+            raise Empty
+
+    channel = Channel()
+    _get_msg_in_slices(channel, slice_s=0.05)
+    assert asyncio.run(channel.get_msg(timeout=None)) == {"msg": "reply"}
+    assert max(channel.waits) <= 0.05 and len(channel.waits) > 3
+    late = Channel()
+    late.start += 10                                  # the reply never comes: Empty at the deadline
+    _get_msg_in_slices(late, slice_s=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(Empty):
+        asyncio.run(late.get_msg(timeout=0.2))
+    assert 0.15 < time.monotonic() - t0 < 1.0

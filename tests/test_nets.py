@@ -400,6 +400,9 @@ def test_rescaled_round_trips_through_its_config_and_checks_sizes():
     assert by_name.config["model"]["spatial_dims"] == 2 and by_name.factor == 4
     with pytest.raises(ValueError, match="multiple of factor=2"):
         model(torch.rand(1, 1, 16, 20, 25), torch.rand(1, 1, 16, 20, 25))
+    # coarsen is what the wrapped model sees: 2x2x2 block means
+    assert torch.allclose(model.coarsen(x)[0, 0, 1, 2, 3], x[0, 0, 2:4, 4:6, 6:8].mean())
+    assert model.coarsen(x).shape == (1, 1, 8, 10, 12)
     with pytest.raises(TypeError, match="registration model"):
         nets.Rescaled(nn.Identity(), 2)
     with pytest.raises(ValueError, match="spatial_dims=3, got 2"):

@@ -158,12 +158,12 @@ inner = nets.create("affine_unet", spatial_dims=3)
 inner.deformable.load_state_dict(unet_4mm.state_dict())
 pipeline, pipeline_history = fit(at_4mm(inner), steps, "affine + deformable")
 pair = test_pairs[0]
-pool = torch.nn.functional.avg_pool3d
 with torch.no_grad():
-    matrix = inner.affine.matrix(pool(pair["moving"][None], factor), pool(pair["fixed"][None], factor))[0]
+    # The affine stage sees the pair on the 4 mm grid, as inside the pipeline.
+    matrix = inner.affine.matrix(pipeline.coarsen(pair["moving"][None]), pipeline.coarsen(pair["fixed"][None]))[0]
     out = pipeline(pair["moving"][None], pair["fixed"][None])
 np.set_printoptions(precision=3, suppress=True)
-print("predicted [A | t] of the first test pair (voxels):\n", matrix.numpy())
+print("predicted [A | t] of the first test pair (4 mm voxels):\n", matrix.numpy())
 print("stages:", [tuple(s.shape) for s in out.stages], " deep:", len(out.deep))
 """),
 md(r"""

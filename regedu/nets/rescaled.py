@@ -81,18 +81,23 @@ class Rescaled(nn.Module):
         return F.interpolate(field, scale_factor=self.factor, mode=mode,
                              align_corners=False) * self.factor
 
+    def coarsen(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` (B, C, *spatial) averaged down by ``factor``: what the wrapped model sees."""
+        f = self.factor
+        if any(n % f for n in image.shape[2:]):
+            raise ValueError(f"moving and fixed: every spatial size must be a multiple of "
+                             f"factor={f} to coarsen the grid, got {tuple(image.shape[2:])}; "
+                             f"pad or crop the images (or use factor=1)")
+        if f == 1:
+            return image
+        pool = F.avg_pool2d if image.dim() == 4 else F.avg_pool3d
+        return pool(image, f)
+
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
         fixed = check_pair(moving, fixed, self.spatial_dims, self.in_channels)
-        f = self.factor
-        if f == 1:
+        if self.factor == 1:
             return self.model(moving, fixed)
-        bad = [n for n in moving.shape[2:] if n % f]
-        if bad:
-            raise ValueError(f"moving and fixed: every spatial size must be a multiple of "
-                             f"factor={f} to coarsen the grid, got {tuple(moving.shape[2:])}; "
-                             f"pad or crop the images (or use factor=1)")
-        pool = F.avg_pool2d if moving.dim() == 4 else F.avg_pool3d
-        out = self.model(pool(moving, f), pool(fixed, f))
+        out = self.model(self.coarsen(moving), self.coarsen(fixed))
         disp = self._up(out.disp)
         return RegistrationOutput(warp(moving, disp), disp, [self._up(s) for s in out.stages],
                                   [self._up(d) for d in out.deep],
