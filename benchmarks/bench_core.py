@@ -123,7 +123,6 @@ def smooth_displacement(shape, amplitude=3.0, seed=0):
 
 def make_cases(op, shape, device):
     """{implementation: (name of what is timed, callable returning (value, gradient or None))}."""
-    nd = len(shape)
     g = torch.Generator().manual_seed(1)
     if op == "warp":
         image = torch.rand(1, 1, *shape, generator=g).to(device)

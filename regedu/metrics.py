@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import as_tensor, check_field, check_finite, check_labels, check_same_shape, check_shape
+from ._checks import as_tensor, check_field, check_finite, check_labels, check_same_shape
 from .spatial import warp_points
 
 __all__ = ["DiceResult", "dice", "jacobian_determinant", "folding_stats", "tre",

@@ -58,17 +58,17 @@ table = datasets.label_table()
 labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
 names = {k: viz.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
 shape = atlas.image.shape[1:]
-scale = shape[0] / 80
 
 
 def misalign(item, seed):
-    # A random rotation about axis 0 (a few degrees), an anisotropic scaling and a shift.
+    # A random rotation about axis 0 (a few degrees), an anisotropic scaling and a shift (in 2 mm voxels).
+    shape = item["moving"].shape[1:]
     g = np.random.default_rng(seed)
     angle = math.radians(g.uniform(-4, 4))
     matrix = np.eye(3, 4)
     matrix[1:, 1:3] = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
     matrix[:, :3] *= g.uniform(0.96, 1.04, size=3)[:, None]
-    matrix[:, 3] = g.uniform(-2, 2, size=3) * scale
+    matrix[:, 3] = g.uniform(-2, 2, size=3) * shape[0] / 80
     disp = affine_to_displacement(torch.tensor(matrix, dtype=torch.float32)[None], shape, center="image")
     return {**item, "moving": warp(item["moving"][None], disp)[0],
             "moving_seg": warp(item["moving_seg"][None], disp, mode="nearest")[0]}
@@ -88,15 +88,19 @@ class Misaligned(torch.utils.data.Dataset):
 
 
 donors = [datasets.donor_brain(d) for d in datasets.DONORS]
-train_pairs = Misaligned(datasets.BrainPairs(profile.n_train_pairs, atlas=atlas, subjects=[atlas] + donors[:4],
-                                             seed=0), seed=1)
+# Fine-tuning runs on the 4 mm grid in every profile but gpu (the grid of the checkpoint; a step costs
+# an eighth of a 2 mm step); the test pairs are on this profile's grid.
+train_spacing = atlas.spacing_mm if profile.name == "gpu" else 4
+atlas_train = datasets.mni_brain(train_spacing)
+train_pairs = Misaligned(datasets.BrainPairs(profile.n_train_pairs, atlas=atlas_train, seed=0, subjects=[atlas_train] + [
+    datasets.donor_brain(d, train_spacing) for d in datasets.DONORS[:4]]), seed=1)
 n_test = max(1, profile.n_test_pairs // 2)
 test_pairs = []
 for name, subjects, seed in (("synthetic", None, 100), ("donors", donors[4:], 101)):
     source = Misaligned(datasets.BrainPairs(n_test, atlas=atlas, subjects=subjects, seed=seed), seed + 1)
     for i in range(n_test):
         test_pairs.append({**source[i], "meta": {"dataset": name, "id": f"{name}-{i}"}})
-print(f"{len(train_pairs)} training pairs, {len(test_pairs)} test pairs at {'x'.join(map(str, shape))}")
+print(f"{len(train_pairs)} training pairs at {train_spacing:g} mm, {len(test_pairs)} test pairs at {'x'.join(map(str, shape))}")
 """),
 md(r"""
 **Budget.** Training five 3D networks from scratch is far beyond a CPU
@@ -106,24 +110,27 @@ pre-trained one of notebook 06** (`checkpoints/brain_unet_4mm.pt`, made by
 dozen steps at $10^{-4}$ on this notebook's misaligned pairs. The pyramid
 network has different layers and is trained from scratch for as long: read its
 row as "it trains and runs", not as a result. The loss of every run is local
-NCC + diffusion + the Dice term, as for the checkpoint. In the `cpu` and `gpu`
-profiles every model runs at 4 mm inside `nets.Rescaled` (the grid the
-checkpoint knows); the `gpu` profile trains for the profile's steps.
+NCC + diffusion + the Dice term, as for the checkpoint. Every model is
+fine-tuned on 4 mm pairs (the grid the checkpoint knows) and, in the `cpu` and
+`gpu` profiles, runs on the finer test pairs inside `nets.Rescaled` (inputs
+averaged down to 4 mm, fields upsampled back). The `gpu` profile trains on its
+own grid, for the profile's steps.
 """),
 code(r"""
 checkpoint = Path("checkpoints/brain_unet_4mm.pt")
 print(train.checkpoint_note(checkpoint))
 unet_4mm = train.load_model(checkpoint)
-factor = int(round(4 / atlas.spacing_mm))
-steps = {"ci": 10, "cpu": 30}.get(profile.name, profile.steps_3d)
+factor = int(round(4 / atlas.spacing_mm))              # test grid -> the checkpoint's 4 mm grid
+train_factor = int(round(4 / train_spacing))           # 1 except in the gpu profile
+steps = {"ci": 10, "cpu": 20}.get(profile.name, profile.steps_3d)
 lr = 1e-4
 losses = {"ncc": 1.0, "diffusion": 1.0, "dice": 1.0}
 seconds = {}
 
 
-def at_4mm(model):
-    # The whole model runs on the 4 mm grid; factor 1 in the ci profile.
-    return nets.Rescaled(model, factor)
+def at_4mm(model, f=None):
+    # The whole model runs on the 4 mm grid: trained with f=train_factor, tested with f=factor.
+    return nets.Rescaled(model, train_factor if f is None else f)
 
 
 def fit(model, n_steps, name, lr=lr):
@@ -132,9 +139,14 @@ def fit(model, n_steps, name, lr=lr):
     history = train.fit(model, train_pairs, losses=losses, steps=n_steps, lr=lr, labels=labels, progress=False)
     seconds[name] = time.perf_counter() - start
     loss = history["train"]["loss"]
-    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {n_steps} steps "
+    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {n_steps} steps at {train_spacing:g} mm "
           f"in {seconds[name]:.0f} s, loss {np.mean(loss[:3]):.3f} -> {np.mean(loss[-3:]):.3f}")
     return model.eval(), history
+
+
+def on_test_grid(model):
+    # The same weights, with the 4 mm grid reached from this profile's grid.
+    return at_4mm(model.model, factor).eval() if isinstance(model, nets.Rescaled) else model
 """),
 md(r"""
 ## 2. Affine, then deformable
@@ -157,6 +169,7 @@ code(r"""
 inner = nets.create("affine_unet", spatial_dims=3)
 inner.deformable.load_state_dict(unet_4mm.state_dict())
 pipeline, pipeline_history = fit(at_4mm(inner), steps, "affine + deformable")
+pipeline = on_test_grid(pipeline)
 pair = test_pairs[0]
 with torch.no_grad():
     # The affine stage sees the pair on the 4 mm grid, as inside the pipeline.
@@ -185,16 +198,23 @@ warped image). Here the single stage is itself the pre-trained U-Net,
 fine-tuned like the others.
 """),
 code(r"""
-def cascade(n):
+def cascade(n, f=None):
     model = nets.create("cascade", spatial_dims=3, n_stages=n, shared=True, stage="rescaled",
-                        stage_kwargs={"model": unet_4mm.config, "factor": factor})
+                        stage_kwargs={"model": unet_4mm.config, "factor": train_factor if f is None else f})
     model.stages[0].model.load_state_dict(unet_4mm.state_dict())
     return model
 
 
-cascades = {1: fit(cascade(1), steps, "cascade, 1 stage")[0]}
+def cascade_on_test_grid(trained, n):
+    # Rescaled has no weights of its own: the trained stage loads into stages of the test grid's factor.
+    model = cascade(n, factor)
+    model.load_state_dict(trained.state_dict())
+    return model.eval()
+
+
+cascades = {1: cascade_on_test_grid(fit(cascade(1), steps, "cascade, 1 stage")[0], 1)}
 for n in (2, 3):  # n recursions cost n times a step: fewer steps, the same start
-    cascades[n] = fit(cascade(n), max(1, steps // 2), f"cascade, {n} stages")[0]
+    cascades[n] = cascade_on_test_grid(fit(cascade(n), max(1, steps // 2), f"cascade, {n} stages")[0], n)
 
 with torch.no_grad():
     out3 = cascades[3](pair["moving"][None], pair["fixed"][None])
@@ -245,6 +265,7 @@ pyramid_before = training_loss(pyramid)
 pyramid, pyramid_history = fit(pyramid, steps, "pyramid (from scratch)")
 pyramid_after = training_loss(pyramid)
 print(f"pyramid: loss on 3 training pairs {pyramid_before:.4f} -> {pyramid_after:.4f}")
+pyramid = on_test_grid(pyramid)
 with torch.no_grad():
     outp = pyramid(pair["moving"][None], pair["fixed"][None])
 print("field after each level, coarse to fine, mean |u| (voxels):",
@@ -258,7 +279,7 @@ registration. Seconds are per pair on this machine (training times are printed
 above).
 """),
 code(r"""
-methods = {"identity": evaluate.identity, "pre-trained U-Net (no fine-tuning)": at_4mm(unet_4mm),
+methods = {"identity": evaluate.identity, "pre-trained U-Net (no fine-tuning)": at_4mm(unet_4mm, factor),
            "affine + deformable": pipeline, **methods, "pyramid (from scratch)": pyramid}
 results = evaluate.compare(methods, test_pairs, labels=names, progress=False)
 table_all = evaluate.summary(results, metrics=("dice", "percent_folding", "seconds"), by=None)
