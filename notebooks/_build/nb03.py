@@ -201,13 +201,15 @@ md(r"""
 Read the table. Category S pairs differ by a global motion of the camera (a
 rotation, a small scale change and a shift), so **our affine** on vessel contrast
 finds it almost exactly. **Dense** optimisation from the identity lowers the TRE
-but stops far from the answer: its similarity only sees motions of a few
-pixels at each level. After the affine there is nothing elastic left to correct,
+but stops short of the affine's answer (far short at 256 pixels, where the
+motions are twice as many pixels as at 128): its similarity only sees motions of
+a few pixels at each level. After the affine there is nothing elastic left to correct,
 and the free field adds a fraction of a pixel of noise: the deformable stage
 earns its keep on elastic motion (category A, exercise 4).
 
-**ANTs SyN** with its default parameters does not lower the TRE on these pairs
-(on brain MRI it is the reference). On the photographs the illumination and the
+**ANTs SyN** with its default parameters does little on these pairs (at 256
+pixels, in the `cpu` profile, it does not lower the TRE at all), while on brain
+MRI it is the reference. On the photographs the illumination and the
 black surround of the field of view dominate its default similarity (mutual
 information on sampled points), so its affine stage barely moves; on vessel
 contrast it diverges. Classical tools need tuning per application (masks,
