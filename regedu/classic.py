@@ -508,15 +508,17 @@ def similarity_search(moving, fixed, *, moving_mask=None, fixed_mask=None,
             g = warp(m, d) * mask_r
             F_mr, F_g, F_gg = rfft(mask_r), rfft(g), rfft(g * g)
             overlap = _xcorr(F_fm, F_mr, pad)
+            n = overlap.clamp_min(1)
             sf, sg = _xcorr(F_f, F_mr, pad), _xcorr(F_fm, F_g, pad)
-            num = _xcorr(F_f, F_g, pad) - sf * sg / overlap.clamp_min(1)
-            var_f = _xcorr(F_ff, F_mr, pad) - sf * sf / overlap.clamp_min(1)
-            var_g = _xcorr(F_fm, F_gg, pad) - sg * sg / overlap.clamp_min(1)
+            num = _xcorr(F_f, F_g, pad) - sf * sg / n
+            var_f = _xcorr(F_ff, F_mr, pad) - sf * sf / n
+            var_g = _xcorr(F_fm, F_gg, pad) - sg * sg / n
             score = num / (var_f * var_g).clamp_min(1e-12).sqrt()
             score[overlap < max(1.0, min_overlap * min(n_fixed, float(mask_r.sum())))] = -np.inf
             k = int(score.argmax())
-            if score.flatten()[k] > best[0]:
-                best = (float(score.flatten()[k]), score, divmod(k, pad[1]), A[0, :, :2])
+            top = float(score.view(-1)[k])
+            if top > best[0]:
+                best = (top, score, divmod(k, pad[1]), A[0, :, :2])
     value, score, (i, j), A = best
     if value == -np.inf:
         raise ValueError(f"similarity_search: no rotation, scale and translation makes the fields of "

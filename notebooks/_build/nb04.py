@@ -227,9 +227,10 @@ def search(moving, fixed):
 
 
 def search_unet(moving, fixed):
-    start = search(moving, fixed)
+    moving, fixed = vessel_contrast(moving), vessel_contrast(fixed)
+    start = similarity_search(moving, fixed)
     with torch.no_grad():
-        rest = model(warp(vessel_contrast(moving), start), vessel_contrast(fixed)).disp
+        rest = model(warp(moving, start), fixed).disp
     return compose(start, rest)
 
 
