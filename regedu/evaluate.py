@@ -14,7 +14,7 @@ A pair is a dict with ``"moving"`` and ``"fixed"`` images and optionally
 ``"fixed_points"`` (``(N, ndim)`` voxel coordinates, tensor-axis order) and
 ``"meta"`` (a dict: ``"id"``, ``"dataset"``, ``"category"`` for FIRE, ``"spacing"``).
 
-Convention: fields pull the moving image into fixed space (DESIGN.md section 1);
+Convention: fields pull the moving image into fixed space (docs/conventions.md, "Conventions");
 labels are warped with nearest neighbour; a fixed point ``p`` lands at
 ``p + u(p)`` in the moving image; TRE is scaled by the spacing.
 """

@@ -24,7 +24,7 @@ Exercises (:data:`EXERCISES`):
 - ``network``: a changed registration network, checked for the model contract and
   that it learns.
 
-Convention: the same as the library's (DESIGN.md section 1): displacements
+Convention: the same as the library's (docs/conventions.md, "Conventions"): displacements
 ``(B, ndim, *spatial)`` in voxels, channel ``k`` along axis ``k``; warping
 pulls, ``warped(x) = moving(x + u(x))``; points ``(N, ndim)`` in voxel
 coordinates, tensor-axis order.

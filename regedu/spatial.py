@@ -204,8 +204,8 @@ def affine_to_displacement(matrix: torch.Tensor, shape, *, center: str = "origin
     Tensor, shape (B, ndim, *shape): ``u(x) = A (x - c) + c + t - x``.
 
     >>> m = torch.tensor([[[1., 0., 2.], [0., 1., -1.]]])
-    >>> affine_to_displacement(m, (3, 4))[0, :, 0, 0]
-    tensor([ 2., -1.])
+    >>> affine_to_displacement(m, (3, 4))[0, :, 0, 0].tolist()
+    [2.0, -1.0]
     """
     check_tensor(matrix, "matrix", floating=True)
     check_choice(center, ("origin", "image"), "center")

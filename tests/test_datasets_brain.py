@@ -8,7 +8,7 @@ from regedu.datasets import (FREESURFER_30, MNI_NOTICE, BrainPairs, SubjectPairs
                              load_vxm_labels, mni_brain, synth_subject, to_freesurfer)
 
 THIRTY = [2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
-          41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63]  # DESIGN.md 5b, written out independently
+          41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63]  # docs/conventions.md, written out independently
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -39,7 +39,7 @@ md(r"""
 `mni_brain()` returns the template at the profile's grid (160x192x224 at 1 mm in
 the `gpu` profile, 80x96x112 at 2 mm in `cpu`, 40x48x56 at 4 mm in `ci`),
 oriented like FreeSurfer's conformed volumes, with a label map in FreeSurfer
-numbers. Of the 30 structures of DESIGN.md (section 5b), the offline brain has
+numbers. Of the 30 structures of docs/conventions.md ("The 30 evaluation structures"), the offline brain has
 every one except the ventral DC and the choroid plexus, which its sources do not
 label; we score the rest.
 """),

@@ -6,7 +6,7 @@ md(r"""
 # 08 · VV-Net
 
 VV-Net (seed 000, *VV-Net based 3D medical image registration*; English summary
-in DESIGN.md section 6) registers brain MRI with **three V-Nets**: V-Net 1 finds a
+in docs/conventions.md, "VV-Net, from the paper") registers brain MRI with **three V-Nets**: V-Net 1 finds a
 coarse field, V-Net 2 refines it on the warped image, and V-Net 3, a deeper
 network grown out of V-Net 1's bottleneck, feeds large-scale context into V-Net
 2. Stage-wise predictions are fused and **deeply supervised**. On four datasets

@@ -16,7 +16,7 @@ that are neither GM nor WM, split by position), cerebellar cortex and white
 matter (the unlabelled tissue below the tentorium, found as the large
 component far from every DK label). :func:`label_table` names every label and
 gives its FreeSurfer number where one of the 30 evaluation structures
-(DESIGN.md 5b) matches; ventral DC and choroid plexus have no source here.
+(docs/conventions.md, "The 30 evaluation structures") matches; ventral DC and choroid plexus have no source here.
 
 Volumes are reoriented to FreeSurfer's conformed orientation (array axes
 pointing Left, Inferior, Anterior: the orientation of voxelmorph's
@@ -78,7 +78,7 @@ _EXTRA = {101: ("Left-Cerebral-White-Matter", "L", 2), 102: ("Right-Cerebral-Whi
           105: ("3rd-Ventricle", "B", 14), 106: ("4th-Ventricle", "B", 15), 107: ("CSF", "B", 24),
           108: ("Left-Cerebellum-White-Matter", "L", 7), 109: ("Left-Cerebellum-Cortex", "L", 8),
           110: ("Right-Cerebellum-White-Matter", "R", 46), 111: ("Right-Cerebellum-Cortex", "R", 47)}
-#: The 30 FreeSurfer structures of the VoxelMorph and VV-Net evaluations (DESIGN.md 5b).
+#: The 30 FreeSurfer structures of the VoxelMorph and VV-Net evaluations (docs/conventions.md).
 FREESURFER_30 = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
            41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
 # T1 intensity of each FreeSurfer class, from the template's medians (WM 0.84,

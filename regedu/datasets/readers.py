@@ -31,7 +31,7 @@ from .fundus import parse_fire_lines
 __all__ = ["FIRE", "NeuriteOASIS", "Learn2RegOASIS", "load_vxm_scan", "load_vxm_labels",
            "read_label_table", "FREESURFER_NAMES"]
 
-# FreeSurfer's LUT names of the labels regedu evaluates (DESIGN.md 5b) and a few neighbours.
+# FreeSurfer's LUT names of the labels regedu evaluates (docs/conventions.md) and a few neighbours.
 FREESURFER_NAMES = {
     0: "Unknown", 2: "Left-Cerebral-White-Matter", 3: "Left-Cerebral-Cortex",
     4: "Left-Lateral-Ventricle", 5: "Left-Inf-Lat-Vent", 7: "Left-Cerebellum-White-Matter",

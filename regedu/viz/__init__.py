@@ -23,7 +23,7 @@ Without a widget front end (nbval, nbconvert, a script) the viewers fall back
 to a static picture of their current view; see :mod:`regedu.viz._viewers`.
 
 Convention: arrays are shown as stored (rows down, columns right, no flips);
-displacements follow DESIGN.md (voxels, tensor-axis channels, pull warping).
+displacements follow docs/conventions.md (voxels, tensor-axis channels, pull warping).
 """
 from ._figures import (STRUCTURE_NAMES, plot_checkerboard, plot_dice, plot_difference, plot_field,
                        plot_fire_curves, plot_grid, plot_history, plot_jacobian, plot_landmarks,

@@ -165,7 +165,7 @@ def plot_grid(disp, image=None, *, step: int | None = None, axis: int = 0, index
     Parameters
     ----------
     disp : array or Tensor, shape (1, ndim, *spatial) or (ndim, *spatial)
-        Displacement in voxels, DESIGN convention (pulls the moving image).
+        Displacement in voxels, docs/conventions.md (pulls the moving image).
     image : array or Tensor, optional
         Background image of the same spatial size (fixed space).
     step : int, optional

@@ -79,7 +79,7 @@ class SliceViewer(_Viewer):
     fixed, moving, warped : array or Tensor, shape (D, H, W) or (1, 1, D, H, W)
         ``moving`` and ``warped`` are optional.
     disp : array or Tensor, shape (1, 3, D, H, W) or (3, D, H, W), optional
-        Displacement in voxels (DESIGN convention); enables "grid" and "jacobian".
+        Displacement in voxels (docs/conventions.md); enables "grid" and "jacobian".
     fixed_labels, warped_labels : label maps (D, H, W), optional
         Enable "labels": the fixed image with the warped labels filled in
         (the fixed labels when no warped ones) and, given both, the fixed
