@@ -43,7 +43,7 @@ from .spatial import warp
 
 __all__ = ["fit", "loss_terms", "LOSSES", "save_checkpoint", "load_checkpoint", "load_model",
            "seed_everything", "default_device", "checkpoint_note", "choose_factor",
-           "trained_spacing", "TrainingInterrupted"]
+           "trained_spacing", "check_complete", "TrainingInterrupted"]
 
 # name -> (kind, factory). The kind says what a term is computed on:
 #   "similarity"   fn(fixed, warped)
@@ -593,8 +593,8 @@ _RESUME_KEYS = ("model", "optimizer", "rng", "rng_epoch_start", "step", "epoch",
                 "history")
 
 
-def _check_resumable(state: Mapping, path: Path, config: dict, train_config: dict) -> list[str]:
-    """Raise if ``state`` cannot continue this run; return the changes it makes (lines)."""
+def check_complete(state: Mapping, path) -> None:
+    """Raise unless checkpoint ``state`` (from ``path``) holds all a run needs to continue exactly."""
     missing = [k for k in _RESUME_KEYS if k not in state]
     if missing:
         what = ("weights only" if "model" in state else "no weights") + \
@@ -603,6 +603,11 @@ def _check_resumable(state: Mapping, path: Path, config: dict, train_config: dic
                          f"exactly; start a new run initialised from its weights (regedu train "
                          f"--init-from {path}, or fit(load_model({str(path)!r}), ...)), or re-run "
                          f"the command that made it")
+
+
+def _check_resumable(state: Mapping, path: Path, config: dict, train_config: dict) -> list[str]:
+    """Raise if ``state`` cannot continue this run; return the changes it makes (lines)."""
+    check_complete(state, path)
     saved_config = state.get("config") or {}
     if config and _plain(saved_config) != _plain(config):
         raise ValueError(f"resume: {str(path)!r} holds another model than this run builds "
