@@ -17,7 +17,7 @@ import torch
 __all__ = ["check_shape", "check_tensor", "check_finite", "check_field",
            "check_same_shape", "check_labels", "check_label_list", "check_choice",
            "check_positive", "check_output_path", "check_memory", "available_memory",
-           "format_bytes", "as_tensor"]
+           "format_bytes", "format_spacing", "as_tensor"]
 
 
 def _describe(x) -> str:
@@ -272,6 +272,16 @@ def format_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} bytes"
+
+
+def format_spacing(values) -> str:
+    """``4 mm`` for an isotropic voxel size, ``1x1x2.5 mm`` otherwise; ``unknown`` for None."""
+    if values is None:
+        return "unknown"
+    values = [float(v) for v in np.atleast_1d(np.asarray(values, dtype=float))]
+    if all(abs(v - values[0]) < 1e-6 for v in values):
+        return f"{values[0]:g} mm"
+    return "x".join(f"{v:g}" for v in values) + " mm"
 
 
 def available_memory() -> int:

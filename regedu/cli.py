@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from ._checks import (available_memory, check_finite, check_labels, check_memory, check_output_path,
-                      format_bytes)
+                      format_bytes, format_spacing)
 
 __all__ = ["main", "read_image", "write_image", "write_displacement", "PairFolder", "OfflinePairs"]
 
@@ -394,7 +394,7 @@ class PairFolder(torch.utils.data.Dataset):
         known = {p.name: s for p, s in spacings.items() if s is not None}
         if any(not _spacings_agree(s, next(iter(known.values()))) for s in known.values()):
             raise CLIError(f"{what}: all images must have the same voxel size (resample them to "
-                           f"one grid first), got {dict((k, _mm_text(v)) for k, v in known.items())}")
+                           f"one grid first), got {dict((k, format_spacing(v)) for k, v in known.items())}")
         self.spacing = next(iter(known.values())) if len(known) == len(spacings) else None
         segs = {p: _read_seg(p, what) for p in self.images}
         for p, seg in segs.items():
@@ -439,10 +439,6 @@ class PairFolder(torch.utils.data.Dataset):
             item["moving_seg"] = torch.from_numpy(self.segs[moving])[None]
             item["fixed_seg"] = torch.from_numpy(self.segs[fixed])[None]
         return item
-
-
-def _mm_text(spacing) -> str:
-    return "unknown" if spacing is None else "x".join(f"{v:g}" for v in spacing) + " mm"
 
 
 class OfflinePairs(torch.utils.data.Dataset):
@@ -895,13 +891,13 @@ def _scaled(model, state: dict, args, spacing, shape):
             raise CLIError(f"--factor: expected a positive whole number, got {args.factor}")
         factor = args.factor
         if suggested is not None and suggested != factor:
-            _note(f"note: --factor {factor} although the model was trained at {_mm_text(trained)} "
-                  f"and the images have {_mm_text(spacing)} (which suggests {suggested})")
+            _note(f"note: --factor {factor} although the model was trained at {format_spacing(trained)} "
+                  f"and the images have {format_spacing(spacing)} (which suggests {suggested})")
     elif suggested is not None:
         factor = suggested
         if factor > 1:
-            _note(f"the model was trained at {_mm_text(trained)} voxels and the images have "
-                  f"{_mm_text(spacing)}: running it on their grid coarsened {factor} times "
+            _note(f"the model was trained at {format_spacing(trained)} voxels and the images have "
+                  f"{format_spacing(spacing)}: running it on their grid coarsened {factor} times "
                   f"(--factor overrides)")
     else:
         factor = 1
@@ -916,10 +912,10 @@ def _scaled(model, state: dict, args, spacing, shape):
                 hint = ("if it was trained on coarser voxels than these, pass --factor (e.g. "
                         "--factor 4 for a 4 mm model on 1 mm images)")
             _note(f"note: {args.model} does not record the voxel size it was trained at; running "
-                  f"it on the images' grid ({_mm_text(spacing)}); {hint}")
+                  f"it on the images' grid ({format_spacing(spacing)}); {hint}")
         elif spacing is None:
             _note(f"note: the images do not say their voxel size (no NIfTI header or affine); the "
-                  f"model was trained at {_mm_text(trained)}: if the images are finer, pass "
+                  f"model was trained at {format_spacing(trained)}: if the images are finer, pass "
                   f"--factor")
     if factor > 1:
         if any(n % factor for n in shape):
@@ -955,8 +951,8 @@ def _check_pair(fixed: np.ndarray, moving: np.ndarray, config: dict, names=("fix
 
 def _check_spacings(fixed: _Image, moving: _Image) -> tuple[float, ...] | None:
     if not _spacings_agree(fixed.spacing, moving.spacing):
-        raise CLIError(f"--fixed and --moving have different voxel sizes ({_mm_text(fixed.spacing)} "
-                       f"and {_mm_text(moving.spacing)}); resample the moving image onto the fixed "
+        raise CLIError(f"--fixed and --moving have different voxel sizes ({format_spacing(fixed.spacing)} "
+                       f"and {format_spacing(moving.spacing)}); resample the moving image onto the fixed "
                        f"grid first")
     return fixed.spacing if fixed.spacing is not None else moving.spacing
 
@@ -1024,12 +1020,12 @@ def _register(args) -> int:
                    inputs)
     fixed = _read_image(args.fixed, "--fixed")
     moving = _read_image(args.moving, "--moving")
-    normalised = (_normalise(fixed.array, "--fixed", fixed.path),
-                  _normalise(moving.array, "--moving", moving.path))
-    seg = _read_labels(args.moving_seg, "--moving-seg", moving.array) if args.moving_seg else None
     model, state = _load(args)
     config = model.config
     _check_pair(fixed.array, moving.array, config)
+    normalised = (_normalise(fixed.array, "--fixed", fixed.path),
+                  _normalise(moving.array, "--moving", moving.path))
+    seg = _read_labels(args.moving_seg, "--moving-seg", moving.array) if args.moving_seg else None
     if seg is not None:
         _check_pair(fixed.array, seg, config, ("fixed", "moving-seg"))
     spacing = _check_spacings(fixed, moving)

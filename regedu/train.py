@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from . import losses as _losses
 from . import metrics as _metrics
 from ._checks import (check_finite, check_label_list, check_labels, check_output_path, check_positive,
-                      check_same_shape, check_tensor)
+                      check_same_shape, check_tensor, format_spacing)
 from .spatial import warp
 
 __all__ = ["fit", "loss_terms", "LOSSES", "save_checkpoint", "load_checkpoint", "load_model",
@@ -316,12 +316,6 @@ def trained_spacing(state: Mapping) -> tuple[float, ...] | None:
     return None if spacing is None else tuple(float(v) for v in spacing)
 
 
-def _mm(values) -> str:
-    values = [float(v) for v in values]
-    same = all(abs(v - values[0]) < 1e-6 for v in values)
-    return f"{values[0]:g} mm" if same else "x".join(f"{v:g}" for v in values) + " mm"
-
-
 def choose_factor(trained, spacing, *, hint: str = "factor=N") -> int:
     """The :class:`regedu.nets.Rescaled` factor that runs a model trained at voxel
     size ``trained`` on images of voxel size ``spacing`` (mm, one per axis or one).
@@ -340,19 +334,19 @@ def choose_factor(trained, spacing, *, hint: str = "factor=N") -> int:
         spacing = np.repeat(spacing, trained.size)
     if trained.size != spacing.size or not (np.all(trained > 0) and np.all(spacing > 0)):
         raise ValueError(f"spacing: expected positive voxel sizes for the same axes as the model's "
-                         f"{_mm(trained)}, got {spacing.tolist()}")
+                         f"{format_spacing(trained)}, got {spacing.tolist()}")
     ratio = trained / spacing
     k = int(round(float(ratio[0])))
     if k >= 1 and np.all(np.abs(ratio - k) <= 1e-3 * k):
         return k
-    what = (f"the model was trained at {_mm(trained)} voxels and the images have {_mm(spacing)}")
+    what = f"the model was trained at {format_spacing(trained)} voxels and the images have {format_spacing(spacing)}"
     if np.all(ratio < 1):
         raise ValueError(f"spacing: {what}: the images are coarser than the model's grid, where "
                          f"it would see every structure smaller than it learnt; resample them to "
-                         f"{_mm(trained)}, or run it anyway with {hint.replace('N', '1')}")
+                         f"{format_spacing(trained)}, or run it anyway with {hint.replace('N', '1')}")
     raise ValueError(f"spacing: {what}: the ratio {'x'.join(f'{r:.3g}' for r in ratio)} is not one "
                      f"whole number, so no grid coarsening fits; resample the images to "
-                     f"{_mm(trained)} divided by 1, 2, 3 ..., or choose the factor with {hint}")
+                     f"{format_spacing(trained)} divided by 1, 2, 3 ..., or choose the factor with {hint}")
 
 
 def load_model(path, *, map_location="cpu", factor: int | None = None, spacing=None) -> nn.Module:
@@ -610,8 +604,11 @@ def _check_resumable(state: Mapping, path: Path, config: dict, train_config: dic
     check_complete(state, path)
     saved_config = state.get("config") or {}
     if config and _plain(saved_config) != _plain(config):
+        # Between two kinds of model only the kind matters; their arguments differ anyway.
+        names = ({"name": saved_config.get("name")}, {"name": config.get("name")})
+        shown = names if names[0] != names[1] else (saved_config, config)
         raise ValueError(f"resume: {str(path)!r} holds another model than this run builds "
-                         f"({_differences(saved_config, config)}); build the model it holds to "
+                         f"({_differences(*shown)}); build the model it holds to "
                          f"continue it (regedu train takes it from the checkpoint when --model is "
                          f"not given), or train into another checkpoint file")
     saved = state.get("train_config") or {}
