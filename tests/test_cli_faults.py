@@ -311,21 +311,23 @@ def test_a_signal_during_training_saves_the_checkpoint(folder2d, tmp_path, sig, 
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_the_shipped_brain_unet_checkpoint_resumes(tmp_path, capsys, monkeypatch):
-    # The command of brain_unet_4mm.txt with one more step: it continues from step 2000.
-    monkeypatch.setenv("REGEDU_PROFILE", "ci")
-    ckpt = tmp_path / "brain_unet_4mm.pt"
-    ckpt.write_bytes((CHECKPOINTS / "brain_unet_4mm.pt").read_bytes())
-    command = (CHECKPOINTS / "brain_unet_4mm.txt").read_text().splitlines()[0].split()
+@pytest.mark.parametrize("name, step", [("brain_unet_4mm", 2000), ("fundus_unet_256", 10000)])
+def test_the_shipped_checkpoints_with_optimiser_state_resume(tmp_path, capsys, monkeypatch, name,
+                                                             step):
+    # README: the command beside each, with --resume and one more step, continues it.
+    command = (CHECKPOINTS / f"{name}.txt").read_text().splitlines()[0].split()
+    monkeypatch.setenv("REGEDU_PROFILE", command[0].split("=")[1])
+    ckpt = tmp_path / f"{name}.pt"
+    ckpt.write_bytes((CHECKPOINTS / f"{name}.pt").read_bytes())
     argv = command[command.index("regedu") + 1:]
     argv[argv.index("--out") + 1] = str(ckpt)
-    argv[argv.index("--steps") + 1] = "2001"
+    argv[argv.index("--steps") + 1] = str(step + 1)
     argv[argv.index("--val-every") + 1] = "100000"  # one validation at the end, not the point here
     code, out, err = run(argv + ["--no-progress"], capsys)
     assert code == 0, err
-    assert "resuming from step 2000 of 2001" in out
+    assert f"resuming from step {step} of {step + 1}" in out
     state = load_checkpoint(ckpt)
-    assert state["step"] == 2001 and len(state["history"]["train"]["loss"]) == 2001
+    assert state["step"] == step + 1 and len(state["history"]["train"]["loss"]) == step + 1
 
 
 # ---------------------------------------------------------------- resolution
