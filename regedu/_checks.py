@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 __all__ = ["check_shape", "check_tensor", "check_finite", "check_field",
-           "check_same_shape", "check_labels", "check_label_list", "check_choice",
+           "check_same_shape", "check_labels", "as_labels", "check_label_list", "check_choice",
            "check_positive", "check_output_path", "check_memory", "available_memory",
            "format_bytes", "format_spacing", "as_tensor"]
 
@@ -186,6 +186,14 @@ def check_labels(x, name: str, *, max_labels: int | None = None):
                              f"{len(values)} distinct values ({_describe(x)}); is it an intensity "
                              f"image rather than labels?")
     return x
+
+
+def as_labels(x, name: str):
+    """A label map as int64 (numpy or torch, as given), after :func:`check_labels`:
+    a cast alone would truncate 2.7 to 2 and turn NaN into an arbitrary label."""
+    if isinstance(x, torch.Tensor):
+        return check_labels(x, name).long()
+    return np.asarray(check_labels(np.asarray(x), name), dtype=np.int64)
 
 
 def check_label_list(labels, name: str = "labels") -> list[int]:

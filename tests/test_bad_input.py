@@ -172,3 +172,54 @@ def test_nan_and_infinite_label_maps_are_refused():
 def test_non_finite_or_non_positive_options_are_refused(value):
     with pytest.raises(ValueError, match="sigma: expected a positive number"):
         spatial.gaussian_blur(torch.rand(1, 1, 8, 8), value)
+
+
+# ---------------------------------------------------------------- evaluate and datasets
+
+def _pair(**changes):
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 12, 12, generator=g)
+    seg = (img > 0.5).long()
+    pair = {"moving": img, "fixed": img.clone(), "moving_seg": seg, "fixed_seg": seg.clone()}
+    pair.update(changes)
+    return pair
+
+
+def test_evaluate_refuses_nan_images_and_fractional_labels():
+    from regedu.evaluate import evaluate, identity
+    img = torch.rand(1, 12, 12)
+    img[0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"pairs\[0\]\['moving'\]: expected finite values, got 1 NaN"):
+        evaluate(identity, [_pair(moving=img)], labels=[1], progress=False)
+    with pytest.raises(ValueError, match=r"pairs\[0\]\['fixed_seg'\]: expected a label map of whole numbers"):
+        evaluate(identity, [_pair(fixed_seg=torch.full((1, 12, 12), 0.5))], labels=[1], progress=False)
+    with pytest.raises(ValueError, match="labels: expected integer labels"):
+        evaluate(identity, [_pair()], labels=[1.5], progress=False)
+
+
+def test_evaluate_warns_about_labels_in_no_map():
+    from regedu.evaluate import evaluate, identity
+    with pytest.warns(UserWarning, match="labels: 7 in no label map of any pair"):
+        result = evaluate(identity, [_pair()], labels=[1, 7], progress=False)
+    assert result.records[0]["dice_mean"] == 1.0
+
+
+def test_evaluate_reads_shapes_with_the_model_s_own_dimensions():
+    from regedu import nets
+    from regedu.evaluate import evaluate
+    model = nets.create("unet", spatial_dims=3, encoder=(4, 4), decoder=(4, 4, 4)).eval()
+    volume = torch.rand(1, 4, 16, 16)  # (C, D, H, W); its 4 axes alone read as a 2D batch of 4 channels
+    result = evaluate(model, [{"moving": volume, "fixed": volume}], progress=False)
+    assert len(result.records) == 1
+
+
+def test_dataset_label_maps_are_checked_not_truncated():
+    from regedu.datasets import SubjectPairs, resize_labels
+    with pytest.raises(ValueError, match="labels: expected a label map of whole numbers"):
+        resize_labels(np.array([[0.5, 1.0], [1.0, 2.0]]), (4, 4))
+    with pytest.raises(ValueError, match=r"size: expected 2 positive sizes"):
+        resize_labels(np.zeros((2, 2), int), (4, 4, 4))
+    subjects = {k: {"image": np.random.rand(1, 8, 8).astype(np.float32),
+                    "seg": np.full((8, 8), 1.5)} for k in ("a", "b")}
+    with pytest.raises(ValueError, match="a: seg: expected a label map of whole numbers"):
+        SubjectPairs(subjects.__getitem__, ["a", "b"])[0]
