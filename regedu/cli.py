@@ -469,8 +469,10 @@ class OfflinePairs(torch.utils.data.Dataset):
                  tuple(self.profile.brain_shape))
         # moving and fixed as float32, labels as int64 (brain); the shuffled order, int64 each.
         item_bytes = math.prod(shape) * (8 if source == "fundus" else 12)
-        try:  # the DataLoader shuffles with a permutation of all n
-            check_memory(8 * n, f"--pairs {n}: shuffling {n:,} pairs",
+        # torch's RandomSampler shuffles all n at once, as an int64 permutation turned
+        # into a Python list: 8 bytes, plus a pointer and an int object per pair.
+        try:
+            check_memory(48 * n, f"--pairs {n}: shuffling {n:,} pairs",
                          "ask for fewer pairs: a run only sees steps x batch-size of them")
         except MemoryError as e:
             raise CLIError(str(e)) from None
@@ -1275,6 +1277,13 @@ def main(argv=None) -> int:
         if os.environ.get("REGEDU_DEBUG"):
             raise
         print(f"regedu: error: {e} (set REGEDU_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a permission refused: the system's words, on one line
+        if os.environ.get("REGEDU_DEBUG"):
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"regedu: error: {e.strerror or e}{where}; nothing was left half-written "
+              f"(set REGEDU_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 2
     except MemoryError as e:
         if os.environ.get("REGEDU_DEBUG"):

@@ -223,3 +223,12 @@ def test_dataset_label_maps_are_checked_not_truncated():
                     "seg": np.full((8, 8), 1.5)} for k in ("a", "b")}
     with pytest.raises(ValueError, match="a: seg: expected a label map of whole numbers"):
         SubjectPairs(subjects.__getitem__, ["a", "b"])[0]
+
+
+def test_a_model_refuses_nan_inputs():
+    from regedu import nets
+    model = nets.create("unet", spatial_dims=2, encoder=(4, 4), decoder=(4, 4, 4))
+    x = torch.rand(1, 1, 16, 16)
+    x[0, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="moving: expected finite values, got 1 NaN"):
+        model(x, torch.rand(1, 1, 16, 16))
