@@ -1,6 +1,8 @@
 """The command line under bad input, interrupts and mistakes: nothing silently
 wrong, no work lost, and one line that says what was expected and what came."""
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -293,15 +295,19 @@ def test_a_signal_during_training_saves_the_checkpoint(folder2d, tmp_path, sig, 
     ckpt = tmp_path / "m.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "regedu", "train", "--data", str(folder2d),
-                             "--steps", "100000", "--out", str(ckpt), "--no-progress"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             "--steps", "100000", "--out", str(ckpt)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert proc.stdout.readline().startswith("training unet")
-        time.sleep(3)  # some steps, before the first periodic save (a tenth of 100000 steps)
-        assert not ckpt.exists()
+        # Wait for the progress bar to pass step 2: training has started, and the first
+        # periodic save (a tenth of 100000 steps) is far away.
+        seen, deadline = b"", time.monotonic() + 120
+        while not re.search(rb"\b([2-9]|\d\d+)/100000", seen) and time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 1)[0]:
+                seen += os.read(proc.stderr.fileno(), 4096)
+        assert not ckpt.exists(), seen
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
+        _, rest = proc.communicate(timeout=120)
+        err = (seen + rest).decode()
     finally:
         proc.kill()
     assert proc.returncode == code, err
