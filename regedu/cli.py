@@ -9,6 +9,18 @@ Image files are NIfTI (``.nii``, ``.nii.gz``), NumPy ``.npy`` or ``.npz``
 ``seg``; optionally a 4x4 ``affine``). A folder of training or evaluation
 images holds one image per file; the label map of ``NAME.nii.gz`` is
 ``NAME_seg.nii.gz`` beside it.
+
+Nothing silently wrong: images with NaN or infinite voxels or no contrast,
+label maps that are not whole numbers (or look like intensity images),
+structures in no label map, images of other voxel sizes, and inputs that
+would not fit in memory are refused before any work. A checkpoint records the
+voxel size it was trained at; ``register`` and ``evaluate`` run it on the
+images' grid coarsened by the whole ratio of the two (``--factor`` overrides).
+
+No work lost: ``train`` checks ``--out`` before training, never replaces a
+checkpoint without ``--resume`` or ``--force``, saves every tenth of the run
+(at least every 10 minutes) and, on Ctrl-C or SIGTERM, after the step it is
+in. Outputs are written atomically and never over an input.
 """
 from __future__ import annotations
 
