@@ -1112,6 +1112,9 @@ def _evaluate(args) -> int:
     if labels is not None and "fixed_seg" not in pairs[0]:
         raise CLIError("--labels: the images have no label maps to score (--fixed-seg and "
                        "--moving-seg, or NAME_seg files beside the images in --pairs)")
+    if "fixed_seg" not in pairs[0]:
+        _note("note: the images have no label maps (--fixed-seg and --moving-seg, or NAME_seg "
+              "files): no Dice, only folding and runtime")
     if labels is None and "fixed_seg" in pairs[0]:
         labels = sorted(present)
         if not labels:

@@ -563,3 +563,11 @@ def test_a_full_disk_while_writing_is_one_line(volumes, tmp_path, capsys, monkey
                         volumes["moving"], "--warped", tmp_path / "w.nii.gz"], capsys)
     one_line_error(code, err, "No space left on device", "nothing was left half-written")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".w", "w"))) == []
+
+
+def test_evaluate_without_labels_says_there_is_no_dice(volumes, tmp_path, capsys):
+    ckpt = checkpoint(tmp_path / "m.pt", spacing=[1.0, 1.0, 1.0])
+    code, out, err = run(["evaluate", "--model", ckpt, "--fixed", volumes["fixed"], "--moving",
+                          volumes["moving"]], capsys)
+    assert code == 0, err
+    assert "no label maps" in err and "dice" not in out
