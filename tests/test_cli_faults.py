@@ -571,3 +571,17 @@ def test_evaluate_without_labels_says_there_is_no_dice(volumes, tmp_path, capsys
                           volumes["moving"]], capsys)
     assert code == 0, err
     assert "no label maps" in err and "dice" not in out
+
+
+def test_training_too_large_for_the_memory_is_refused_before_it_starts(tmp_path, capsys, monkeypatch):
+    d = tmp_path / "big"
+    d.mkdir()
+    for i in range(2):
+        np.save(d / f"v{i}.npy", blob((128, 128, 72), i)[0])  # 1.2 M voxels: the estimate is measured
+    monkeypatch.setattr(cli, "check_memory", lambda needed, what, fix: _checks.check_memory(
+        needed, what, fix, available=2 * 2**20 if what.startswith("training on") else None))
+    code, out, err = run(["train", "--data", d, "--steps", 1, "--out", tmp_path / "m.pt",
+                          "--model-arg", "encoder=[4,4]", "--model-arg", "decoder=[4,4,4]"], capsys)
+    one_line_error(code, err, "training on 1 x 128x128x72 voxels needs about",
+                   "more than the 2.0 MiB available", "--model rescaled")
+    assert "training unet" not in out and not (tmp_path / "m.pt").exists()
