@@ -840,10 +840,11 @@ def _train(args) -> int:
                        f"{len(data.shape)}D ({_shape_text(data.shape)})")
     _check_train_memory(model, data.shape, config["batch_size"])
     name = model.config.get("name", config["model"])
+    every = ("tenth of the run" if config["checkpoint_every"] is None
+             else f"{config['checkpoint_every']} steps")
     print(f"training {name} ({dims}D) on {len(data)} pairs of {_shape_text(data.shape)} from "
-          f"{config['data']}; checkpoint -> {out} (saved every "
-          f"{'tenth of the run' if config['checkpoint_every'] is None else str(config['checkpoint_every']) + ' steps'}"
-          f", at the end and on Ctrl-C)", flush=True)
+          f"{config['data']}; checkpoint -> {out} (saved every {every}, at the end and on Ctrl-C)",
+          flush=True)
     command = {k: config[k] for k in _FROM_COMMAND}
     command.update(model=name, model_args=config["model_args"], init_from=config["init_from"])
     try:

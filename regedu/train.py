@@ -339,7 +339,8 @@ def choose_factor(trained, spacing, *, hint: str = "factor=N") -> int:
     k = int(round(float(ratio[0])))
     if k >= 1 and np.all(np.abs(ratio - k) <= 1e-3 * k):
         return k
-    what = f"the model was trained at {format_spacing(trained)} voxels and the images have {format_spacing(spacing)}"
+    what = (f"the model was trained at {format_spacing(trained)} voxels and the images have "
+            f"{format_spacing(spacing)}")
     if np.all(ratio < 1):
         raise ValueError(f"spacing: {what}: the images are coarser than the model's grid, where "
                          f"it would see every structure smaller than it learnt; resample them to "
