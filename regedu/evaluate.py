@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ._checks import as_tensor, check_choice, check_field, check_finite
+from ._checks import as_tensor, check_choice, check_field, check_finite, check_label_list, check_labels
 from .metrics import FIRE_THRESHOLDS, dice, fire_auc, fire_success_curve, folding_stats, tre
 from .spatial import warp
 
@@ -68,7 +69,7 @@ def _batched(x, name: str, spatial_dims: int | None) -> torch.Tensor:
         raise ValueError(f"{name}: expected one {spatial_dims}D image, (C, *spatial) or "
                          f"(1, C, *spatial), got shape {tuple(x.shape)}; evaluate takes pairs "
                          f"one at a time (pass spatial_dims= if the guess is wrong)")
-    return x
+    return check_finite(x, name)
 
 
 def _seg(x, name: str, spatial: tuple[int, ...]) -> torch.Tensor:
@@ -77,9 +78,9 @@ def _seg(x, name: str, spatial: tuple[int, ...]) -> torch.Tensor:
     if x.numel() != math.prod(spatial):
         raise ValueError(f"{name}: expected a label map with spatial size {spatial}, got shape "
                          f"{tuple(x.shape)}")
-    if x.is_floating_point():
-        x = x.round().long()
-    return x.reshape(1, 1, *spatial)
+    # Whole numbers only: rounding 0.5 or NaN into a label would score a structure that is not there.
+    check_labels(x, name)
+    return x.long().reshape(1, 1, *spatial)
 
 
 def _points(x, name: str, ndim: int) -> torch.Tensor:
@@ -132,8 +133,8 @@ def _label_spec(labels):
     if labels is None:
         return None, None
     if isinstance(labels, dict):
-        return [int(k) for k in labels], [str(v) for v in labels.values()]
-    ids = [int(k) for k in labels]
+        return check_label_list(list(labels)), [str(v) for v in labels.values()]
+    ids = check_label_list(labels)
     return ids, [str(k) for k in ids]
 
 
@@ -202,7 +203,8 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
     device : str or torch.device, optional
         Where the images go; default a module's parameter device, else CPU.
     spatial_dims : {2, 3}, optional
-        Force the reading of image shapes (guessed otherwise).
+        Force the reading of image shapes; default a model's ``config["spatial_dims"]``,
+        else guessed from the shapes.
     warmup : bool
         Run the method once on the first pair before timing (one-off costs of
         a network's first call do not count).
@@ -213,6 +215,9 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
     -------
     Evaluation
 
+    Warns when a structure of ``labels`` is in no label map of any pair (its
+    column is all NaN and it counts in no mean).
+
     Convention: ``seconds`` is the wall-clock time of ``method(moving, fixed)``
     alone (CUDA synchronised); metrics run on the CPU afterwards.
     """
@@ -221,6 +226,8 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
     if not callable(method):
         raise TypeError(f"method: expected a callable (moving, fixed) -> displacement or an "
                         f"nn.Module, got a {type(method).__name__}")
+    if spatial_dims is None:
+        spatial_dims = (getattr(method, "config", None) or {}).get("spatial_dims")
     if spatial_dims is not None:
         check_choice(spatial_dims, (2, 3), "spatial_dims")
     name = name or getattr(method, "__name__", None) or type(method).__name__
@@ -276,6 +283,12 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
         ev.records.append(rec)
     ev.dice = pd.DataFrame(dice_rows, columns=label_names,
                            index=[r["pair"] for r in ev.records])
+    if dice_rows and any(dice_rows):
+        absent = [c for c in ev.dice.columns if ev.dice[c].isna().all()]
+        if absent:
+            warnings.warn(f"labels: {', '.join(map(str, absent))} in no label map of any pair; "
+                          f"these structures count in no Dice mean (check the label numbers)",
+                          stacklevel=2)
     return ev
 
 

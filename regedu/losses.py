@@ -5,6 +5,7 @@ Similarities take ``(fixed, warped)``, both ``(B, C, *spatial)``; regularisers
 take the displacement ``(B, ndim, *spatial)`` (voxels, tensor-axis order).
 ``reduction="mean"`` gives a scalar, ``"none"`` one value per batch item.
 Functional forms do the work; the ``nn.Module`` classes only store options.
+Inputs may be tensors or numpy arrays; results are tensors.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import math
 import torch
 import torch.nn as nn
 
-from ._checks import (check_choice, check_field, check_finite, check_labels, check_positive,
-                      check_same_shape, check_shape, check_tensor)
+from ._checks import (as_tensor, check_choice, check_field, check_finite, check_label_list, check_labels,
+                      check_positive, check_same_shape, check_shape, check_tensor)
 
 __all__ = ["mse", "ncc_local", "ncc_global", "mutual_information", "diffusion",
            "bending_energy", "edge_aware_smoothness", "soft_dice", "one_hot",
@@ -24,16 +25,31 @@ __all__ = ["mse", "ncc_local", "ncc_global", "mutual_information", "diffusion",
 _REDUCTIONS = ("mean", "none")
 
 
-def _check_pair(fixed, warped) -> int:
+# Intensity images have a channel or a few (RGB); a 4-axis tensor with more
+# channels is far more often a volume that lost an axis than a 2D image.
+_MAX_IMAGE_CHANNELS = 4
+
+
+def _check_pair(fixed, warped, *, images: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a pair of images (``images=False``: one-hot maps, any channel count)."""
+    out = []
     for name, x in (("fixed", fixed), ("warped", warped)):
-        check_tensor(x, name, floating=True)
+        x = check_tensor(as_tensor(x, name), name, floating=True)
         check_shape(x, "B C *S", name)
         if x.dim() not in (4, 5):
+            hint = (f"; add batch and channel axes with {name}[None, None]" if x.dim() in (2, 3)
+                    else "")
             raise ValueError(f"{name}: expected (B, C, H, W) or (B, C, D, H, W), got shape "
-                             f"{tuple(x.shape)}")
+                             f"{tuple(x.shape)}{hint}")
+        if images and x.dim() == 4 and x.shape[1] > _MAX_IMAGE_CHANNELS:
+            raise ValueError(f"{name}: shape {tuple(x.shape)} reads as a 2D image with {x.shape[1]} "
+                             f"channels; expected 1 to {_MAX_IMAGE_CHANNELS} channels. For one 3D "
+                             f"volume (C, D, H, W) or (D, H, W) add the missing axes: {name}[None] "
+                             f"or {name}[None, None] (shape (B, C, D, H, W))")
         check_finite(x, name)
-    check_same_shape(fixed, warped, ("fixed", "warped"))
-    return fixed.dim() - 2
+        out.append(x)
+    check_same_shape(out[0], out[1], ("fixed", "warped"))
+    return out[0], out[1]
 
 
 def _reduce(per_voxel: torch.Tensor, reduction: str, mask: torch.Tensor | None = None):
@@ -63,7 +79,7 @@ def mse(fixed, warped, *, mask=None, reduction: str = "mean"):
     ``mask`` (same spatial size, 0/1) restricts the mean to a region such as the
     fundus field of view (Shan et al. 2017's ROI mask).
     """
-    _check_pair(fixed, warped)
+    fixed, warped = _check_pair(fixed, warped)
     return _reduce((fixed - warped).square(), reduction, _check_mask(mask, fixed))
 
 
@@ -197,7 +213,8 @@ def ncc_local(fixed, warped, *, window: int = 9, eps: float = 1e-5, reduction: s
     eps : float
         Added to the variance product so flat regions give 0, not NaN.
     """
-    nd = _check_pair(fixed, warped)
+    fixed, warped = _check_pair(fixed, warped)
+    nd = fixed.dim() - 2
     check_positive(window, "window", integer=True)
     if window % 2 == 0:
         raise ValueError(f"window: expected an odd width so the window is centred on the voxel, got {window}")
@@ -208,7 +225,7 @@ def ncc_local(fixed, warped, *, window: int = 9, eps: float = 1e-5, reduction: s
 
 def ncc_global(fixed, warped, *, eps: float = 1e-5, reduction: str = "mean"):
     """Negative global correlation coefficient over each image (lower is better)."""
-    _check_pair(fixed, warped)
+    fixed, warped = _check_pair(fixed, warped)
     check_choice(reduction, _REDUCTIONS, "reduction")
     f = fixed.flatten(1) - fixed.flatten(1).mean(1, keepdim=True)
     w = warped.flatten(1) - warped.flatten(1).mean(1, keepdim=True)
@@ -232,7 +249,7 @@ def mutual_information(fixed, warped, *, bins: int = 32, value_range=(0.0, 1.0),
     intensity mapping, so it works across contrasts. Memory grows as
     voxels x bins: use it on 2D images or downsampled volumes.
     """
-    _check_pair(fixed, warped)
+    fixed, warped = _check_pair(fixed, warped)
     check_positive(bins, "bins", integer=True)
     check_choice(reduction, _REDUCTIONS, "reduction")
     lo, hi = map(float, value_range)
@@ -261,7 +278,7 @@ def diffusion(disp, *, penalty: str = "l2", reduction: str = "mean"):
     """Diffusion regulariser: mean squared (``"l2"``) or absolute (``"l1"``)
     forward difference of the displacement, averaged over axes (VoxelMorph's
     ``Grad``). Zero for any translation; lower is smoother."""
-    check_field(disp, "disp")
+    disp = check_field(as_tensor(disp, "disp"), "disp")
     check_choice(penalty, ("l2", "l1"), "penalty")
     check_choice(reduction, _REDUCTIONS, "reduction")
     f = torch.square if penalty == "l2" else torch.abs
@@ -273,7 +290,7 @@ def diffusion(disp, *, penalty: str = "l2", reduction: str = "mean"):
 def bending_energy(disp, *, reduction: str = "mean"):
     """Bending energy: mean of squared second derivatives (central differences),
     ``sum_ij (d^2 u / dx_i dx_j)^2``; zero for any affine field."""
-    check_field(disp, "disp")
+    disp = check_field(as_tensor(disp, "disp"), "disp")
     check_choice(reduction, _REDUCTIONS, "reduction")
     nd = disp.dim() - 2
     if min(disp.shape[2:]) < 3:
@@ -295,8 +312,8 @@ def edge_aware_smoothness(disp, image, *, alpha: float = 1.0, reduction: str = "
     and is kept smooth in flat regions. ``image`` is the fixed image
     ``(B, C, *spatial)``; gradients are forward differences, averaged over channels.
     """
-    check_field(disp, "disp")
-    check_tensor(image, "image", floating=True)
+    disp = check_field(as_tensor(disp, "disp"), "disp")
+    image = check_tensor(as_tensor(image, "image"), "image", floating=True)
     check_finite(image, "image")
     if image.dim() != disp.dim() or image.shape[2:] != disp.shape[2:]:
         raise ValueError(f"image: expected spatial size {tuple(disp.shape[2:])} to match disp, "
@@ -313,12 +330,13 @@ def edge_aware_smoothness(disp, image, *, alpha: float = 1.0, reduction: str = "
 def one_hot(labels, label_list) -> torch.Tensor:
     """Integer label map ``(B, 1, *spatial)`` -> float one-hot ``(B, L, *spatial)``
     over ``label_list`` (background and unlisted labels get all zeros)."""
-    check_tensor(labels, "labels")
+    labels = check_tensor(as_tensor(labels, "labels"), "labels")
     check_labels(labels, "labels")
     check_shape(labels, "B 1 *S", "labels")
-    ids = torch.as_tensor(list(label_list), device=labels.device).view(1, -1, *([1] * (labels.dim() - 2)))
-    if ids.numel() == 0:
+    label_list = check_label_list(label_list, "label_list")
+    if not label_list:
         raise ValueError("label_list: expected at least one label, got an empty list")
+    ids = torch.as_tensor(label_list, device=labels.device).view(1, -1, *([1] * (labels.dim() - 2)))
     return (labels.long() == ids.long()).float()
 
 
@@ -329,7 +347,7 @@ def soft_dice(fixed_onehot, warped_onehot, *, eps: float = 1e-5, reduction: str 
     interpolation so the loss is differentiable (label maps are warped with
     nearest neighbour only for evaluation).
     """
-    _check_pair(fixed_onehot, warped_onehot)
+    fixed_onehot, warped_onehot = _check_pair(fixed_onehot, warped_onehot, images=False)
     check_choice(reduction, _REDUCTIONS, "reduction")
     dims = tuple(range(2, fixed_onehot.dim()))
     top = 2 * (fixed_onehot * warped_onehot).sum(dims)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import as_tensor, check_field, check_finite, check_labels, check_same_shape
+from ._checks import as_tensor, check_field, check_finite, check_label_list, check_labels, check_same_shape
 from .spatial import warp_points
 
 __all__ = ["DiceResult", "dice", "jacobian_determinant", "folding_stats", "tre",
@@ -53,6 +53,7 @@ def dice(a, b, labels) -> DiceResult:
         E.g. the fixed segmentation and the moving one warped with nearest neighbour.
     labels : sequence of int
         The structures to score, explicitly (background 0 is never counted).
+        Whole numbers only, each once: ``[1.5]`` or the string ``"123"`` is refused.
 
     >>> r = dice(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), [1, 2])
     >>> r.per_label.round(4).tolist(), round(r.mean, 4)
@@ -60,7 +61,7 @@ def dice(a, b, labels) -> DiceResult:
     """
     a, b = _label_array(a, "a"), _label_array(b, "b")
     check_same_shape(a, b, ("a", "b"))
-    labels = np.asarray([int(l) for l in labels if int(l) != 0], dtype=np.int64)
+    labels = np.asarray([v for v in check_label_list(labels) if v != 0], dtype=np.int64)
     if labels.size == 0:
         raise ValueError("labels: expected at least one non-background label, got none")
     scores = np.empty(len(labels))

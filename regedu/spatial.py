@@ -13,6 +13,9 @@ Convention (the one every function of regedu follows):
   value is 0 (``padding="zeros"``) or the nearest edge value (``"border"``).
 * ``compose(u1, u2)`` is the displacement of ``phi1 o phi2``: warping by it
   equals warping by ``phi1`` first and then by ``phi2``.
+
+Every function takes tensors or numpy arrays (wrapped without copying) and
+returns tensors.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_field, check_finite, check_positive, check_shape, check_tensor
+from ._checks import (as_tensor, check_choice, check_field, check_finite, check_positive, check_shape,
+                      check_tensor)
 
 __all__ = ["warp", "SpatialTransformer", "identity_grid", "affine_to_displacement",
            "compose", "integrate_velocity", "IntegrateVelocity", "resize_field", "warp_points",
@@ -146,6 +150,7 @@ def warp(image: torch.Tensor, disp: torch.Tensor, *, mode: str | None = None,
     >>> warp(img, u)
     tensor([[[[1., 2., 3., 0.]]]])
     """
+    image, disp = as_tensor(image, "image"), as_tensor(disp, "disp")
     spatial = _check_image(image, "image")
     check_field(disp, "disp", spatial=spatial)
     check_choice(padding, _PADDINGS, "padding")
@@ -207,7 +212,7 @@ def affine_to_displacement(matrix: torch.Tensor, shape, *, center: str = "origin
     >>> affine_to_displacement(m, (3, 4))[0, :, 0, 0].tolist()
     [2.0, -1.0]
     """
-    check_tensor(matrix, "matrix", floating=True)
+    matrix = check_tensor(as_tensor(matrix, "matrix"), "matrix", floating=True)
     check_choice(center, ("origin", "image"), "center")
     shape = tuple(int(n) for n in shape)
     nd = len(shape)
@@ -236,6 +241,7 @@ def compose(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
     field ``compose(u1, u2)``. Fields are extended at the border (``padding=
     "border"``) rather than by zero, which keeps motion near the edges.
     """
+    u1, u2 = as_tensor(u1, "u1"), as_tensor(u2, "u2")
     check_field(u1, "u1")
     check_field(u2, "u2", spatial=tuple(u1.shape[2:]))
     return u2 + warp(u1, u2, mode="bilinear", padding="border")
@@ -248,7 +254,7 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     approximates ``exp(v)``, a diffeomorphism when ``v`` is smooth enough.
     ``steps=0`` returns ``v`` itself (a plain displacement).
     """
-    check_field(velocity, "velocity")
+    velocity = check_field(as_tensor(velocity, "velocity"), "velocity")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
     u = velocity / (2 ** steps)
@@ -275,7 +281,7 @@ def resize_field(disp: torch.Tensor, size) -> torch.Tensor:
     ``(size[k] - 1) / (n[k] - 1)``, and so does channel ``k`` (a field of one
     voxel at 64^2 is one of ~2 voxels at 128^2).
     """
-    check_field(disp, "disp")
+    disp = check_field(as_tensor(disp, "disp"), "disp")
     old = tuple(disp.shape[2:])
     size = tuple(int(n) for n in size)
     if len(size) != len(old):
@@ -303,8 +309,8 @@ def warp_points(points: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     Tensor of the shape of ``points``: where each point lies in the moving
     image. ``u`` is interpolated linearly and extended at the border.
     """
-    check_tensor(points, "points", floating=True)
-    check_field(disp, "disp")
+    points = check_tensor(as_tensor(points, "points"), "points", floating=True)
+    disp = check_field(as_tensor(disp, "disp"), "disp")
     nd = disp.shape[1]
     squeeze = points.dim() == 2
     pts = points[None] if squeeze else points
@@ -332,6 +338,8 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     >>> round(float(gaussian_blur(x, 1.0).sum()), 4)
     1.0
     """
+    image = check_tensor(as_tensor(image, "image"), "image", floating=True)
+    check_shape(image, "B C *S", "image")
     check_positive(sigma, "sigma")
     radius = max(1, int(round(3 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)

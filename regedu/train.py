@@ -19,8 +19,11 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +37,13 @@ from tqdm.auto import tqdm
 
 from . import losses as _losses
 from . import metrics as _metrics
-from ._checks import check_positive, check_same_shape, check_tensor
+from ._checks import (check_finite, check_label_list, check_labels, check_output_path, check_positive,
+                      check_same_shape, check_tensor, format_spacing)
 from .spatial import warp
 
 __all__ = ["fit", "loss_terms", "LOSSES", "save_checkpoint", "load_checkpoint", "load_model",
-           "seed_everything", "default_device", "checkpoint_note"]
+           "seed_everything", "default_device", "checkpoint_note", "choose_factor",
+           "trained_spacing", "check_complete", "TrainingInterrupted"]
 
 # name -> (kind, factory). The kind says what a term is computed on:
 #   "similarity"   fn(fixed, warped)
@@ -84,6 +89,9 @@ def _build_terms(losses) -> list[_Term]:
         if not callable(fn) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise TypeError(f"losses[{name!r}]: expected a weight or a (callable, weight) pair, "
                             f"got {spec!r}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"losses[{name!r}]: expected a finite weight >= 0 (every term is "
+                             f"lower-is-better), got {weight!r}")
         terms.append(_Term(name, kind, fn, float(weight)))
     if not any(t.kind == "similarity" for t in terms) and not any(t.kind == "dice" for t in terms):
         raise ValueError(f"losses: no similarity term in {list(losses)}; add one of "
@@ -119,7 +127,7 @@ def _field_terms(terms, field, reg_field, moving, fixed, moving_onehot, fixed_on
 
 def _resolve_labels(labels, moving_seg, fixed_seg) -> list[int]:
     if labels is not None:
-        return [int(v) for v in labels]
+        return check_label_list(labels)
     # No explicit list: every non-background label in either map of the batch.
     found = torch.unique(torch.cat([moving_seg.flatten(), fixed_seg.flatten()]))
     return [int(v) for v in found.tolist() if v != 0]
@@ -230,16 +238,38 @@ def _set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------- checkpoints
 
+def _temp_prefix(path: Path, pid: int | None = None) -> str:
+    return f".{path.name}.{os.getpid() if pid is None else pid}."
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    # A save killed outright (SIGKILL, power loss) cannot clean up after itself;
+    # its temporary file carries the writer's pid, so a later save knows it is
+    # orphaned (and leaves alone one that a live process is still writing).
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive but another user's: not ours to remove
+            pass
+
+
 def save_checkpoint(path, state: dict) -> Path:
     """Write ``state`` to ``path`` atomically.
 
     The file is written to a temporary file in the same folder and moved over
     ``path`` with ``os.replace`` only once complete, so a crash (or Ctrl-C, or a
-    full disk) while saving leaves the previous checkpoint intact.
+    full disk) while saving leaves the previous checkpoint intact. Temporary
+    files of saves that were killed outright are removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -271,12 +301,63 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
                          f"read with weights_only=True ({cause})") from None
 
 
-def load_model(path, *, map_location="cpu", factor: int = 1) -> nn.Module:
+def _check_weights(state_dict: Mapping, where: str) -> None:
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} weight tensors hold NaN or infinite values (first: "
+                         f"{bad[0]!r}); the run diverged before this was saved: use an earlier "
+                         f"checkpoint or train again with a lower lr or grad_clip")
+
+
+def trained_spacing(state: Mapping) -> tuple[float, ...] | None:
+    """The voxel size (mm per axis) a checkpoint was trained at, if it records one."""
+    spacing = (state.get("train_config") or {}).get("spacing")
+    return None if spacing is None else tuple(float(v) for v in spacing)
+
+
+def choose_factor(trained, spacing, *, hint: str = "factor=N") -> int:
+    """The :class:`regedu.nets.Rescaled` factor that runs a model trained at voxel
+    size ``trained`` on images of voxel size ``spacing`` (mm, one per axis or one).
+
+    Whole ratios give the factor (a 4 mm model on 1 mm images: 4); anything
+    else raises, saying what to do (``hint`` names the override).
+
+    >>> choose_factor(4.0, (1.0, 1.0, 1.0))
+    4
+    """
+    trained = np.atleast_1d(np.asarray(trained, dtype=float))
+    spacing = np.atleast_1d(np.asarray(spacing, dtype=float))
+    if trained.size == 1 and spacing.size > 1:
+        trained = np.repeat(trained, spacing.size)
+    if spacing.size == 1 and trained.size > 1:
+        spacing = np.repeat(spacing, trained.size)
+    if trained.size != spacing.size or not (np.all(trained > 0) and np.all(spacing > 0)):
+        raise ValueError(f"spacing: expected positive voxel sizes for the same axes as the model's "
+                         f"{format_spacing(trained)}, got {spacing.tolist()}")
+    ratio = trained / spacing
+    k = int(round(float(ratio[0])))
+    if k >= 1 and np.all(np.abs(ratio - k) <= 1e-3 * k):
+        return k
+    what = (f"the model was trained at {format_spacing(trained)} voxels and the images have "
+            f"{format_spacing(spacing)}")
+    if np.all(ratio < 1):
+        raise ValueError(f"spacing: {what}: the images are coarser than the model's grid, where "
+                         f"it would see every structure smaller than it learnt; resample them to "
+                         f"{format_spacing(trained)}, or run it anyway with {hint.replace('N', '1')}")
+    raise ValueError(f"spacing: {what}: the ratio {'x'.join(f'{r:.3g}' for r in ratio)} is not one "
+                     f"whole number, so no grid coarsening fits; resample the images to "
+                     f"{format_spacing(trained)} divided by 1, 2, 3 ..., or choose the factor with {hint}")
+
+
+def load_model(path, *, map_location="cpu", factor: int | None = None, spacing=None) -> nn.Module:
     """Rebuild the model stored in a checkpoint (``regedu.nets.from_config``) with its weights.
 
     ``factor > 1`` wraps it in :class:`regedu.nets.Rescaled`: a model trained at
     4 mm runs on 2 mm volumes with ``factor=2`` (inputs coarsened, field upsampled).
-    The model is returned in eval mode.
+    Give ``spacing`` (the images' voxel size in mm) instead to have the factor
+    chosen from the spacing the checkpoint records (:func:`choose_factor`).
+    The model is returned in eval mode. Weights holding NaN are refused.
     """
     from . import nets
     state = load_checkpoint(path, map_location=map_location)
@@ -284,8 +365,12 @@ def load_model(path, *, map_location="cpu", factor: int = 1) -> nn.Module:
     if not config or "model" not in state:
         raise ValueError(f"checkpoint: {str(path)!r} holds no model config; save models that have "
                          f"a .config dict (every regedu.nets model does) to rebuild them")
+    _check_weights(state["model"], f"checkpoint {str(path)!r}")
     model = nets.from_config(config)
     model.load_state_dict(state["model"])
+    if factor is None:
+        trained = trained_spacing(state)
+        factor = 1 if spacing is None or trained is None else choose_factor(trained, spacing)
     if factor != 1:
         model = nets.Rescaled(model, factor)
     return model.eval()
@@ -331,10 +416,15 @@ def _prepare_batch(batch, device, memory_format) -> dict:
     for key in ("moving", "fixed"):
         x = check_tensor(batch[key], key)
         out[key] = x.to(device, torch.float32, non_blocking=True).contiguous(memory_format=memory_format)
+        # A NaN voxel makes every loss NaN, and Adam turns that into NaN weights.
+        check_finite(out[key], key)
     check_same_shape(out["moving"], out["fixed"], ("moving", "fixed"))
     for key in ("moving_seg", "fixed_seg"):
         if batch.get(key) is not None:
-            out[key] = batch[key].to(device, non_blocking=True).long()
+            seg = check_tensor(batch[key], key)
+            if seg.is_floating_point():
+                check_labels(seg, key)  # .long() would truncate 2.7 to 2 without a word
+            out[key] = seg.to(device, non_blocking=True).long()
     return out
 
 
@@ -347,11 +437,17 @@ def _memory_format(ndim: int, enabled: bool):
 # ---------------------------------------------------------------- validation
 
 @torch.no_grad()
-def _validate(model, loader, terms, *, device, memory_format, labels, deep_weight, amp) -> dict:
+def _validate(model, loader, terms, *, device, memory_format, labels, deep_weight, amp,
+              progress: bool = False) -> dict:
     was_training = model.training
     model.eval()
     sums: dict[str, list[float]] = {"loss": [], "dice": [], "percent_folding": [], "sdlogj": []}
-    for raw in loader:
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    for raw in tqdm(loader, total=total, desc="validating", leave=False, disable=not progress,
+                    dynamic_ncols=True):
         batch = _prepare_batch(raw, device, memory_format)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             output = model(batch["moving"], batch["fixed"])
@@ -413,12 +509,161 @@ def _append(log: dict, step: int, values: Mapping[str, float]) -> None:
         log.setdefault(k, []).append(float(v))
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """:func:`fit` stopped by SIGINT (Ctrl-C) or SIGTERM, after saving its checkpoint.
+
+    ``step`` is the last step done, ``checkpoint`` the file holding it (continue
+    with ``resume=True``), ``signum`` the signal.
+    """
+
+    def __init__(self, step: int, checkpoint: Path, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
+                         f"saved {checkpoint}")
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+
+
+class _StopRequests:
+    """Turns a first SIGINT or SIGTERM into a request to stop after the current step.
+
+    A step cut half-way (the optimiser moved, the step count not yet) cannot be
+    saved so that it resumes exactly; the loop saves at the next step boundary
+    instead. A second signal stops at once, as without this.
+    """
+
+    def __init__(self, enabled: bool):
+        self.signum = None
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.getsignal(sig)
+                if previous in (signal.default_int_handler, signal.SIG_DFL):  # not someone else's
+                    self._previous[sig] = previous
+                    signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving the checkpoint "
+              f"(send it again to stop at once without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        return False
+
+
+def _plain(x):
+    # Configs compare equal whether a size came as a tuple or a list (JSON, TOML, torch.load).
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _differences(saved: Mapping, now: Mapping) -> str:
+    keys = sorted(set(saved) | set(now), key=str)
+    return "; ".join(f"{k}: {_plain(saved.get(k))!r} in the checkpoint, {_plain(now.get(k))!r} here"
+                     for k in keys if _plain(saved.get(k)) != _plain(now.get(k)))
+
+
+def _same_spacing(a, b) -> bool:
+    a, b = np.atleast_1d(np.asarray(a, float)), np.atleast_1d(np.asarray(b, float))
+    try:
+        return bool(np.allclose(*np.broadcast_arrays(a, b), rtol=1e-4))
+    except ValueError:
+        return False
+
+
+# What a run optimises: changed half-way, the history would belong to no single run.
+_FIXED_ON_RESUME = ("losses", "batch_size", "deep_weight", "labels", "spacing")
+# How each step is taken: a resumed run may change these from its first step on.
+_CHANGEABLE_ON_RESUME = ("lr", "grad_clip")
+_RESUME_KEYS = ("model", "optimizer", "rng", "rng_epoch_start", "step", "epoch", "batch_in_epoch",
+                "history")
+
+
+def check_complete(state: Mapping, path) -> None:
+    """Raise unless checkpoint ``state`` (from ``path``) holds all a run needs to continue exactly."""
+    missing = [k for k in _RESUME_KEYS if k not in state]
+    if missing:
+        what = ("weights only" if "model" in state else "no weights") + \
+               f" (no {', '.join(repr(k) for k in missing)})"
+        raise ValueError(f"resume: {str(path)!r} holds {what}, so no run can continue from it "
+                         f"exactly; start a new run initialised from its weights (regedu train "
+                         f"--init-from {path}, or fit(load_model({str(path)!r}), ...)), or re-run "
+                         f"the command that made it")
+
+
+def _check_resumable(state: Mapping, path: Path, config: dict, train_config: dict) -> list[str]:
+    """Raise if ``state`` cannot continue this run; return the changes it makes (lines)."""
+    check_complete(state, path)
+    saved_config = state.get("config") or {}
+    if config and _plain(saved_config) != _plain(config):
+        # Between two kinds of model only the kind matters; their arguments differ anyway.
+        names = ({"name": saved_config.get("name")}, {"name": config.get("name")})
+        shown = names if names[0] != names[1] else (saved_config, config)
+        raise ValueError(f"resume: {str(path)!r} holds another model than this run builds "
+                         f"({_differences(*shown)}); build the model it holds to "
+                         f"continue it (regedu train takes it from the checkpoint when --model is "
+                         f"not given), or train into another checkpoint file")
+    saved = state.get("train_config") or {}
+    fixed = {k: saved[k] for k in _FIXED_ON_RESUME if k in saved}
+    now = {k: train_config.get(k) for k in fixed}
+    if "spacing" in fixed and (fixed["spacing"] is None or now["spacing"] is None
+                               or _same_spacing(fixed["spacing"], now["spacing"])):
+        del fixed["spacing"], now["spacing"]
+    if _plain(fixed) != _plain(now):
+        raise ValueError(f"resume: {str(path)!r} was trained with other settings "
+                         f"({_differences(fixed, now)}); a run that changed them half-way would "
+                         f"mix two objectives in one history: resume with the checkpoint's "
+                         f"settings, or start a new run (from its weights: --init-from)")
+    notes = [f"{k} {saved[k]!r} -> {train_config[k]!r} from here on"
+             for k in _CHANGEABLE_ON_RESUME if k in saved and saved[k] != train_config[k]]
+    for k in ("amp", "channels_last", "world_size"):
+        if k in saved and saved[k] != train_config[k]:
+            notes.append(f"{k} {saved[k]!r} -> {train_config[k]!r} (the run continues, but not "
+                         f"bit for bit)")
+    return notes
+
+
+def _skip_batches(batches, n: int, dataset) -> None:
+    # Drawing the used batches again would load (or synthesise) every one of
+    # their items. With one process and a map-style dataset the sampler alone
+    # says which they were; the generators are restored right after, so what
+    # the items would have drawn does not matter.
+    single = type(batches).__name__ == "_SingleProcessDataLoaderIter"
+    if single and not isinstance(dataset, IterableDataset) and hasattr(batches, "_next_index"):
+        for _ in range(n):
+            batches._next_index()
+        batches._num_yielded += n
+        return
+    for _ in range(n):
+        next(batches)
+
+
+def _checkpoint_summary(path: Path) -> str:
+    try:
+        state = load_checkpoint(path)
+    except (ValueError, OSError):
+        return "a file that is not a regedu checkpoint"
+    name = (state.get("config") or {}).get("name", "model")
+    return f"a {name} checkpoint at step {state.get('step', '?')}"
+
+
 def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int | None = None,
         epochs: int | None = None, lr: float = 1e-4, batch_size: int = 1, labels=None,
         deep_weight: float = 1.0, val_every: int | None = None, checkpoint=None,
-        checkpoint_every: int | None = None, resume=False, seed: int = 0, device=None,
+        checkpoint_every: int | None = None, checkpoint_minutes: float | None = 10.0,
+        resume=False, overwrite: bool = False, seed: int = 0, device=None,
         amp: bool | None = None, channels_last: bool | None = None, progress: bool = True,
-        num_workers: int = 0, grad_clip: float | None = None) -> dict:
+        num_workers: int = 0, grad_clip: float | None = None, spacing=None,
+        metadata: Mapping | None = None) -> dict:
     """Train a registration model with Adam; return the history.
 
     Parameters
@@ -430,6 +675,8 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
         Yields dicts with ``moving`` and ``fixed`` ``(B, C, *spatial)`` images and
         optionally ``moving_seg`` / ``fixed_seg`` integer label maps ``(B, 1, *spatial)``.
         A Dataset is wrapped in a shuffling DataLoader of ``batch_size``.
+        Images holding NaN or infinite values, and label maps holding
+        fractions, are refused.
     val_data : Dataset or DataLoader, optional
         Finite; evaluated every ``val_every`` steps and at the end: mean loss,
         mean Dice of the nearest-neighbour-warped labels (when present), % of
@@ -450,12 +697,25 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
     val_every : int, optional
         Steps between validations; default a tenth of the run.
     checkpoint : str or Path, optional
-        Checkpoint file, written atomically every ``checkpoint_every`` steps
-        (default: only at the end) and at the end.
+        Checkpoint file, written atomically every ``checkpoint_every`` steps,
+        at least every ``checkpoint_minutes``, at the end, and when SIGINT
+        (Ctrl-C) or SIGTERM stops the run (see Notes). Checked to be writable
+        before training starts. An existing file is refused unless ``resume``
+        or ``overwrite`` says what to do with it.
+    checkpoint_every : int, optional
+        Steps between saves; default a tenth of the run.
+    checkpoint_minutes : float or None
+        Also save when this much time has passed since the last save
+        (default 10; None: by steps only).
     resume : bool or str or Path
-        ``True`` continues from ``checkpoint`` if that file exists; a path
-        continues from that file. The run continues exactly: on CPU its losses
-        equal those of an uninterrupted run.
+        ``True`` continues from ``checkpoint`` if that file exists (and says
+        so); a path continues from that file. The run continues exactly: on CPU
+        its losses equal those of an uninterrupted run. The checkpoint must
+        hold the same model and the same objective (losses, labels, batch
+        size, deep weight, voxel spacing); ``lr`` and ``grad_clip`` may change,
+        and the change is recorded in ``train_config["changes"]``.
+    overwrite : bool
+        Start a new run over an existing ``checkpoint`` file.
     seed : int
         Seeds Python, NumPy and PyTorch at the start (not on resume: the saved
         generator states are restored instead).
@@ -465,7 +725,8 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
         Mixed precision (float16 autocast with a gradient scaler) and channels-last
         memory; default on with CUDA. Both are CUDA-only.
     progress : bool
-        Show a progress bar (``tqdm.auto``: a widget in Jupyter, text in a terminal).
+        Show progress bars for training and validation (``tqdm.auto``: a widget
+        in Jupyter, text in a terminal).
     num_workers : int
         DataLoader workers when ``train_data`` is a Dataset.
     grad_clip : float, optional
@@ -473,12 +734,30 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
         registration loss can spike when a structure slides off the brain into
         the zero background; one such step at a high learning rate can undo
         hundreds of good ones.
+    spacing : float or sequence of float, optional
+        Voxel size of the training images in mm (default the dataset's
+        ``spacing`` attribute, if any). Recorded with ``shape`` (the spatial size
+        trained on) in ``train_config``, so that :func:`load_model` and
+        ``regedu register`` can run the model at the right scale on other grids.
+    metadata : dict, optional
+        Anything else to keep in the checkpoint (``state["metadata"]``).
 
     Returns
     -------
     dict
         ``history["train"]``: ``step``, ``loss`` and every weighted term, one value
         per step; ``history["val"]``: ``step`` and the validation metrics.
+
+    Raises
+    ------
+    TrainingInterrupted
+        After SIGINT or SIGTERM, once the checkpoint is saved.
+    ValueError
+        Bad arguments; a checkpoint that cannot be resumed (weights only,
+        another model, other settings); a loss that is no longer finite (the
+        model is not updated by that step and the last checkpoint is kept).
+    FileExistsError
+        ``checkpoint`` exists, and neither ``resume`` nor ``overwrite`` is set.
 
     Notes
     -----
@@ -491,6 +770,10 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
     Exact resume works by saving, beside the generator states, those at the
     start of the current epoch and the number of batches already drawn: on
     resume the epoch's data order is drawn again and the used batches skipped.
+
+    A first SIGINT or SIGTERM (in the main thread of a single process) lets the
+    current step finish, saves the checkpoint and raises
+    :class:`TrainingInterrupted`; a second one stops at once.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got a {type(model).__name__}")
@@ -500,7 +783,33 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
                    integer=True)
     check_positive(lr, "lr")
     check_positive(batch_size, "batch_size", integer=True)
+    for name, value in (("val_every", val_every), ("checkpoint_every", checkpoint_every)):
+        if value is not None:
+            check_positive(value, name, integer=True)
+    if checkpoint_minutes is not None:
+        check_positive(checkpoint_minutes, "checkpoint_minutes")
+    if grad_clip is not None:
+        check_positive(grad_clip, "grad_clip")
     terms = _build_terms(DEFAULT_LOSSES if losses is None else losses)
+    labels = None if labels is None else check_label_list(labels)
+
+    # Everything about the checkpoint file is settled before any training, so
+    # that a bad path or an unwanted overwrite costs nothing.
+    if resume is True and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=PATH (the file to continue from)")
+    resume_path = (Path(checkpoint) if resume is True
+                   else Path(resume) if resume not in (False, None) else None)
+    if resume_path is not None and resume is not True and not resume_path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint file {str(resume_path)!r}")
+    if checkpoint is not None:
+        checkpoint = check_output_path(checkpoint, "checkpoint")
+        continues_it = (checkpoint.exists() and resume_path is not None and resume_path.is_file()
+                        and os.path.samefile(resume_path, checkpoint))
+        if checkpoint.exists() and not continues_it and not overwrite:
+            raise FileExistsError(f"checkpoint: {str(checkpoint)!r} already exists "
+                                  f"({_checkpoint_summary(checkpoint)}); continue it with "
+                                  f"resume=True, start over with overwrite=True, or choose "
+                                  f"another file")
 
     rank, world, local_rank, own_group = _distributed()
     device = torch.device(device) if device is not None else default_device()
@@ -513,10 +822,18 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
         raise ValueError(f"amp and channels_last are for CUDA devices; got device {device} "
                          f"with amp={amp}, channels_last={channels_last}")
 
+    dataset = getattr(train_data, "dataset", train_data)
+    if spacing is None:
+        spacing = getattr(dataset, "spacing", None)
+    if spacing is not None:
+        spacing = [float(v) for v in np.atleast_1d(np.asarray(spacing, dtype=float))]
+        for v in spacing:
+            check_positive(v, "spacing")
+
     sampler = None
-    if world > 1 and not isinstance(getattr(train_data, "dataset", train_data), IterableDataset):
+    if world > 1 and not isinstance(dataset, IterableDataset):
         from torch.utils.data.distributed import DistributedSampler
-        sampler = DistributedSampler(getattr(train_data, "dataset", train_data), seed=seed)
+        sampler = DistributedSampler(dataset, seed=seed)
     loader = _as_loader(train_data, batch_size, num_workers, sampler, pin_memory=device.type == "cuda")
     val_loader = None
     if val_data is not None:
@@ -530,6 +847,7 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
     else:
         total = steps
     val_every = val_every or max(1, math.ceil(total / 10))
+    checkpoint_every = checkpoint_every or max(1, math.ceil(total / 10))
 
     net = model.to(device)
     config = dict(getattr(net, "config", {}) or {})
@@ -538,33 +856,54 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
     # The fused CUDA kernel updates all parameters in one launch (same maths).
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    if grad_clip is not None:
-        check_positive(grad_clip, "grad_clip")
     train_config = {"losses": _terms_config(terms), "lr": lr, "batch_size": batch_size,
                     "grad_clip": grad_clip,
                     "steps": steps, "epochs": epochs, "seed": seed, "deep_weight": deep_weight,
-                    "labels": None if labels is None else [int(v) for v in labels],
-                    "amp": amp, "channels_last": channels_last, "world_size": world}
+                    "labels": labels, "amp": amp, "channels_last": channels_last,
+                    "world_size": world, "spacing": spacing, "shape": None, "changes": []}
+    meta = dict(metadata or {})
 
     step, epoch, batch_in_epoch = 0, 0, 0
     history = _new_history()
     resume_state = None
-    resume_path = (Path(checkpoint) if resume is True and checkpoint is not None
-                   else Path(resume) if resume not in (False, None, True) else None)
-    if resume is True and checkpoint is None:
-        raise ValueError("resume=True needs checkpoint=PATH (the file to continue from)")
     if resume_path is not None and resume_path.is_file():
         resume_state = load_checkpoint(resume_path, map_location=device)
-        net.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
+        notes = _check_resumable(resume_state, resume_path, config, train_config)
+        try:
+            net.load_state_dict(resume_state["model"])
+            optimizer.load_state_dict(resume_state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"resume: the weights in {str(resume_path)!r} do not fit this model "
+                             f"({first}); build the model the checkpoint holds, or train into "
+                             f"another checkpoint file") from None
+        for group in optimizer.param_groups:
+            group["lr"] = lr  # the saved optimiser carries the old rate: the new one applies
         if resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         step, epoch = resume_state["step"], resume_state["epoch"]
         batch_in_epoch = resume_state["batch_in_epoch"]
         history = resume_state["history"]
-    elif resume not in (False, True, None):
-        raise FileNotFoundError(f"resume: no checkpoint file {str(resume_path)!r}")
+        saved = resume_state.get("train_config") or {}
+        train_config["seed"] = saved.get("seed", seed)  # its generators continue, not seed's
+        train_config["shape"] = saved.get("shape")
+        if train_config["spacing"] is None:
+            train_config["spacing"] = saved.get("spacing")
+        train_config["changes"] = list(saved.get("changes") or [])
+        changed = {k: [saved[k], train_config[k]] for k in _CHANGEABLE_ON_RESUME
+                   if k in saved and saved[k] != train_config[k]}
+        if changed:
+            train_config["changes"].append({"step": step, **changed})
+        meta = {**(resume_state.get("metadata") or {}), **meta}
+        if rank == 0:
+            where = (f"nothing to train: it is already at step {step}, and the run asks for "
+                     f"{total}; give more steps to continue it" if step >= total else
+                     f"{total - step} steps to go")
+            print(f"resuming from step {step} of {total} ({resume_path}): {where}"
+                  + "".join(f"; {n}" for n in notes), flush=True)
     else:
+        if resume_path is not None and rank == 0:
+            print(f"no checkpoint at {resume_path} yet: starting a new run", flush=True)
         seed_everything(seed + rank)
 
     train_net = net
@@ -577,78 +916,111 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=None, steps: int 
                 "scaler": scaler.state_dict() if amp else {}, "step": step, "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch, "config": config, "train_config": train_config,
                 "rng": _rng_state(), "rng_epoch_start": rng_epoch_start, "history": history,
+                "metadata": meta,
                 "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]}}
 
-    bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="training",
-               dynamic_ncols=True)
+    saved_at = step if resume_state is not None else None
+    last_save = time.monotonic()
+
+    def save() -> None:
+        nonlocal saved_at, last_save
+        # A diverged model must not replace the last good checkpoint.
+        _check_weights(net.state_dict(), f"model at step {step}")
+        save_checkpoint(checkpoint, checkpoint_state())
+        saved_at, last_save = step, time.monotonic()
+
+    def kept() -> str:
+        if checkpoint is None:
+            return "no checkpoint file was given"
+        if saved_at is None:
+            return "no checkpoint was saved yet"
+        return f"the checkpoint {str(checkpoint)!r} (step {saved_at}) is kept"
+
+    bar = tqdm(total=total, initial=min(step, total), disable=not progress or rank != 0,
+               desc="training", dynamic_ncols=True)
     net.train()
     memory_format = None
     shown: dict[str, str] = {}  # the last validation, kept on the progress bar
+    stop = _StopRequests(enabled=checkpoint is not None and world == 1 and rank == 0)
     try:
-        while step < total:
-            if resume_state is not None:
-                # Draw this epoch's order again from the saved start state, skip what was used.
-                rng_epoch_start = resume_state["rng_epoch_start"]
-                _set_rng_state(rng_epoch_start)
-            else:
-                rng_epoch_start = _rng_state()
-                batch_in_epoch = 0
-            if hasattr(loader.sampler, "set_epoch"):
-                loader.sampler.set_epoch(epoch)
-            batches = iter(loader)
-            if resume_state is not None:
-                for _ in range(batch_in_epoch):
-                    next(batches)
-                _set_rng_state(resume_state["rng"])
-                resume_state = None
-            for raw in batches:
-                if memory_format is None:
-                    ndim = raw["moving"].dim() if isinstance(raw, Mapping) else raw[0].dim()
-                    memory_format = _memory_format(ndim, channels_last)
-                    if channels_last:
-                        net.to(memory_format=memory_format)
-                batch = _prepare_batch(raw, device, memory_format)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    output = train_net(batch["moving"], batch["fixed"])
-                values = loss_terms(_float_output(output), batch["moving"], batch["fixed"],
-                                    losses=terms, moving_seg=batch.get("moving_seg"),
-                                    fixed_seg=batch.get("fixed_seg"), labels=labels,
-                                    deep_weight=deep_weight)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(values["loss"]).backward()
-                if grad_clip is not None:
-                    scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-                    nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                batch_in_epoch += 1
-                logged = torch.stack([v.detach().float() for v in values.values()])
-                if world > 1:
-                    dist.all_reduce(logged)
-                    logged /= world
-                _append(history["train"], step, dict(zip(values, logged.tolist())))
-                bar.update(1)
-                bar.set_postfix({"loss": f"{history['train']['loss'][-1]:.4g}", **shown}, refresh=False)
-                if rank == 0 and val_loader is not None and (step % val_every == 0 or step == total):
-                    # Validation must not move the generators, or where a run stops
-                    # (with its final validation) would change the run that resumes.
-                    rng = _rng_state()
-                    metrics = _validate(net, val_loader, terms, device=device,
-                                        memory_format=memory_format, labels=labels,
-                                        deep_weight=deep_weight, amp=amp)
-                    _set_rng_state(rng)
-                    _append(history["val"], step, metrics)
-                    shown = {f"val_{k}": f"{metrics[k]:.4g}" for k in ("loss", "dice") if k in metrics}
-                if rank == 0 and checkpoint is not None and (
-                        step == total or (checkpoint_every and step % checkpoint_every == 0)):
-                    save_checkpoint(checkpoint, checkpoint_state())
-                if step >= total:
-                    break
-            else:
-                if batch_in_epoch == 0:
-                    raise ValueError("train_data: yielded no batches")
-                epoch += 1
+        with stop:
+            while step < total:
+                if resume_state is not None:
+                    # Draw this epoch's order again from the saved start state, skip what was used.
+                    rng_epoch_start = resume_state["rng_epoch_start"]
+                    _set_rng_state(rng_epoch_start)
+                else:
+                    rng_epoch_start = _rng_state()
+                    batch_in_epoch = 0
+                if hasattr(loader.sampler, "set_epoch"):
+                    loader.sampler.set_epoch(epoch)
+                batches = iter(loader)
+                if resume_state is not None:
+                    _skip_batches(batches, batch_in_epoch, loader.dataset)
+                    _set_rng_state(resume_state["rng"])
+                    resume_state = None
+                for raw in batches:
+                    if memory_format is None:
+                        ndim = raw["moving"].dim() if isinstance(raw, Mapping) else raw[0].dim()
+                        memory_format = _memory_format(ndim, channels_last)
+                        if channels_last:
+                            net.to(memory_format=memory_format)
+                    batch = _prepare_batch(raw, device, memory_format)
+                    if train_config["shape"] is None:
+                        train_config["shape"] = list(batch["fixed"].shape[2:])
+                    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                        output = train_net(batch["moving"], batch["fixed"])
+                    values = loss_terms(_float_output(output), batch["moving"], batch["fixed"],
+                                        losses=terms, moving_seg=batch.get("moving_seg"),
+                                        fixed_seg=batch.get("fixed_seg"), labels=labels,
+                                        deep_weight=deep_weight)
+                    if not bool(torch.isfinite(values["loss"].detach())):
+                        parts = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in values.items())
+                        raise ValueError(f"loss: not finite at step {step + 1} ({parts}); the model "
+                                         f"was not updated by it and {kept()}. The run diverged "
+                                         f"or a batch holds extreme values: lower lr, set "
+                                         f"grad_clip, or check the data")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(values["loss"]).backward()
+                    if grad_clip is not None:
+                        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+                        nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    step += 1
+                    batch_in_epoch += 1
+                    logged = torch.stack([v.detach().float() for v in values.values()])
+                    if world > 1:
+                        dist.all_reduce(logged)
+                        logged /= world
+                    _append(history["train"], step, dict(zip(values, logged.tolist())))
+                    bar.update(1)
+                    bar.set_postfix({"loss": f"{history['train']['loss'][-1]:.4g}", **shown},
+                                    refresh=False)
+                    if rank == 0 and val_loader is not None and (step % val_every == 0 or step == total):
+                        # Validation must not move the generators, or where a run stops
+                        # (with its final validation) would change the run that resumes.
+                        rng = _rng_state()
+                        metrics = _validate(net, val_loader, terms, device=device,
+                                            memory_format=memory_format, labels=labels,
+                                            deep_weight=deep_weight, amp=amp,
+                                            progress=progress and not bar.disable)
+                        _set_rng_state(rng)
+                        _append(history["val"], step, metrics)
+                        shown = {f"val_{k}": f"{metrics[k]:.4g}" for k in ("loss", "dice") if k in metrics}
+                    if rank == 0 and checkpoint is not None and (
+                            step == total or step % checkpoint_every == 0 or stop.signum is not None
+                            or (checkpoint_minutes is not None
+                                and time.monotonic() - last_save >= 60 * checkpoint_minutes)):
+                        save()
+                    if stop.signum is not None:
+                        raise TrainingInterrupted(step, checkpoint, stop.signum)
+                    if step >= total:
+                        break
+                else:
+                    if batch_in_epoch == 0:
+                        raise ValueError("train_data: yielded no batches")
+                    epoch += 1
     finally:
         bar.close()
         if own_group:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._checks import as_labels
 from ._image import resize_image, resize_labels, to_unit_range
 from .fetch import fetch
 from .fundus import parse_fire_lines
@@ -250,7 +251,8 @@ class NeuriteOASIS:
         name = self.subjects[subject] if isinstance(subject, (int, np.integer)) else subject
         folder = self.root / name
         image = _squeeze_to(_load_nifti(folder / self._image_name).astype(np.float32), self.ndim)
-        seg = _squeeze_to(_load_nifti(folder / self._seg_name), self.ndim).astype(np.int64)
+        seg = as_labels(_squeeze_to(_load_nifti(folder / self._seg_name), self.ndim),
+                        str(folder / self._seg_name))
         return dict(image=to_unit_range(image, percentile=100)[None], seg=seg, name=name)
 
 
@@ -299,7 +301,7 @@ class Learn2RegOASIS:
             raise _missing(path, f"case {case}", "learn2reg-oasis")
         image = to_unit_range(_load_nifti(path).astype(np.float32), percentile=100)
         label = self.root / "labelsTr" / f"{case}.nii.gz"
-        seg = _load_nifti(label).astype(np.int64) if label.is_file() else None
+        seg = as_labels(_load_nifti(label), str(label)) if label.is_file() else None
         return dict(image=image[None], seg=seg, name=case)
 
 
@@ -324,7 +326,7 @@ def load_vxm_scan(path=None, *, shape=None) -> dict:
     with np.load(path) as data:
         if "vol" not in data or "seg" not in data:
             raise ValueError(f"{path}: expected keys 'vol' and 'seg', got {list(data.keys())}")
-        image, seg = data["vol"].astype(np.float32), data["seg"].astype(np.int64)
+        image, seg = data["vol"].astype(np.float32), as_labels(data["seg"], f"{path}: seg")
     if shape is not None:
         image, seg = resize_image(image, shape), resize_labels(seg, shape)
     return dict(image=image[None], seg=seg, name=path.stem)

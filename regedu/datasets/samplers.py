@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._checks import check_choice, check_positive
+from .._checks import as_labels, check_choice, check_positive
 
 __all__ = ["FundusPairs", "BrainPairs", "SubjectPairs", "FIREPairs", "brain_slice"]
 
@@ -197,7 +197,7 @@ class BrainPairs(_Cached):
         if np.asarray(src["image"]).ndim == 4 and ndim == 2:
             src = brain_slice(src)
         return dict(image=torch.as_tensor(np.asarray(src["image"]), dtype=torch.float32),
-                    seg=torch.as_tensor(np.asarray(src["seg"]), dtype=torch.int64),
+                    seg=torch.from_numpy(as_labels(src["seg"], "seg")),
                     name=src.get("name", "brain"))
 
     def _subject(self, g: torch.Generator) -> tuple[dict, str]:
@@ -257,8 +257,10 @@ class SubjectPairs(Dataset):
                     meta=dict(moving=str(moving.get("name", moving_key)),
                               fixed=str(fixed.get("name", fixed_key)), index=index))
         if moving.get("seg") is not None and fixed.get("seg") is not None:
-            item["moving_seg"] = _tensor(moving["seg"], torch.int64).reshape(1, *item["moving"].shape[1:])
-            item["fixed_seg"] = _tensor(fixed["seg"], torch.int64).reshape(1, *item["fixed"].shape[1:])
+            item["moving_seg"] = torch.from_numpy(as_labels(moving["seg"], f"{moving_key}: seg")).reshape(
+                1, *item["moving"].shape[1:])
+            item["fixed_seg"] = torch.from_numpy(as_labels(fixed["seg"], f"{fixed_key}: seg")).reshape(
+                1, *item["fixed"].shape[1:])
         return item
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree
 
-from .._checks import check_choice, check_positive, check_shape, check_tensor
+from .._checks import check_choice, check_finite, check_positive, check_shape, check_tensor
 from ..spatial import integrate_velocity, warp
 
 __all__ = ["RegistrationOutput", "Registration", "create", "from_config", "available_models"]
@@ -168,6 +168,7 @@ def check_pair(moving, fixed, spatial_dims: int, in_channels: int) -> torch.Tens
                              f"(in_channels={in_channels}), got {c} in shape {tuple(x.shape)}; "
                              f"convert the image (e.g. RGB to grey: x.mean(1, keepdim=True)) or "
                              f"build the model with in_channels={c}")
+        check_finite(x, name)  # one NaN voxel spreads through every convolution into the field
     if moving.shape[2:] != fixed.shape[2:]:
         raise ValueError(f"moving and fixed: expected the same spatial size, got "
                          f"{tuple(moving.shape[2:])} and {tuple(fixed.shape[2:])}; resample the "
