@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from ._checks import as_tensor, check_choice, check_field, check_finite, check_label_list, check_labels
-from .metrics import FIRE_THRESHOLDS, dice, fire_auc, fire_success_curve, folding_stats, tre
+from .metrics import (FIRE_THRESHOLDS, average_surface_distance, dice, fire_auc, fire_success_curve,
+                      folding_stats, hausdorff95, tre)
 from .spatial import warp
 
 __all__ = ["evaluate", "compare", "Evaluation", "summary", "SummaryTable", "fire_report",
@@ -157,12 +158,19 @@ class Evaluation:
         Dice per structure, rows pairs, columns structures (NaN: absent from both).
     tre_errors : list of ndarray or None
         Per-point TRE of each pair (None for pairs without landmarks).
+    hd95, asd : DataFrame
+        With ``evaluate(..., surface=True)``: HD95 and average symmetric surface
+        distance per structure, in the units of the spacing, laid out as ``dice``
+        (NaN: absent from both maps, or from one: see ``surface_missing``);
+        empty otherwise.
     """
 
     name: str
     records: list = field(default_factory=list)
     dice: pd.DataFrame = field(default_factory=pd.DataFrame)
     tre_errors: list = field(default_factory=list)
+    hd95: pd.DataFrame = field(default_factory=pd.DataFrame)
+    asd: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def table(self) -> pd.DataFrame:
         """The records as a DataFrame, one row per pair."""
@@ -177,7 +185,7 @@ class Evaluation:
 
 def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0,
              device=None, spatial_dims: int | None = None, warmup: bool = False,
-             progress: bool = True) -> Evaluation:
+             progress: bool = True, surface: bool = False) -> Evaluation:
     """Register every pair with ``method`` and measure the result.
 
     Parameters
@@ -210,6 +218,12 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
         a network's first call do not count).
     progress : bool
         Show a progress bar.
+    surface : bool
+        Also measure surface distances of the structures
+        (:func:`regedu.metrics.hausdorff95`, :func:`regedu.metrics.average_surface_distance`,
+        scaled by the spacing): records gain ``hd95``, ``asd`` (means over
+        structures) and ``surface_missing`` (structures in only one of the two
+        maps, left out of those means), and the evaluation ``hd95`` and ``asd`` tables.
 
     Returns
     -------
@@ -235,7 +249,7 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
     dev = _device_of(method, device)
     pairs = list(pairs)
     ev = Evaluation(name)
-    dice_rows = []
+    dice_rows, hd_rows, asd_rows = [], [], []
     for i, pair in enumerate(tqdm(pairs, disable=not progress, desc=f"evaluate {name}")):
         if not isinstance(pair, dict) or "moving" not in pair or "fixed" not in pair:
             raise ValueError(f"pairs[{i}]: expected a dict with 'moving' and 'fixed' images, got "
@@ -258,13 +272,25 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
                                  f"to score, e.g. labels=[2, 3, 4, ...] or a dict {{label: name}}")
             ms = _seg(pair["moving_seg"], f"pairs[{i}]['moving_seg']", spatial)
             fs = _seg(pair["fixed_seg"], f"pairs[{i}]['fixed_seg']", spatial)
-            after = dice(fs, warp(ms, disp, mode="nearest"), label_ids)
+            warped_seg = warp(ms, disp, mode="nearest")
+            after = dice(fs, warped_seg, label_ids)
             before = dice(fs, ms, label_ids)
             rec.update(dice_mean=after.mean, dice_std=after.std, dice_before=before.mean)
             dice_rows.append(dict(zip(label_names, after.per_label)))
+            if surface:
+                sp = meta.get("spacing", spacing)
+                hd = hausdorff95(fs[0, 0], warped_seg[0, 0], label_ids, spacing=sp)
+                asd = average_surface_distance(fs[0, 0], warped_seg[0, 0], label_ids, spacing=sp)
+                rec.update(hd95=hd.mean, asd=asd.mean, surface_missing=len(hd.missing))
+                hd_rows.append(dict(zip(label_names, hd.per_label)))
+                asd_rows.append(dict(zip(label_names, asd.per_label)))
         else:
             rec.update(dice_mean=np.nan, dice_std=np.nan, dice_before=np.nan)
             dice_rows.append({})
+            if surface:
+                rec.update(hd95=np.nan, asd=np.nan, surface_missing=0)
+                hd_rows.append({})
+                asd_rows.append({})
         if "moving_points" in pair and "fixed_points" in pair:
             nd = len(spatial)
             fp = _points(pair["fixed_points"], f"pairs[{i}]['fixed_points']", nd)
@@ -283,6 +309,9 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
         ev.records.append(rec)
     ev.dice = pd.DataFrame(dice_rows, columns=label_names,
                            index=[r["pair"] for r in ev.records])
+    if surface:
+        ev.hd95 = pd.DataFrame(hd_rows, columns=label_names, index=ev.dice.index)
+        ev.asd = pd.DataFrame(asd_rows, columns=label_names, index=ev.dice.index)
     if dice_rows and any(dice_rows):
         absent = [c for c in ev.dice.columns if ev.dice[c].isna().all()]
         if absent:
@@ -301,7 +330,8 @@ def compare(methods: dict, pairs, **kwargs) -> list[Evaluation]:
 # -------------------------------------------------------------------- tables
 
 _METRIC_TITLES = {"dice": "Dice", "dice_before": "Dice before", "tre": "TRE",
-                  "percent_folding": "% det J <= 0", "sdlogj": "SDlogJ", "seconds": "seconds"}
+                  "percent_folding": "% det J <= 0", "sdlogj": "SDlogJ", "seconds": "seconds",
+                  "hd95": "HD95", "asd": "ASD"}
 
 
 def _values(ev: Evaluation, metric: str, rows: np.ndarray, dice_over: str) -> np.ndarray:
@@ -373,7 +403,8 @@ def summary(evaluations, metrics=("dice",), *, by: str | None = "dataset",
         One per method (rows, in this order).
     metrics : sequence of str
         Any of "dice", "dice_before", "tre", "percent_folding", "sdlogj",
-        "seconds" (or another numeric record column).
+        "seconds", "hd95", "asd" (the last two from ``evaluate(..., surface=True)``;
+        over the per-pair means), or another numeric record column.
     by : "dataset", "category" or None
         Split columns by this record field (one column per value and metric);
         None pools all pairs (one column per metric).
