@@ -224,6 +224,8 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
         scaled by the spacing): records gain ``hd95``, ``asd`` (means over
         structures) and ``surface_missing`` (structures in only one of the two
         maps, left out of those means), and the evaluation ``hd95`` and ``asd`` tables.
+        Two distance transforms per structure: about 2 s per pair of 30-structure
+        brain volumes at 2 mm on one CPU core.
 
     Returns
     -------

@@ -70,27 +70,36 @@ def _stack(items, name: str, *, labels: bool, shape=None) -> torch.Tensor:
     return torch.stack(maps)
 
 
-def _candidates(stack: torch.Tensor, label_ids) -> tuple[torch.Tensor, list[int]]:
-    """The maps with unlisted labels set to background, and the candidate labels ``[0, *ids]``."""
+def _listed(stack: torch.Tensor, label_ids) -> torch.Tensor:
+    """The maps with labels outside ``label_ids`` set to background (None: all kept)."""
     if label_ids is None:
-        ids = [int(v) for v in torch.unique(stack).tolist() if v != 0]
-        return stack, [0] + ids
-    ids = [v for v in check_label_list(label_ids, "label_ids") if v != 0]
-    listed = torch.isin(stack, torch.tensor(ids, dtype=stack.dtype, device=stack.device))
-    return torch.where(listed, stack, torch.zeros_like(stack)), [0] + ids
+        return stack
+    ids = torch.tensor([v for v in check_label_list(label_ids, "label_ids") if v != 0] or [0],
+                       dtype=stack.dtype, device=stack.device)
+    # A lookup table is one gather over the maps; torch.isin sorts them.
+    lo, hi = int(min(int(stack.min()), int(ids.min()))), int(max(int(stack.max()), int(ids.max())))
+    table = torch.zeros(hi - lo + 1, dtype=stack.dtype, device=stack.device)
+    table[ids - lo] = ids
+    return table[stack - lo]
 
 
-def _vote(stack: torch.Tensor, weights: torch.Tensor, candidates: list[int]) -> torch.Tensor:
-    # A running argmax over candidate labels keeps two volumes in memory, not one
-    # per label (31 volumes for the FreeSurfer structures). ">" keeps the earlier
-    # candidate on a tie: ties go to the smaller label, background first.
-    best = torch.full(stack.shape[1:], -1.0, dtype=weights.dtype, device=stack.device)
-    fused = torch.zeros(stack.shape[1:], dtype=torch.long, device=stack.device)
-    for k in candidates:
-        score = (weights * (stack == k)).sum(0)
-        better = score > best
+def _vote(stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted vote of ``n`` label maps ``(n, *spatial)``; ``weights`` broadcast to them.
+
+    Only labels some atlas proposes can win, so each atlas's proposal is scored
+    by the total weight of the atlases agreeing with it: ``n^2`` comparisons of
+    whole maps, instead of ``n`` per label of the label list (31 for the
+    FreeSurfer structures), and two volumes of memory. Ties go to the smaller label.
+    """
+    best = fused = None
+    for i in range(stack.shape[0]):
+        score = (weights * (stack == stack[i])).sum(0)
+        if best is None:
+            best, fused = score, stack[i].clone()
+            continue
+        better = (score > best) | ((score == best) & (stack[i] < fused))
         best = torch.where(better, score, best)
-        fused[better] = k
+        fused = torch.where(better, stack[i], fused)
     return fused
 
 
@@ -116,8 +125,8 @@ def majority_vote(labels_list, label_ids=None) -> torch.Tensor:
     >>> majority_vote(maps)
     tensor([[1, 2, 2]])
     """
-    stack, candidates = _candidates(_stack(labels_list, "labels_list", labels=True), label_ids)
-    return _vote(stack, torch.ones((), dtype=torch.float32), candidates)
+    stack = _listed(_stack(labels_list, "labels_list", labels=True), label_ids)
+    return _vote(stack, torch.ones((), dtype=torch.float32))
 
 
 def _check_weights(weights, n: int, spatial: tuple[int, ...]) -> torch.Tensor:
@@ -158,9 +167,9 @@ def weighted_vote(labels_list, weights, label_ids=None) -> torch.Tensor:
     >>> weighted_vote(maps, [5.0, 1.0, 1.0])      # one dominant atlas outvotes two
     tensor([[1, 1]])
     """
-    stack, candidates = _candidates(_stack(labels_list, "labels_list", labels=True), label_ids)
+    stack = _listed(_stack(labels_list, "labels_list", labels=True), label_ids)
     w = _check_weights(weights, stack.shape[0], tuple(stack.shape[1:])).to(stack.device)
-    return _vote(stack, w, candidates)
+    return _vote(stack, w)
 
 
 def local_weights(warped_images, target_image, *, window: int = 5, method: str = "ncc",
@@ -239,12 +248,12 @@ def locally_weighted_vote(labels_list, warped_images, target_image, *, window: i
     -------
     Tensor (long), shape (*spatial).
     """
-    stack, candidates = _candidates(_stack(labels_list, "labels_list", labels=True), label_ids)
+    stack = _listed(_stack(labels_list, "labels_list", labels=True), label_ids)
     w = local_weights(warped_images, target_image, window=window, method=method, h=h)
     if w.shape[0] != stack.shape[0] or tuple(w.shape[1:]) != tuple(stack.shape[1:]):
         raise ValueError(f"warped_images: expected one image per label map, {stack.shape[0]} of "
                          f"shape {tuple(stack.shape[1:])}, got {w.shape[0]} of shape {tuple(w.shape[1:])}")
-    return _vote(stack, w.to(stack.device), candidates)
+    return _vote(stack, w.to(stack.device))
 
 
 # --------------------------------------------------------------- selection
