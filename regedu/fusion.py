@@ -400,7 +400,8 @@ def select_template(templates, *, target=None, atlases=None, similarity="ncc") -
     if target is not None:
         t = _spatial(target, "target", labels=False)
         if tuple(t.shape) != shape:
-            raise ValueError(f"target: expected spatial shape {shape} like the templates, got {tuple(t.shape)}")
+            raise ValueError(f"target: expected spatial shape {shape} like the templates, "
+                             f"got {tuple(t.shape)}")
         scores += [sim(T[None, None], t[None, None].to(T.dtype)) for T in lib]
         parts.append("similarity to the target")
     if atlases is not None:

@@ -30,8 +30,8 @@ from ._checks import (as_tensor, check_choice, check_field, check_finite, check_
                       check_tensor)
 
 __all__ = ["warp", "SpatialTransformer", "identity_grid", "affine_to_displacement",
-           "compose", "integrate_velocity", "IntegrateVelocity", "invert_field", "resize_field", "warp_points",
-           "gaussian_blur"]
+           "compose", "integrate_velocity", "IntegrateVelocity", "invert_field", "resize_field",
+           "warp_points", "gaussian_blur"]
 
 _MODES = ("bilinear", "nearest")
 _PADDINGS = ("zeros", "border")

@@ -205,7 +205,8 @@ def paired_test(a, b, *, n_boot: int = 10000, seed: int = 0, ci: float = 0.95,
     PairedTest
 
     >>> a = np.linspace(0.6, 0.8, 12)
-    >>> r = paired_test(a, a + 0.01 + 0.002 * np.cos(np.arange(12)), metric="Dice", names=("VoxelMorph", "VV-Net"))
+    >>> b = a + 0.01 + 0.002 * np.cos(np.arange(12))
+    >>> r = paired_test(a, b, metric="Dice", names=("VoxelMorph", "VV-Net"))
     >>> r.wilcoxon_p < 0.001, r.t_p < 0.001
     (True, True)
     >>> r.summary()[:30]

@@ -23,7 +23,8 @@ def _case(shape):
 def test_plot_fusion_has_four_panels_with_computed_dice(shape):
     image, truth, atlases = _case(shape)
     fused = fusion.majority_vote(atlases)
-    fig = viz.plot_fusion(image, truth, atlases[0], fused, labels=[1, 2], index=3 if len(shape) == 3 else None)
+    index = 3 if len(shape) == 3 else None
+    fig = viz.plot_fusion(image, truth, atlases[0], fused, labels=[1, 2], index=index)
     assert isinstance(fig, Figure) and len(fig.axes) == 4
     titles = [ax.get_title() for ax in fig.axes]
     single_dice = metrics.dice(truth, atlases[0], [1, 2]).mean
