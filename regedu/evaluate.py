@@ -129,6 +129,29 @@ def _run(method, moving, fixed, device: torch.device):
     return out, time.perf_counter() - start
 
 
+def _surface_scores(disp, pair: dict, *, labels, spacing=1.0, where: str = "pair"):
+    """Surface distances of one registered pair: ``({hd95, asd, surface_missing}, hd, asd)``.
+
+    HD95 and ASSD (:func:`regedu.metrics.hausdorff95`,
+    :func:`regedu.metrics.average_surface_distance`) between the fixed labels
+    and the nearest-neighbour-warped moving labels, in the units of ``spacing``;
+    NaN and None without label maps. ``surface_missing`` counts the structures
+    present in one map only (left out of the means).
+    """
+    if "moving_seg" not in pair or "fixed_seg" not in pair:
+        return dict(hd95=np.nan, asd=np.nan, surface_missing=0), None, None
+    if labels is None:
+        raise ValueError(f"labels: {where} has segmentations; pass the structures "
+                         f"to score, e.g. labels=[2, 3, 4, ...] or a dict {{label: name}}")
+    spatial = tuple(disp.shape[2:])
+    ms = _seg(pair["moving_seg"], f"{where}['moving_seg']", spatial)
+    fs = _seg(pair["fixed_seg"], f"{where}['fixed_seg']", spatial)
+    warped = warp(ms, disp, mode="nearest")[0, 0]
+    hd = hausdorff95(fs[0, 0], warped, labels, spacing=spacing)
+    asd = average_surface_distance(fs[0, 0], warped, labels, spacing=spacing)
+    return dict(hd95=hd.mean, asd=asd.mean, surface_missing=len(hd.missing)), hd, asd
+
+
 def _label_spec(labels):
     """``labels`` as a list of ints and a list of column names."""
     if labels is None:
@@ -274,25 +297,13 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
                                  f"to score, e.g. labels=[2, 3, 4, ...] or a dict {{label: name}}")
             ms = _seg(pair["moving_seg"], f"pairs[{i}]['moving_seg']", spatial)
             fs = _seg(pair["fixed_seg"], f"pairs[{i}]['fixed_seg']", spatial)
-            warped_seg = warp(ms, disp, mode="nearest")
-            after = dice(fs, warped_seg, label_ids)
+            after = dice(fs, warp(ms, disp, mode="nearest"), label_ids)
             before = dice(fs, ms, label_ids)
             rec.update(dice_mean=after.mean, dice_std=after.std, dice_before=before.mean)
             dice_rows.append(dict(zip(label_names, after.per_label)))
-            if surface:
-                sp = meta.get("spacing", spacing)
-                hd = hausdorff95(fs[0, 0], warped_seg[0, 0], label_ids, spacing=sp)
-                asd = average_surface_distance(fs[0, 0], warped_seg[0, 0], label_ids, spacing=sp)
-                rec.update(hd95=hd.mean, asd=asd.mean, surface_missing=len(hd.missing))
-                hd_rows.append(dict(zip(label_names, hd.per_label)))
-                asd_rows.append(dict(zip(label_names, asd.per_label)))
         else:
             rec.update(dice_mean=np.nan, dice_std=np.nan, dice_before=np.nan)
             dice_rows.append({})
-            if surface:
-                rec.update(hd95=np.nan, asd=np.nan, surface_missing=0)
-                hd_rows.append({})
-                asd_rows.append({})
         if "moving_points" in pair and "fixed_points" in pair:
             nd = len(spatial)
             fp = _points(pair["fixed_points"], f"pairs[{i}]['fixed_points']", nd)
@@ -308,6 +319,12 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
             ev.tre_errors.append(None)
         rec.update(folding_stats(disp))
         rec.update(seconds=seconds, device=str(dev))
+        if surface:
+            extra, hd, asd = _surface_scores(disp, pair, labels=label_ids,
+                                             spacing=meta.get("spacing", spacing), where=f"pairs[{i}]")
+            rec.update(extra)
+            hd_rows.append({} if hd is None else dict(zip(label_names, hd.per_label)))
+            asd_rows.append({} if asd is None else dict(zip(label_names, asd.per_label)))
         ev.records.append(rec)
     ev.dice = pd.DataFrame(dice_rows, columns=label_names,
                            index=[r["pair"] for r in ev.records])
