@@ -94,6 +94,29 @@ def _points(x, name: str, ndim: int) -> torch.Tensor:
     return check_finite(x, name)
 
 
+def _surface_scores(disp, pair: dict, *, labels, spacing=1.0, where: str = "pair"):
+    """Surface distances of one registered pair: ``({hd95, asd, surface_missing}, hd, asd)``.
+
+    HD95 and ASSD (:func:`regedu.metrics.hausdorff95`,
+    :func:`regedu.metrics.average_surface_distance`) between the fixed labels
+    and the nearest-neighbour-warped moving labels, in the units of ``spacing``;
+    NaN and None without label maps. ``surface_missing`` counts the structures
+    present in one map only (left out of the means).
+    """
+    if "moving_seg" not in pair or "fixed_seg" not in pair:
+        return dict(hd95=np.nan, asd=np.nan, surface_missing=0), None, None
+    if labels is None:
+        raise ValueError(f"labels: {where} has segmentations; pass the structures "
+                         f"to score, e.g. labels=[2, 3, 4, ...] or a dict {{label: name}}")
+    spatial = tuple(disp.shape[2:])
+    ms = _seg(pair["moving_seg"], f"{where}['moving_seg']", spatial)
+    fs = _seg(pair["fixed_seg"], f"{where}['fixed_seg']", spatial)
+    warped = warp(ms, disp, mode="nearest")[0, 0]
+    hd = hausdorff95(fs[0, 0], warped, labels, spacing=spacing)
+    asd = average_surface_distance(fs[0, 0], warped, labels, spacing=spacing)
+    return dict(hd95=hd.mean, asd=asd.mean, surface_missing=len(hd.missing)), hd, asd
+
+
 def _disp_of(output, name: str) -> torch.Tensor:
     disp = getattr(output, "disp", output)
     if not isinstance(disp, torch.Tensor):
@@ -127,29 +150,6 @@ def _run(method, moving, fixed, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, time.perf_counter() - start
-
-
-def _surface_scores(disp, pair: dict, *, labels, spacing=1.0, where: str = "pair"):
-    """Surface distances of one registered pair: ``({hd95, asd, surface_missing}, hd, asd)``.
-
-    HD95 and ASSD (:func:`regedu.metrics.hausdorff95`,
-    :func:`regedu.metrics.average_surface_distance`) between the fixed labels
-    and the nearest-neighbour-warped moving labels, in the units of ``spacing``;
-    NaN and None without label maps. ``surface_missing`` counts the structures
-    present in one map only (left out of the means).
-    """
-    if "moving_seg" not in pair or "fixed_seg" not in pair:
-        return dict(hd95=np.nan, asd=np.nan, surface_missing=0), None, None
-    if labels is None:
-        raise ValueError(f"labels: {where} has segmentations; pass the structures "
-                         f"to score, e.g. labels=[2, 3, 4, ...] or a dict {{label: name}}")
-    spatial = tuple(disp.shape[2:])
-    ms = _seg(pair["moving_seg"], f"{where}['moving_seg']", spatial)
-    fs = _seg(pair["fixed_seg"], f"{where}['fixed_seg']", spatial)
-    warped = warp(ms, disp, mode="nearest")[0, 0]
-    hd = hausdorff95(fs[0, 0], warped, labels, spacing=spacing)
-    asd = average_surface_distance(fs[0, 0], warped, labels, spacing=spacing)
-    return dict(hd95=hd.mean, asd=asd.mean, surface_missing=len(hd.missing)), hd, asd
 
 
 def _label_spec(labels):
