@@ -109,8 +109,13 @@ def ants_to_displacement(transforms, fixed) -> torch.Tensor:
 def _ants_seed(ants, seed):
     # antspyx reads its seed from a module global (set by set_ants_deterministic,
     # which would also force one thread); set it only for this call.
+    # antsRegistration's --random-seed takes "any nonzero int": 0 means "seed
+    # from the clock", so passing seed 0 through made every call differ (up to
+    # a voxel on a 2 mm brain pair). Shift by one so that every seed >= 0 is fixed.
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
     old = ants.config._random_seed
-    ants.config._random_seed = seed
+    ants.config._random_seed = None if seed is None else int(seed) + 1
     try:
         yield
     finally:
@@ -133,8 +138,9 @@ def ants_register(moving, fixed, transform: str = "SyN", *, spacing=1.0, seed: i
         Voxel size in mm, so that ANTs' smoothing and step sizes act in mm as
         they would on a real scan; the returned field is in voxels anyway.
     seed : int or None
-        Seed of ANTs' random metric sampling (None: ANTs' default, not
-        reproducible).
+        Seed of ANTs' random metric sampling; the same seed gives the same
+        field (ANTs receives ``seed + 1``: it reads 0 as "seed from the
+        clock"). None: seeded from the clock, not reproducible.
     **ants_kwargs
         Passed to ``ants.registration`` (``reg_iterations``, ``aff_metric``,
         ``syn_metric``, ``grad_step``, ``flow_sigma``, ...).
