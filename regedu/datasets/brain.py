@@ -270,6 +270,11 @@ def _mode_downsample(labels: np.ndarray, factor: int) -> np.ndarray:
 def _to_output(t1_ras, parcels_ras, centre, spacing: int):
     t1 = _crop_pad(_ras_to_lia(t1_ras), BRAIN_SHAPES[1], centre)
     parcels = _crop_pad(_ras_to_lia(parcels_ras), BRAIN_SHAPES[1], centre)
+    return _downsample_output(t1, parcels, spacing)
+
+
+def _downsample_output(t1: np.ndarray, parcels: np.ndarray, spacing: int):
+    """A 1 mm LIA volume (160x192x224) at ``spacing``: image averaged and scaled to [0, 1], labels by mode."""
     if spacing > 1:
         t1 = F.avg_pool3d(torch.from_numpy(t1)[None, None], spacing)[0, 0].numpy()
         parcels = _mode_downsample(parcels, spacing)
@@ -292,14 +297,15 @@ def _save_atomic(path: Path, **arrays) -> None:
         notice.write_text(MNI_NOTICE)
 
 
-def _cached(name: str, cache_dir, build):
+def _cached(name: str, cache_dir, build, version: int | None = None):
+    version = _VERSION if version is None else version
     path = data_dir(cache_dir) / "offline" / f"{name}.npz"
     if path.is_file():
         with np.load(path) as data:
-            if int(data["version"]) == _VERSION:
+            if int(data["version"]) == version:
                 return {k: data[k] for k in data.files}
     arrays = build()
-    _save_atomic(path, version=np.array(_VERSION), **arrays)
+    _save_atomic(path, version=np.array(version), **arrays)
     return arrays
 
 
