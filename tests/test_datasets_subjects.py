@@ -5,6 +5,7 @@ import torch
 
 from conftest import SHARED_DATA
 from regedu.datasets import (ANATOMIES, DONORS, FREESURFER_30, HELD_OUT_ANATOMY, TRAIN_ANATOMY, DataUnavailableError,
+                             RealisticPairs,
                              anatomy_split, complete_donor, mni_brain, normalise_intensity, preprocess,
                              random_pose, realistic_subject, vxm_subject)
 from regedu.metrics import dice
@@ -41,6 +42,37 @@ def test_the_split_never_lets_a_held_out_brain_into_training():
     assert train | held_out == set(ANATOMIES) == set(DONORS) | {"mni152"}
     assert len(held_out) >= 2 and "mni152" in train  # the atlas is never held-out anatomy
     assert split["train"] == TRAIN_ANATOMY and split["held_out"] == HELD_OUT_ANATOMY
+
+
+def test_pairs_of_a_split_are_made_of_its_brains_only(cache):
+    train = RealisticPairs(23, anatomy="train", spacing_mm=4, cache_dir=cache)
+    held_out = RealisticPairs(23, anatomy="held_out", spacing_mm=4, cache_dir=cache)
+    made_of = {train.anatomy_of(i) for i in range(23)}
+    assert made_of == set(TRAIN_ANATOMY)  # round robin: every training brain, no other
+    assert {held_out.anatomy_of(i) for i in range(23)} == set(HELD_OUT_ANATOMY)
+    with pytest.raises(ValueError, match="anatomy"):
+        RealisticPairs(2, anatomy=["mni152", "no-such-brain"], spacing_mm=4, cache_dir=cache)
+
+
+def test_the_pool_keeps_pre_aligned_pairs_on_disk(cache, atlas):
+    pairs = RealisticPairs(2, anatomy=["mni152"], spacing_mm=4, seed=3, cache_dir=cache)
+    seconds = pairs.build()
+    files = sorted((cache / "offline" / "pool").rglob("*.npz"))
+    assert [f.name for f in files] == ["mni152_000000.npz", "mni152_000001.npz"]
+    assert not list((cache / "offline" / "pool").rglob(".*"))  # no temporary file left behind
+    again = RealisticPairs(2, anatomy=["mni152"], spacing_mm=4, seed=3, cache_dir=cache)
+    start = __import__("time").perf_counter()
+    item = again[1]
+    assert __import__("time").perf_counter() - start < seconds / 4  # loaded, not re-registered
+    fresh = RealisticPairs(2, anatomy=["mni152"], spacing_mm=4, seed=3, cache_dir=cache, pool=False)[1]
+    assert torch.equal(item["moving"], fresh["moving"]) and torch.equal(item["moving_seg"], fresh["moving_seg"])
+    assert item["moving"].shape == item["fixed"].shape == (1, 40, 48, 56)
+    assert item["meta"]["anatomy"] == "mni152" and np.asarray(item["meta"]["matrix"]).shape == (4, 4)
+    # Pre-aligned pairs overlap far better than the same subjects as scanned.
+    raw = RealisticPairs(2, anatomy=["mni152"], spacing_mm=4, seed=3, cache_dir=cache, prealign=None)[1]
+    labels = _labels(atlas)
+    assert dice(atlas.seg, item["moving_seg"][0].numpy(), labels).mean > \
+        dice(atlas.seg, raw["moving_seg"][0].numpy(), labels).mean + 0.1
 
 
 # ------------------------------------------------------------------ pose

@@ -20,7 +20,8 @@ Real datasets: :class:`FIRE`, :class:`NeuriteOASIS`, :class:`Learn2RegOASIS`,
 :func:`fetch` (``regedu fetch``), cached in ``REGEDU_DATA``.
 
 Pair samplers (torch Datasets): :class:`FundusPairs`, :class:`BrainPairs`,
-:class:`SubjectPairs`, :class:`FIREPairs`.
+:class:`SubjectPairs`, :class:`FIREPairs`, :class:`RealisticPairs` (pre-aligned
+realistic subjects, pooled on disk).
 """
 from ._image import resize_image, resize_labels, scale_points
 from .brain import (BRAIN_SHAPES, DONORS, FREESURFER_30, MNI_NOTICE, Brain, donor_brain, donor_dice, label_table,
@@ -30,8 +31,8 @@ from .fetch import (REGISTRY, ChecksumError, DatasetInfo, DataUnavailableError, 
 from .fundus import (CATEGORIES, FIRE_SIZE, FundusPair, fire_lines, make_fire_pair, parse_fire_lines,
                      retina_green, synthetic_fundus, vessel_contrast)
 from .prealign import Preprocessed, normalise_intensity, preprocess
-from .subjects import (ANATOMIES, HELD_OUT_ANATOMY, TRAIN_ANATOMY, anatomy, anatomy_split, complete_donor,
-                       random_pose, realistic_subject, vxm_subject)
+from .subjects import (ANATOMIES, HELD_OUT_ANATOMY, TRAIN_ANATOMY, RealisticPairs, anatomy, anatomy_split,
+                       complete_donor, random_pose, realistic_subject, vxm_subject)
 from .readers import (FIRE, FREESURFER_NAMES, Learn2RegOASIS, NeuriteOASIS, load_vxm_labels,
                       load_vxm_scan, read_label_table)
 from .samplers import BrainPairs, FIREPairs, FundusPairs, SubjectPairs, brain_slice
@@ -49,5 +50,5 @@ __all__ = [
     "BrainPairs", "FIREPairs", "FundusPairs", "SubjectPairs", "brain_slice",
     "Preprocessed", "normalise_intensity", "preprocess",
     "ANATOMIES", "HELD_OUT_ANATOMY", "TRAIN_ANATOMY", "anatomy", "anatomy_split", "complete_donor",
-    "random_pose", "realistic_subject", "vxm_subject",
+    "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs",
 ]

@@ -41,13 +41,16 @@ def normalise_intensity(image, *, percentile: float = 99.9) -> torch.Tensor:
     [0.0, 0.5, 1.0, 1.0]
     """
     x = check_finite(as_tensor(image, "image"), "image").float()
+    return (x / _top(x, percentile, "image")).clamp(0, 1)
+
+
+def _top(x: torch.Tensor, percentile: float, name: str) -> float:
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile: expected a number in (0, 100], got {percentile!r}")
     inside = x[x > 0]
     if inside.numel() == 0:
-        raise ValueError("image: no voxel above zero; expected a skull-stripped scan with the brain > 0")
-    top = float(np.percentile(inside.numpy(), percentile))
-    return (x / top).clamp(0, 1)
+        raise ValueError(f"{name}: no voxel above zero; expected a skull-stripped scan with the brain > 0")
+    return float(np.percentile(inside.detach().cpu().numpy(), percentile))
 
 
 @dataclass
@@ -160,10 +163,7 @@ def preprocess(moving, fixed, *, moving_seg=None, spacing_mm=1.0, method: str = 
             raise TypeError(f"moving_seg: expected integer labels, got dtype {seg.dtype}")
     scale = 1.0
     if normalise:
-        inside = m[m > 0]
-        if inside.numel() == 0:
-            raise ValueError("moving: no voxel above zero; expected a skull-stripped scan with the brain > 0")
-        scale = float(np.percentile(inside.numpy(), 99.9))
+        scale = _top(m, 99.9, "moving")
         m = (m / scale).clamp(0, 1)
     half = [d // 2 for d in margin]
     f_canvas = torch.nn.functional.pad(f, [p for d in reversed(half) for p in (d, d)])

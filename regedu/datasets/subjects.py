@@ -47,7 +47,7 @@ from . import brain as _brain
 from .brain import BRAIN_SHAPES, DONORS, FREESURFER_30, Brain, mni_brain, to_freesurfer
 
 __all__ = ["TRAIN_ANATOMY", "HELD_OUT_ANATOMY", "ANATOMIES", "anatomy_split", "anatomy",
-           "complete_donor", "random_pose", "realistic_subject", "vxm_subject"]
+           "complete_donor", "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs"]
 
 #: Anatomy a network may train on: the atlas itself and four donors.
 TRAIN_ANATOMY = ("mni152", "9861", "10021", "12876", "14380")
@@ -135,7 +135,7 @@ def complete_donor(donor: str, spacing_mm: int | None = None, *, cache_dir=None,
     :func:`donor_brain`'s maps have cortex, deep grey nuclei and white matter
     only. An intensity-based registration to the template then fits the
     donor's cerebrum onto the template's cerebrum *and cerebellum* (ANTs
-    affine stretches the donors 6-7% along the inferior-superior axis). Here
+    affine stretches every donor by 6-8% along the inferior-superior axis). Here
     the template is fitted to the donor (SyN at 2 mm over the structures both
     have) and its brainstem, ventricles, CSF and cerebellum are carried onto
     the donor's unlabelled voxels and white matter. Cortex, white matter and
@@ -396,3 +396,139 @@ def vxm_subject(spacing_mm: int | None = None, *, cache_dir=None, mirror=None,
     return Brain(image=image[None], seg=seg, parcels=seg.copy(), spacing_mm=float(spacing),
                  name=f"vxm_test_scan_{spacing}mm", notice="voxelmorph test scan (see datasets/README.md)",
                  meta=dict(held_out=True, source=str(info.filename)))
+
+
+# ----------------------------------------------------------------------------- pairs and the pool
+
+_POOL_VERSION = 1  # bump when a pooled item's construction changes
+
+
+class RealisticPairs(torch.utils.data.Dataset):
+    """Atlas-based pairs of :func:`realistic_subject` s, pre-aligned as the paper prepares its data.
+
+    Item ``i`` registers a subject (moving) to the atlas (fixed, the MNI
+    template). Its anatomy is ``anatomy[i % len(anatomy)]`` (round robin, so
+    every brain of the split is used alike), its seed is drawn from
+    ``(seed, i)``: the same item in every epoch, worker and machine.
+
+    Parameters
+    ----------
+    n : int
+    anatomy : "train", "held_out" or a sequence of names of :data:`ANATOMIES`
+        Which brains subjects are made from (:func:`anatomy_split`).
+    spacing_mm : {1, 2, 4}, optional
+        Default: the profile's.
+    seed : int
+    prealign : {"ants", "regedu", None}
+        :func:`regedu.datasets.preprocess` with that method (normalised and
+        affinely aligned onto the atlas's grid), or None: the subject as
+        scanned (normalised, the atlas-sized middle of its field of view,
+        not aligned), the "before registration" baseline.
+    pool : bool
+        Keep every pre-aligned item on disk under the data cache
+        (``offline/pool/...``, written atomically) and load it next time:
+        pre-aligning costs seconds per subject, far more than a training step.
+    cache_dir : path, optional
+    **subject_kwargs
+        Passed to :func:`realistic_subject` (ranges of pose, deformation,
+        intensity). They are part of the pool's key.
+
+    Items: ``moving``, ``fixed`` (1, *atlas) float32; ``moving_seg``,
+    ``fixed_seg`` (1, *atlas) int64; ``meta`` (``anatomy``, ``seed``,
+    ``index``, ``prealign``, ``matrix``: the pre-alignment as a nested list,
+    ``seconds``: its cost when it was computed).
+    """
+
+    def __init__(self, n: int, *, anatomy="train", spacing_mm: int | None = None, seed: int = 0,
+                 prealign: str | None = "ants", pool: bool = True, cache_dir=None, **subject_kwargs):
+        check_positive(n, "n", integer=True)
+        if isinstance(anatomy, str) and anatomy in ("train", "held_out"):
+            names = anatomy_split()[anatomy]
+        else:
+            names = _check_anatomy(anatomy)
+        if prealign is not None:
+            check_choice(prealign, ("ants", "regedu"), "prealign")
+        self.n, self.names, self.seed, self.prealign = n, names, int(seed), prealign
+        self.spacing = _brain._default_spacing(spacing_mm)
+        self.pool, self.cache_dir, self.subject_kwargs = pool, cache_dir, subject_kwargs
+        self.atlas = mni_brain(self.spacing, cache_dir=cache_dir)
+        self._anatomy: dict[str, Brain] = {}
+
+    def __len__(self):
+        return self.n
+
+    def anatomy_of(self, index: int) -> str:
+        """The brain item ``index`` is made from (without making it)."""
+        return self.names[index % len(self.names)]
+
+    def _pool_path(self, name: str, index: int):
+        import hashlib
+        import json
+        from .fetch import data_dir
+        key = json.dumps(dict(v=_POOL_VERSION, complete=_COMPLETE_VERSION, brain=_brain._VERSION,
+                              spacing=self.spacing, seed=self.seed, prealign=self.prealign,
+                              kwargs=sorted((k, repr(v)) for k, v in self.subject_kwargs.items())),
+                         sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        # An item is named by its anatomy as well as its index: a pool is never
+        # read for another split, and two splits share the items they have in common.
+        return data_dir(self.cache_dir) / "offline" / "pool" / f"{self.spacing}mm_{digest}" / f"{name}_{index:06d}.npz"
+
+    def _make(self, index: int, name: str, item_seed: int) -> dict:
+        from .prealign import preprocess
+        if name not in self._anatomy:
+            self._anatomy[name] = anatomy(name, self.spacing, cache_dir=self.cache_dir)
+        s = realistic_subject(self._anatomy[name], item_seed, **self.subject_kwargs)
+        if self.prealign is None:
+            from .prealign import normalise_intensity
+            m = s["margin"]
+            crop = (slice(None),) + tuple(slice(m, m + k) for k in self.atlas.seg.shape)
+            return dict(moving=normalise_intensity(s["image"][crop]).numpy(), moving_seg=s["seg"][crop].numpy(),
+                        matrix=np.eye(4), seconds=np.array(0.0))
+        p = preprocess(s["image"], self.atlas.image, moving_seg=s["seg"], spacing_mm=self.spacing,
+                       method=self.prealign)
+        return dict(moving=p.image.numpy(), moving_seg=p.seg.numpy(), matrix=p.matrix, seconds=np.array(p.seconds))
+
+    def __getitem__(self, index: int) -> dict:
+        from .samplers import _item_seed
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} pairs")
+        name = self.anatomy_of(index)
+        item_seed = _item_seed(self.seed, index)
+        path = self._pool_path(name, index) if self.pool and self.prealign else None
+        if path is not None and path.is_file():
+            with np.load(path) as data:
+                arrays = {k: data[k] for k in data.files}
+        else:
+            arrays = self._make(index, name, item_seed)
+            if path is not None:
+                _save_atomic(path, arrays)
+        return dict(moving=torch.from_numpy(arrays["moving"]).float(),
+                    fixed=torch.from_numpy(self.atlas.image).float(),
+                    moving_seg=torch.from_numpy(arrays["moving_seg"]).long(),
+                    fixed_seg=torch.from_numpy(self.atlas.seg)[None].long(),
+                    meta=dict(anatomy=name, seed=item_seed, index=index, prealign=self.prealign,
+                              matrix=arrays["matrix"].tolist(), seconds=float(arrays["seconds"])))
+
+    def build(self, progress: bool = False) -> float:
+        """Make (or load) every item now; return the seconds it took."""
+        import time as _time
+        from tqdm.auto import tqdm
+        start = _time.perf_counter()
+        for i in tqdm(range(self.n), disable=not progress, desc="realistic pairs"):
+            self[i]
+        return _time.perf_counter() - start
+
+
+def _save_atomic(path, arrays: dict) -> None:
+    import os
+    import tempfile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)  # uncompressed: loading must cost less than a training step
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
