@@ -35,6 +35,7 @@ from .losses import MSE, Diffusion
 from .spatial import affine_to_displacement, gaussian_blur, resize_field, warp
 
 __all__ = ["ants_missing", "ants_register", "ants_affine", "ants_syn", "ants_to_displacement",
+           "affine_register", "displacement_to_affine",
            "bspline_upsample", "instance_optimisation", "InstanceOptimisationResult",
            "similarity_search"]
 
@@ -131,8 +132,13 @@ def ants_to_displacement(transforms, fixed) -> torch.Tensor:
 def _ants_seed(ants, seed):
     # antspyx reads its seed from a module global (set by set_ants_deterministic,
     # which would also force one thread); set it only for this call.
+    # antsRegistration's --random-seed takes "any nonzero int": 0 means "seed
+    # from the clock", so passing seed 0 through made every call differ (up to
+    # a voxel on a 2 mm brain pair). Shift by one so that every seed >= 0 is fixed.
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
     old = ants.config._random_seed
-    ants.config._random_seed = seed
+    ants.config._random_seed = None if seed is None else int(seed) + 1
     try:
         yield
     finally:
@@ -155,8 +161,9 @@ def ants_register(moving, fixed, transform: str = "SyN", *, spacing=1.0, seed: i
         Voxel size in mm, so that ANTs' smoothing and step sizes act in mm as
         they would on a real scan; the returned field is in voxels anyway.
     seed : int or None
-        Seed of ANTs' random metric sampling (None: ANTs' default, not
-        reproducible).
+        Seed of ANTs' random metric sampling; the same seed gives the same
+        field (ANTs receives ``seed + 1``: it reads 0 as "seed from the
+        clock"). None: seeded from the clock, not reproducible.
     **ants_kwargs
         Passed to ``ants.registration`` (``reg_iterations``, ``aff_metric``,
         ``syn_metric``, ``grad_step``, ``flow_sigma``, ...).
@@ -209,6 +216,137 @@ def ants_syn(moving, fixed, **kwargs) -> torch.Tensor:
     of the VoxelMorph paper's SyN baseline (slower).
     """
     return ants_register(moving, fixed, "SyN", **kwargs)
+
+
+# ------------------------------------------------------------ affine in torch
+
+def displacement_to_affine(disp) -> np.ndarray:
+    """The affine matrix of an affine displacement, by least squares.
+
+    Parameters
+    ----------
+    disp : Tensor, shape (1, ndim, *spatial)
+        E.g. :func:`ants_affine`'s result.
+
+    Returns
+    -------
+    ndarray (ndim + 1, ndim + 1), float64: voxel ``x`` of the fixed grid maps
+    to ``M @ [x, 1]`` in the moving image (``x + disp(x)``). Exact for an
+    affine field; for any other field, its best affine fit.
+    """
+    disp = as_tensor(disp, "disp")
+    check_field(disp, "disp")
+    if disp.shape[0] != 1:
+        raise ValueError(f"disp: expected one field (batch 1), got batch {disp.shape[0]}")
+    nd, spatial = disp.shape[1], tuple(disp.shape[2:])
+    # Every 2nd voxel along each axis is plenty for 12 unknowns (and 8x cheaper in 3D).
+    step = tuple(slice(None, None, 2 if n > 8 else 1) for n in spatial)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64)[s] for n, s in zip(spatial, step)],
+                                indexing="ij")).reshape(nd, -1).T
+    target = grid + disp[0][(slice(None),) + step].detach().cpu().double().reshape(nd, -1).T.numpy()
+    solution, *_ = np.linalg.lstsq(np.c_[grid, np.ones(len(grid))], target, rcond=None)
+    matrix = np.eye(nd + 1)
+    matrix[:nd] = solution.T
+    return matrix
+
+
+def _centre_of_mass(image: torch.Tensor) -> torch.Tensor:
+    w = image.clamp_min(0)[0, 0].double()
+    total = w.sum().clamp_min(1e-12)
+    return torch.stack([(w * torch.arange(n, dtype=torch.float64).view(*[-1 if k == a else 1 for k in
+                         range(w.dim())])).sum() / total for a, n in enumerate(w.shape)])
+
+
+def affine_register(moving, fixed, *, similarity=None, levels=(4, 2, 1), iterations=(150, 80, 40),
+                    lr: float = 0.02, init: str = "centre_of_mass") -> torch.Tensor:
+    """Affine registration in torch: 12 (3D) or 6 (2D) parameters, coarse to fine, Adam.
+
+    The affine is ``x -> A (x - c) + c + t`` about the image centre ``c``,
+    started from the translation that aligns the centres of mass (as ANTs
+    starts its affine stage), then optimised on images blurred and averaged
+    down by each factor of ``levels`` in turn.
+
+    Parameters
+    ----------
+    moving, fixed : Tensor or ndarray, shape (1, 1, *spatial) or (*spatial)
+        One 2D or 3D pair on the same grid, intensities normalised alike.
+    similarity : callable (fixed, warped) -> scalar Tensor, optional
+        Lower is better; default global NCC (:func:`regedu.losses.ncc_global`),
+        insensitive to a global gain and offset.
+    levels, iterations : tuple of int
+        Downsampling factors, coarse to fine, and Adam steps at each.
+    lr : float
+        Adam's initial step at the coarsest level: ``lr`` for the matrix
+        entries, ``lr`` times the image size in voxels (halved) for the
+        translation; proportional to the factor at finer levels, and decayed
+        to 5% over each level (cosine).
+    init : {"centre_of_mass", "identity"}
+
+    Returns
+    -------
+    Tensor (1, ndim, *spatial): the displacement (``warp(moving, u)`` aligns
+    it to ``fixed``), like :func:`ants_affine`'s.
+    """
+    from .losses import ncc_global
+
+    def as_pair_image(x, name):
+        x = check_finite(as_tensor(x, name), name)
+        if x.dim() in (2, 3):
+            x = x[None, None]
+        if x.dim() not in (4, 5) or tuple(x.shape[:2]) != (1, 1):
+            raise ValueError(f"{name}: expected one single-channel image, (*spatial) or (1, 1, *spatial), "
+                             f"got shape {tuple(x.shape)}")
+        return x.float()
+
+    m, f = as_pair_image(moving, "moving"), as_pair_image(fixed, "fixed")
+    check_same_shape(m, f, ("moving", "fixed"))
+    check_choice(init, ("centre_of_mass", "identity"), "init")
+    levels = tuple(levels) if isinstance(levels, (tuple, list)) else (levels,)
+    iterations = tuple(iterations) if isinstance(iterations, (tuple, list)) else (iterations,) * len(levels)
+    if len(iterations) != len(levels):
+        raise ValueError(f"iterations: expected one number or one per level ({len(levels)}), got {iterations}")
+    for factor in levels:
+        check_positive(factor, "levels", integer=True)
+    check_positive(lr, "lr")
+    similarity = ncc_global if similarity is None else similarity
+    spatial = tuple(f.shape[2:])
+    nd = len(spatial)
+    A = torch.eye(nd, dtype=torch.float64)
+    t = (_centre_of_mass(m) - _centre_of_mass(f)) if init == "centre_of_mass" else torch.zeros(nd, dtype=torch.float64)
+    for factor, n_iter in zip(levels, iterations):
+        f_l, m_l = _downsample(f, factor), _downsample(m, factor)
+        size = tuple(f_l.shape[2:])
+        r = torch.tensor([(n - 1) / max(s - 1, 1) for n, s in zip(spatial, size)], dtype=torch.float64)
+        dA = torch.zeros(nd, nd, dtype=torch.float64, requires_grad=True)
+        dt = torch.zeros(nd, dtype=torch.float64, requires_grad=True)
+        # Translation steps in full-resolution voxels, scaled to the image
+        # size, so both parameter groups move a comparable distance per step.
+        # Finer levels start near the optimum: smaller steps (Adam's first
+        # steps have the full rate whatever the gradient).
+        lr_l = lr * factor / max(levels)
+        optimiser = torch.optim.Adam([{"params": [dA], "lr": lr_l},
+                                      {"params": [dt], "lr": lr_l * max(spatial) / 2}])
+
+        def level_field(A_full, t_full):
+            # The full-resolution affine in this level's voxels: R^-1 A R, t / r.
+            A_l = A_full * r.view(1, -1) / r.view(-1, 1)
+            matrix = torch.cat([A_l, (t_full / r)[:, None]], 1).float()[None]
+            return affine_to_displacement(matrix, size, center="image")
+
+        base_lrs = [group["lr"] for group in optimiser.param_groups]
+        for k in range(n_iter):
+            # Adam's steps keep their size at a constant rate, so the parameters
+            # would jitter around the optimum (~0.3 voxel on a 3D brain): decay
+            # the rate to 5% over each level (cosine) so they settle.
+            for group, base in zip(optimiser.param_groups, base_lrs):
+                group["lr"] = base * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * k / max(n_iter, 1))))
+            loss = similarity(f_l, warp(m_l, level_field(A + dA, t + dt)))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        A, t = (A + dA).detach(), (t + dt).detach()
+    matrix = torch.cat([A, t[:, None]], 1).float()[None]
+    return affine_to_displacement(matrix, spatial, center="image")
 
 
 # ------------------------------------------------------------ instance optimisation

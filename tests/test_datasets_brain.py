@@ -46,6 +46,20 @@ def test_labels_cover_the_thirty_structures_where_a_source_exists(brain):
     assert np.array_equal(to_freesurfer(brain.parcels), brain.seg)
 
 
+def test_structures_are_named_by_freesurfer_not_by_a_parcel():
+    # Notebook 10 once named cortex 3/42 "L-bankssts"/"R-bankssts": the name of
+    # the first DK parcel of the structure. One row per structure must carry
+    # the structure's own FreeSurfer name.
+    table = label_table()
+    per_structure = table[table["in_30"]].drop_duplicates("freesurfer").set_index("freesurfer")
+    names = per_structure["freesurfer_name"]
+    assert names[3] == "Left-Cerebral-Cortex" and names[42] == "Right-Cerebral-Cortex"
+    assert names[16] == "Brain-Stem" and names[2] == "Left-Cerebral-White-Matter"
+    assert names.is_unique and not names.str.contains("bankssts").any()
+    cortex = table[table["freesurfer"] == 3]
+    assert len(cortex) == 34 and set(cortex["freesurfer_name"]) == {"Left-Cerebral-Cortex"}
+
+
 def test_template_anatomy_is_where_it_should_be(brain):
     # FreeSurfer conformed orientation (Left, Inferior, Anterior), like voxelmorph's scan.
     centroid = {k: np.argwhere(brain.seg == k).mean(0) for k in (2, 41, 8, 16, 4)}

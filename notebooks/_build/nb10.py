@@ -62,7 +62,8 @@ there), with background excluded.
 code(r"""
 table = label_table()
 thirty = table[table["in_30"]].drop_duplicates("freesurfer")
-structures = {int(r.freesurfer): r.name.replace("Left-", "L ").replace("Right-", "R ")
+# One row per FreeSurfer structure: name it by freesurfer_name (a row's own name is its DK parcel's).
+structures = {int(r.freesurfer): r.freesurfer_name.replace("Left-", "L ").replace("Right-", "R ")
               for r in thirty.sort_values("freesurfer").itertuples()}
 structures = {k: v for k, v in structures.items() if (atlas.seg == k).any()}
 print(f"{len(structures)} structures:", ", ".join(structures.values()))

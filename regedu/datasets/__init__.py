@@ -7,14 +7,21 @@ Offline (shipped with the dependencies, no network):
   :func:`synthetic_fundus` (procedural retinas), :func:`retina_green`;
 - brain: :func:`mni_brain` (MNI152 2009 + Desikan-Killiany, 30-structure
   FreeSurfer labels, :data:`MNI_NOTICE`), :func:`synth_subject`,
-  :func:`donor_brain` (six Allen donors, affinely aligned), :func:`label_table`.
+  :func:`donor_brain` (six Allen donors, affinely aligned), :func:`label_table`;
+- realistic subjects: :func:`realistic_subject` (pose, real anatomy,
+  deformation, intensity), :func:`complete_donor`, the split of anatomy
+  (:data:`TRAIN_ANATOMY`, :data:`HELD_OUT_ANATOMY`), :func:`vxm_subject` (the
+  held-out real scan on the template's grid);
+- preprocessing as the paper's: :func:`preprocess` (affine pre-alignment to
+  the atlas, intensity normalisation), :func:`normalise_intensity`.
 
 Real datasets: :class:`FIRE`, :class:`NeuriteOASIS`, :class:`Learn2RegOASIS`,
 :func:`load_vxm_scan`, :func:`load_vxm_labels`; downloads through
 :func:`fetch` (``regedu fetch``), cached in ``REGEDU_DATA``.
 
 Pair samplers (torch Datasets): :class:`FundusPairs`, :class:`BrainPairs`,
-:class:`SubjectPairs`, :class:`FIREPairs`.
+:class:`SubjectPairs`, :class:`FIREPairs`, :class:`RealisticPairs` (pre-aligned
+realistic subjects, pooled on disk).
 """
 from ._image import resize_image, resize_labels, scale_points
 from .brain import (BRAIN_SHAPES, DONORS, FREESURFER_30, MNI_NOTICE, Brain, donor_brain, donor_dice, label_table,
@@ -23,6 +30,9 @@ from .fetch import (REGISTRY, ChecksumError, DatasetInfo, DataUnavailableError, 
                     data_dir, fetch, fetch_main, is_cached, mirror_dir, safe_extract, verify_file)
 from .fundus import (CATEGORIES, FIRE_SIZE, FundusPair, fire_lines, make_fire_pair, parse_fire_lines,
                      retina_green, synthetic_fundus, vessel_contrast)
+from .prealign import Preprocessed, normalise_intensity, preprocess
+from .subjects import (ANATOMIES, HELD_OUT_ANATOMY, TRAIN_ANATOMY, RealisticPairs, anatomy, anatomy_split,
+                       complete_donor, random_pose, realistic_subject, vxm_subject)
 from .readers import (FIRE, FREESURFER_NAMES, Learn2RegOASIS, NeuriteOASIS, load_vxm_labels,
                       load_vxm_scan, read_label_table)
 from .samplers import BrainPairs, FIREPairs, FundusPairs, SubjectPairs, brain_slice
@@ -38,4 +48,7 @@ __all__ = [
     "FIRE", "FREESURFER_NAMES", "Learn2RegOASIS", "NeuriteOASIS", "load_vxm_labels", "load_vxm_scan",
     "read_label_table",
     "BrainPairs", "FIREPairs", "FundusPairs", "SubjectPairs", "brain_slice",
+    "Preprocessed", "normalise_intensity", "preprocess",
+    "ANATOMIES", "HELD_OUT_ANATOMY", "TRAIN_ANATOMY", "anatomy", "anatomy_split", "complete_donor",
+    "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs",
 ]

