@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import (as_tensor, check_choice, check_field, check_finite, check_positive, check_shape,
-                      check_tensor)
+from ._checks import (as_tensor, check_choice, check_field, check_finite, check_image, check_positive,
+                      check_shape, check_tensor)
 
 __all__ = ["warp", "SpatialTransformer", "identity_grid", "affine_to_displacement",
            "compose", "integrate_velocity", "IntegrateVelocity", "resize_field", "warp_points",
@@ -34,17 +34,6 @@ __all__ = ["warp", "SpatialTransformer", "identity_grid", "affine_to_displacemen
 
 _MODES = ("bilinear", "nearest")
 _PADDINGS = ("zeros", "border")
-
-
-def _check_image(image, name: str) -> tuple[int, ...]:
-    check_tensor(image, name)
-    spatial = check_shape(image, "B C *S", name)["S"]
-    if len(spatial) not in (2, 3):
-        hint = f"; add batch and channel axes with {name}[None, None]" if image.dim() in (2, 3) else ""
-        raise ValueError(f"{name}: expected (B, C, H, W) or (B, C, D, H, W), got shape "
-                         f"{tuple(image.shape)}{hint}")
-    check_finite(image, name)
-    return spatial
 
 
 @functools.lru_cache(maxsize=16)
@@ -151,7 +140,7 @@ def warp(image: torch.Tensor, disp: torch.Tensor, *, mode: str | None = None,
     tensor([[[[1., 2., 3., 0.]]]])
     """
     image, disp = as_tensor(image, "image"), as_tensor(disp, "disp")
-    spatial = _check_image(image, "image")
+    spatial = check_image(image, "image", floating=False)
     check_field(disp, "disp", spatial=spatial)
     check_choice(padding, _PADDINGS, "padding")
     labels = not image.is_floating_point()
