@@ -34,7 +34,7 @@ from ._checks import as_tensor, check_choice, check_field, check_finite, check_l
 from .metrics import FIRE_THRESHOLDS, dice, fire_auc, fire_success_curve, folding_stats, tre
 from .spatial import warp
 
-__all__ = ["evaluate", "compare", "Evaluation", "summary", "SummaryTable", "fire_report",
+__all__ = ["evaluate", "score_pair", "compare", "Evaluation", "summary", "SummaryTable", "fire_report",
            "FireReport", "identity"]
 
 FIRE_CATEGORIES = ("S", "P", "A")
@@ -126,6 +126,52 @@ def _run(method, moving, fixed, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, time.perf_counter() - start
+
+
+def score_pair(disp, pair: dict, *, labels=None, spacing=1.0, where: str = "pair"):
+    """The measures of one registered pair: Dice, TRE and folding.
+
+    Parameters
+    ----------
+    disp : Tensor, shape (1, ndim, *spatial)
+        The displacement a method found for the pair.
+    pair : dict
+        Optionally ``moving_seg`` and ``fixed_seg`` (label maps: Dice of the
+        nearest-neighbour-warped moving labels, and before registration),
+        ``moving_points`` and ``fixed_points`` (TRE, times ``spacing``).
+    labels : sequence of int
+        Structures for Dice; required when the pair has label maps.
+    where : str
+        How messages name the pair (``"pairs[3]"``).
+
+    Returns
+    -------
+    (dict, DiceResult or None, ndarray or None)
+        ``dice_mean``, ``dice_std``, ``dice_before``, ``tre_mean``,
+        ``tre_median``, ``tre_before`` (NaN without their inputs),
+        ``percent_folding``, ``sdlogj``; the Dice per structure; the TRE per point.
+    """
+    spatial = tuple(disp.shape[2:])
+    scores = dict(dice_mean=np.nan, dice_std=np.nan, dice_before=np.nan)
+    overlap = errors = None
+    if "moving_seg" in pair and "fixed_seg" in pair:
+        if labels is None:
+            raise ValueError(f"labels: {where} has segmentations; pass the structures "
+                             f"to score, e.g. labels=[2, 3, 4, ...] or a dict {{label: name}}")
+        ms = _seg(pair["moving_seg"], f"{where}['moving_seg']", spatial)
+        fs = _seg(pair["fixed_seg"], f"{where}['fixed_seg']", spatial)
+        overlap = dice(fs, warp(ms, disp, mode="nearest"), labels)
+        scores.update(dice_mean=overlap.mean, dice_std=overlap.std, dice_before=dice(fs, ms, labels).mean)
+    scores.update(tre_mean=np.nan, tre_median=np.nan, tre_before=np.nan)
+    if "moving_points" in pair and "fixed_points" in pair:
+        fp = _points(pair["fixed_points"], f"{where}['fixed_points']", len(spatial))
+        mp = _points(pair["moving_points"], f"{where}['moving_points']", len(spatial))
+        errors = tre(fp, mp, disp, spacing=spacing).numpy()
+        before = tre(fp, mp, torch.zeros_like(disp), spacing=spacing).numpy()
+        scores.update(tre_mean=float(errors.mean()), tre_median=float(np.median(errors)),
+                      tre_before=float(before.mean()))
+    scores.update(folding_stats(disp))
+    return scores, overlap, errors
 
 
 def _label_spec(labels):
@@ -252,35 +298,12 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
 
         rec = {"method": name, "pair": meta.get("id", i), "dataset": meta.get("dataset", ""),
                "category": meta.get("category", "")}
-        if "moving_seg" in pair and "fixed_seg" in pair:
-            if label_ids is None:
-                raise ValueError(f"labels: pairs[{i}] has segmentations; pass the structures "
-                                 f"to score, e.g. labels=[2, 3, 4, ...] or a dict {{label: name}}")
-            ms = _seg(pair["moving_seg"], f"pairs[{i}]['moving_seg']", spatial)
-            fs = _seg(pair["fixed_seg"], f"pairs[{i}]['fixed_seg']", spatial)
-            after = dice(fs, warp(ms, disp, mode="nearest"), label_ids)
-            before = dice(fs, ms, label_ids)
-            rec.update(dice_mean=after.mean, dice_std=after.std, dice_before=before.mean)
-            dice_rows.append(dict(zip(label_names, after.per_label)))
-        else:
-            rec.update(dice_mean=np.nan, dice_std=np.nan, dice_before=np.nan)
-            dice_rows.append({})
-        if "moving_points" in pair and "fixed_points" in pair:
-            nd = len(spatial)
-            fp = _points(pair["fixed_points"], f"pairs[{i}]['fixed_points']", nd)
-            mp = _points(pair["moving_points"], f"pairs[{i}]['moving_points']", nd)
-            sp = meta.get("spacing", spacing)
-            errors = tre(fp, mp, disp, spacing=sp).numpy()
-            before = tre(fp, mp, torch.zeros_like(disp), spacing=sp).numpy()
-            rec.update(tre_mean=float(errors.mean()), tre_median=float(np.median(errors)),
-                       tre_before=float(before.mean()))
-            ev.tre_errors.append(errors)
-        else:
-            rec.update(tre_mean=np.nan, tre_median=np.nan, tre_before=np.nan)
-            ev.tre_errors.append(None)
-        rec.update(folding_stats(disp))
-        rec.update(seconds=seconds, device=str(dev))
+        scores, overlap, errors = score_pair(disp, pair, labels=label_ids,
+                                             spacing=meta.get("spacing", spacing), where=f"pairs[{i}]")
+        rec.update(scores, seconds=seconds, device=str(dev))
         ev.records.append(rec)
+        dice_rows.append({} if overlap is None else dict(zip(label_names, overlap.per_label)))
+        ev.tre_errors.append(errors)
     ev.dice = pd.DataFrame(dice_rows, columns=label_names,
                            index=[r["pair"] for r in ev.records])
     if dice_rows and any(dice_rows):

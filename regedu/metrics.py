@@ -14,7 +14,7 @@ import torch
 from ._checks import as_tensor, check_field, check_finite, check_label_list, check_labels, check_same_shape
 from .spatial import warp_points
 
-__all__ = ["DiceResult", "dice", "jacobian_determinant", "folding_stats", "tre",
+__all__ = ["DiceResult", "dice", "labels_present", "jacobian_determinant", "folding_stats", "tre",
            "fire_success_curve", "fire_auc", "FIRE_THRESHOLDS"]
 
 FIRE_THRESHOLDS = np.arange(1, 26)
@@ -73,6 +73,17 @@ def dice(a, b, labels) -> DiceResult:
     mean = float(present.mean()) if present.size else float("nan")
     std = float(present.std()) if present.size else float("nan")
     return DiceResult(labels, scores, mean, std)
+
+
+def labels_present(*label_maps) -> list[int]:
+    """Every label other than background 0 found in the label maps, in order:
+    the structures to score when no list is given.
+
+    >>> labels_present(torch.tensor([0, 2, 2]), torch.tensor([3, 0, 2]))
+    [2, 3]
+    """
+    maps = [as_tensor(m, f"label_maps[{i}]").flatten() for i, m in enumerate(label_maps)]
+    return [int(v) for v in torch.unique(torch.cat(maps)).tolist() if v != 0]
 
 
 def jacobian_determinant(disp) -> torch.Tensor:
