@@ -708,7 +708,7 @@ def _read_config(path) -> dict:
 
 
 def _load_state(path: Path, flag: str) -> dict:
-    from .train import load_checkpoint
+    from .checkpoints import load_checkpoint
     try:
         return load_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
@@ -736,7 +736,8 @@ def _check_train_memory(model, shape, batch_size: int) -> None:
 def _train(args) -> int:
     from . import nets
     from .profiles import get_profile
-    from .train import TrainingInterrupted, check_complete, fit, load_model, seed_everything
+    from .checkpoints import check_complete, load_model
+    from .train import TrainingInterrupted, fit, seed_everything
     config = dict(_TRAIN_DEFAULTS)
     explicit: set[str] = set()
     if args.config:
@@ -871,7 +872,7 @@ def _train(args) -> int:
 
 def _load(args):
     """The checkpoint of ``--model``: (model, state), on the ``--device``."""
-    from .train import load_model
+    from .checkpoints import load_model
     path = Path(args.model)
     if not path.is_file():
         raise CLIError(f"--model: no checkpoint file {str(path)!r} (train one with 'regedu train')")
@@ -891,7 +892,7 @@ def _scaled(model, state: dict, args, spacing, shape):
     ``--factor`` overrides, anything else is refused.
     """
     from . import nets
-    from .train import choose_factor, trained_spacing
+    from .checkpoints import choose_factor, trained_spacing
     trained = trained_spacing(state)
     trained_shape = (state.get("train_config") or {}).get("shape")
     suggested = None

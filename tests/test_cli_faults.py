@@ -16,7 +16,7 @@ import torch
 
 from regedu import _checks, cli, nets
 from regedu.cli import main
-from regedu.train import load_checkpoint, save_checkpoint
+from regedu.checkpoints import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "notebooks" / "checkpoints"
@@ -348,7 +348,7 @@ def test_a_4mm_checkpoint_runs_on_1mm_images_with_factor_4_and_says_so(volumes, 
                                       "on their grid coarsened 4 times" in err
     assert nib.load(tmp_path / "d.nii.gz").shape == (32, 32, 32, 1, 3)
     # The field is the one of the model run on the 4x coarser grid.
-    from regedu.train import load_model
+    from regedu.checkpoints import load_model
     model = nets.Rescaled(load_model(ckpt), 4)
     scale = lambda a: torch.from_numpy((a - a.min()) / (a.max() - a.min()))[None, None]
     with torch.no_grad():
