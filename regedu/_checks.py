@@ -17,7 +17,7 @@ import torch
 __all__ = ["check_shape", "check_tensor", "check_image", "check_finite", "check_field",
            "check_same_shape", "check_labels", "as_labels", "check_label_list", "check_choice",
            "check_positive", "check_output_path", "check_memory", "available_memory",
-           "format_bytes", "format_spacing", "as_tensor"]
+           "format_bytes", "format_shape", "format_spacing", "as_tensor"]
 
 
 def _describe(x) -> str:
@@ -330,6 +330,11 @@ def format_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} bytes"
+
+
+def format_shape(shape) -> str:
+    """``160x192x224``: a grid size as people write it."""
+    return "x".join(map(str, shape))
 
 
 def format_spacing(values) -> str:
