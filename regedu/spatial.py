@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from ._checks import (as_tensor, check_choice, check_field, check_finite, check_
 
 __all__ = ["warp", "SpatialTransformer", "identity_grid", "affine_to_displacement",
            "compose", "integrate_velocity", "IntegrateVelocity", "resize_field", "warp_points",
-           "gaussian_blur"]
+           "gaussian_blur", "random_field", "diffusion_fit"]
 
 _MODES = ("bilinear", "nearest")
 _PADDINGS = ("zeros", "border")
@@ -340,3 +341,65 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
         flat = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (radius, radius), mode="replicate")
         out = F.conv1d(flat, g).reshape(moved.shape).movedim(-1, dim)
     return out
+
+
+def random_field(shape, amplitude: float, points=4, *, channels: int | None = None, cubic: bool = False,
+                 seed=0) -> torch.Tensor:
+    """A smooth random field ``(1, channels, *shape)``: Gaussian noise at control points, interpolated.
+
+    Noise of standard deviation ``amplitude`` at ``points`` control points per
+    axis (a number, or one per axis; the corner points sit on the corner
+    voxels) is interpolated to ``shape``: (bi/tri)linearly, or with
+    ``cubic=True`` bicubically (2D only), whose derivatives, and so the
+    Jacobian of a displacement, are smooth too. Fewer points give a smoother
+    field. ``channels`` defaults to ``len(shape)``: a displacement in voxels.
+    ``seed`` is an int or a ``torch.Generator`` to draw from (several fields
+    from one stream, as :func:`regedu.datasets.synth_subject` does).
+
+    >>> u = random_field((32, 40), 2.0, seed=1)
+    >>> tuple(u.shape), bool(torch.equal(u, random_field((32, 40), 2.0, seed=1)))
+    ((1, 2, 32, 40), True)
+    """
+    shape = tuple(int(n) for n in shape)
+    for n in shape:
+        check_positive(n, "shape", integer=True)
+    if len(shape) not in (2, 3) or (cubic and len(shape) != 2):
+        raise ValueError(f"shape: expected 2 or 3 sizes (2 with cubic=True), got {shape}")
+    points = [int(points)] * len(shape) if isinstance(points, (int, float)) else [int(k) for k in points]
+    if len(points) != len(shape) or min(points) < 2:
+        raise ValueError(f"points: expected at least 2 control points along each of the {len(shape)} "
+                         f"axes, got {points}")
+    if not amplitude >= 0:
+        raise ValueError(f"amplitude: expected a non-negative number, got {amplitude}")
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    coarse = torch.randn(1, channels or len(shape), *points, generator=generator) * amplitude
+    mode = "bicubic" if cubic else ("bilinear", "trilinear")[len(shape) - 2]
+    return F.interpolate(coarse, size=shape, mode=mode, align_corners=True)
+
+
+def diffusion_fit(disp, weight: float) -> torch.Tensor:
+    """The smoothest field close to ``disp``: diffusion-regularised least squares.
+
+    Solves ``min_v ||v - u||^2 + weight * sum_k ||D_k v||^2`` exactly, ``D_k``
+    the forward difference along axis ``k`` with mirrored borders (the
+    diffusion regulariser of :func:`regedu.losses.diffusion`, as a sum). The
+    normal equations ``(I + weight * L) v = u`` are diagonal in the DCT basis,
+    where the Laplacian ``L`` has eigenvalues ``sum_k 2 - 2 cos(pi j_k / n_k)``.
+    ``weight = 0`` returns ``u``; a large weight leaves only the mean
+    (translation), which no smoothness penalty touches.
+
+    >>> u = random_field((16, 16), 2.0)
+    >>> bool(torch.allclose(diffusion_fit(u, 0.0), u, atol=1e-6))
+    True
+    """
+    from scipy.fft import dctn, idctn
+    u = check_field(as_tensor(disp, "disp").detach().cpu(), "disp")
+    if not weight >= 0:
+        raise ValueError(f"weight: expected a non-negative number, got {weight}")
+    spatial = u.shape[2:]
+    eig = sum((2 - 2 * np.cos(np.pi * np.arange(n) / n)).reshape([-1 if a == k else 1
+                                                                   for a in range(len(spatial))])
+              for k, n in enumerate(spatial))
+    axes = tuple(range(2, u.dim()))
+    coef = dctn(u.double().numpy(), type=2, norm="ortho", axes=axes) / (1.0 + weight * eig)
+    return torch.from_numpy(idctn(coef, type=2, norm="ortho", axes=axes).astype(np.float32))

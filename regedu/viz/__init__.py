@@ -29,11 +29,9 @@ from ._figures import (STRUCTURE_NAMES, plot_checkerboard, plot_dice, plot_diffe
                        plot_fire_curves, plot_grid, plot_history, plot_jacobian, plot_landmarks,
                        plot_overlay, plot_pair, plot_slices)
 from ._render import default_index
-from ._viewers import (LAYERS, DeformationPlayground, SliceViewer, diffusion_fit,
-                       smooth_random_field)
+from ._viewers import LAYERS, DeformationPlayground, SliceViewer
 
 __all__ = ["plot_pair", "plot_overlay", "plot_checkerboard", "plot_difference", "plot_grid",
            "plot_field", "plot_jacobian", "plot_landmarks", "plot_dice", "plot_history",
            "plot_fire_curves", "plot_slices", "STRUCTURE_NAMES", "default_index",
-           "SliceViewer", "DeformationPlayground", "LAYERS", "smooth_random_field",
-           "diffusion_fit"]
+           "SliceViewer", "DeformationPlayground", "LAYERS"]
