@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from regedu import classic, evaluate as E, nets, train
 from regedu.datasets import brain
-from regedu.datasets.readers import FREESURFER_NAMES
+from regedu.datasets import FREESURFER_NAMES
 
 EVAL_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43, 46, 47,
                49, 50, 51, 52, 53, 54, 60, 63)

@@ -59,7 +59,7 @@ torch.manual_seed(0)
 atlas = datasets.mni_brain()
 table = datasets.label_table()
 labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
-names = {k: viz.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
+names = {k: datasets.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
 print(f"atlas {atlas.name}: image {atlas.image.shape}, {atlas.spacing_mm:g} mm voxels")
 print(f"{len(labels)} of the 30 structures are labelled:", ", ".join(names[k] for k in labels[:8]), "...")
 fig = viz.plot_slices({"atlas": atlas.image[0]}, index=profile.slices)
@@ -324,7 +324,7 @@ assert mean_dice["VoxelMorph + Dice loss"] > mean_dice["identity"] - tolerance, 
 assert mean_dice["VoxelMorph (pre-trained)"] > mean_dice["identity"] + PRE_ALL, f"the pre-trained VoxelMorph should raise the mean Dice by more than {PRE_ALL}: {mean_dice}"
 assert synthetic_dice["VoxelMorph (pre-trained)"] > synthetic_dice["identity"] + PRE_SYN, f"on the synthetic subjects (its training distribution) the pre-trained VoxelMorph should raise Dice by more than {PRE_SYN}: {synthetic_dice}"
 assert all(f < 1.0 for f in folds.values()), f"folding should stay below 1% of the voxels: {folds}"
-assert set(names) <= set(viz.STRUCTURE_NAMES), "every scored structure should be one of the 30 named ones"
+assert set(names) <= set(datasets.STRUCTURE_NAMES), "every scored structure should be one of the 30 named ones"
 assert tuple(out.disp.shape) == (1, 3, *atlas.image.shape[1:]), f"the field should be (1, 3, D, H, W), got {tuple(out.disp.shape)}"
 print("all checks passed")
 print(f"peak memory of this kernel: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

@@ -106,7 +106,7 @@ code(r"""
 atlas = datasets.mni_brain()
 table = datasets.label_table()
 labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
-names = {k: viz.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
+names = {k: datasets.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
 donors = [datasets.donor_brain(d) for d in datasets.DONORS]
 # The short runs of the ci and cpu profiles train on the 4 mm grid (as in notebook 06).
 train_spacing = atlas.spacing_mm if profile.name == "gpu" else 4

@@ -21,26 +21,28 @@ Image files (NIfTI, ``.npy``, ``.npz``): :func:`read_image`, :func:`write_image`
 :func:`write_displacement` (:mod:`regedu.datasets.files`).
 """
 from ._image import resize_image, resize_labels, scale_points
-from .brain import (BRAIN_SHAPES, DONORS, FREESURFER_30, MNI_NOTICE, Brain, donor_brain, donor_dice, label_table,
-                    mni_brain, synth_subject, to_freesurfer)
+from .brain import (BRAIN_SHAPES, DONORS, MNI_NOTICE, Brain, donor_brain, donor_dice, label_table, mni_brain,
+                    synth_subject, to_freesurfer)
 from .fetch import (REGISTRY, ChecksumError, DatasetInfo, DataUnavailableError, UnsafeArchiveError,
                     cache_status, data_dir, fetch, is_cached, mirror_dir, safe_extract, verify_file)
 from .fundus import (CATEGORIES, FIRE_SIZE, FundusPair, fire_lines, make_fire_pair, parse_fire_lines,
                      retina_green, synthetic_fundus, vessel_contrast)
 from .files import read_image, write_displacement, write_image
-from .readers import (FIRE, FREESURFER_NAMES, Learn2RegOASIS, NeuriteOASIS, load_vxm_labels,
+from .freesurfer import FREESURFER_30, FREESURFER_NAMES, STRUCTURE_NAMES
+from .readers import (FIRE, Learn2RegOASIS, NeuriteOASIS, load_vxm_labels,
                       load_vxm_scan, read_label_table)
 from .samplers import BrainPairs, FIREPairs, FundusPairs, OfflinePairs, PairFolder, SubjectPairs, brain_slice
 
 __all__ = [
     "resize_image", "resize_labels", "scale_points",
-    "BRAIN_SHAPES", "DONORS", "FREESURFER_30", "MNI_NOTICE", "Brain", "donor_brain", "donor_dice", "label_table",
+    "BRAIN_SHAPES", "DONORS", "MNI_NOTICE", "Brain", "donor_brain", "donor_dice", "label_table",
     "mni_brain", "synth_subject", "to_freesurfer",
     "REGISTRY", "ChecksumError", "DatasetInfo", "DataUnavailableError", "UnsafeArchiveError",
     "cache_status", "data_dir", "fetch", "is_cached", "mirror_dir", "safe_extract", "verify_file",
     "CATEGORIES", "FIRE_SIZE", "FundusPair", "fire_lines", "make_fire_pair", "parse_fire_lines",
     "retina_green", "synthetic_fundus", "vessel_contrast",
-    "FIRE", "FREESURFER_NAMES", "Learn2RegOASIS", "NeuriteOASIS", "load_vxm_labels", "load_vxm_scan",
+    "FREESURFER_30", "FREESURFER_NAMES", "STRUCTURE_NAMES",
+    "FIRE", "Learn2RegOASIS", "NeuriteOASIS", "load_vxm_labels", "load_vxm_scan",
     "read_label_table",
     "read_image", "write_image", "write_displacement",
     "BrainPairs", "FIREPairs", "FundusPairs", "OfflinePairs", "PairFolder", "SubjectPairs", "brain_slice",
