@@ -4,8 +4,8 @@
   regedu evaluates and a few neighbours (``17: "Left-Hippocampus"``);
 - :data:`STRUCTURE_NAMES`: short names of the 30 structures the VoxelMorph
   and VV-Net papers score (``17: "L hippocampus"``), for tables and figures;
-- :data:`FREESURFER_30`: those 30 labels (docs/conventions.md, "The 30
-  evaluation structures").
+- :data:`FREESURFER_30`: those 30 labels, in the order of
+  docs/conventions.md, "The 30 evaluation structures".
 """
 
 __all__ = ["FREESURFER_NAMES", "STRUCTURE_NAMES", "FREESURFER_30"]
