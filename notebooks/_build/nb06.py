@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 
-from regedu import datasets, evaluate, losses, metrics, nets, train, viz
+from regedu import checkpoints, datasets, evaluate, losses, metrics, nets, train, viz
 from regedu.spatial import warp
 
 torch.manual_seed(0)
@@ -84,7 +84,7 @@ code(r"""
 donors = [datasets.donor_brain(d) for d in datasets.DONORS]
 test_donors = donors[4:]                                # test on anatomy never seen in training
 # The short training runs of the ci and cpu profiles use the 4 mm grid (section 2 says why).
-train_spacing = atlas.spacing_mm if profile.name == "gpu" else 4
+train_spacing = profile.train_spacing_mm
 atlas_train = datasets.mni_brain(train_spacing)
 train_donors = [datasets.donor_brain(d, train_spacing) for d in datasets.DONORS[:4]]
 
@@ -142,12 +142,12 @@ averages both images down by 2 and upsamples the field back. The `gpu` profile
 trains the full model on the full grid for the profile's steps.
 """),
 code(r"""
-full_size = profile.name == "gpu"
+full_size = profile.paper_scale
 width = {} if full_size else dict(encoder=(8, 16, 16, 16), decoder=(16, 16, 16, 16, 16, 8, 8))
 steps = profile.steps_3d if full_size else {"ci": 25, "cpu": 50}[profile.name]
 lr = 1e-4 if full_size else 1e-3
 unsupervised = {"ncc": 1.0, "diffusion": 1.0}
-grid = int(round(train_spacing / atlas.spacing_mm))   # 2 in cpu: trained at 4 mm, used at 2 mm
+grid = checkpoints.choose_factor(train_spacing, atlas.spacing_mm)   # 2 in cpu: trained at 4 mm, used at 2 mm
 
 
 def train_voxelmorph(objective):
@@ -192,9 +192,9 @@ plus the folding statistics of the field and the seconds per pair. "identity"
 """),
 code(r"""
 checkpoint = Path("checkpoints/brain_unet_4mm.pt")
-factor = int(round(4 / atlas.spacing_mm))              # 1 in ci (4 mm), 2 in cpu, 4 in gpu
-pretrained = train.load_model(checkpoint, factor=factor)
-print(train.checkpoint_note(checkpoint))
+factor = checkpoints.choose_factor(4, atlas.spacing_mm)   # the checkpoint's 4 mm: 1 in ci, 2 in cpu, 4 in gpu
+pretrained = checkpoints.load_model(checkpoint, factor=factor)
+print(checkpoints.checkpoint_note(checkpoint))
 print(f"runs at 4 mm on this {atlas.spacing_mm:g} mm grid (factor {factor})" if factor > 1 else "")
 """),
 code(r"""

@@ -38,7 +38,7 @@ from IPython.display import HTML, display
 from regedu import datasets, evaluate, losses, nets, train, viz
 
 cuda = torch.cuda.is_available()
-full = cuda and profile.name == "gpu"
+full = cuda and profile.paper_scale
 if full:
     print(f"GPU: {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 else:
