@@ -253,6 +253,36 @@ def _skip_batches(batches, n: int, dataset) -> None:
         next(batches)
 
 
+def _loaders(train_data, val_data, *, steps, epochs, batch_size, num_workers, world, seed, device):
+    """The training and validation loaders, and how many steps the run takes."""
+    dataset = getattr(train_data, "dataset", train_data)
+    sampler = None
+    if world > 1 and not isinstance(dataset, IterableDataset):
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(dataset, seed=seed)
+    loader = _as_loader(train_data, batch_size, num_workers, sampler, pin_memory=device.type == "cuda")
+    val_loader = (val_data if val_data is None or isinstance(val_data, DataLoader)
+                  else DataLoader(val_data, batch_size=1))
+    try:
+        total = steps if steps is not None else epochs * len(loader)
+    except TypeError:
+        raise ValueError("epochs: this data has no length (an endless sampler?); give steps "
+                         "instead") from None
+    return loader, val_loader, total
+
+
+def _spacing(spacing, dataset) -> list[float] | None:
+    # The voxel size trained at (mm per axis), recorded so that the model runs at its scale later.
+    if spacing is None:
+        spacing = getattr(dataset, "spacing", None)
+    if spacing is None:
+        return None
+    spacing = [float(v) for v in np.atleast_1d(np.asarray(spacing, dtype=float))]
+    for v in spacing:
+        check_positive(v, "spacing")
+    return spacing
+
+
 def _new_history() -> dict:
     return {"train": {"step": []}, "val": {"step": []}}
 
@@ -386,6 +416,20 @@ class _StopRequests:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         return False
+
+
+def _check_options(model, steps, epochs, lr, batch_size, **optional) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got a {type(model).__name__}")
+    if (steps is None) == (epochs is None):
+        raise ValueError(f"give exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
+    check_positive(steps if steps is not None else epochs, "steps" if steps is not None else "epochs",
+                   integer=True)
+    check_positive(lr, "lr")
+    check_positive(batch_size, "batch_size", integer=True)
+    for name, value in optional.items():
+        if value is not None:
+            check_positive(value, name, integer=name in ("val_every", "checkpoint_every"))
 
 
 def _checkpoint_files(checkpoint, resume, overwrite: bool) -> tuple[Path | None, Path | None]:
@@ -557,7 +601,7 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=DEFAULT_LOSSES, s
     spacing : float or sequence of float, optional
         Voxel size of the training images in mm (default the dataset's
         ``spacing`` attribute, if any). Recorded with ``shape`` (the spatial size
-        trained on) in ``train_config``, so that :func:`load_model` and
+        trained on) in ``train_config``, so that :func:`regedu.checkpoints.load_model` and
         ``regedu register`` can run the model at the right scale on other grids.
     metadata : dict, optional
         Anything else to keep in the checkpoint (``state["metadata"]``).
@@ -595,45 +639,19 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=DEFAULT_LOSSES, s
     current step finish, saves the checkpoint and raises
     :class:`TrainingInterrupted`; a second one stops at once.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got a {type(model).__name__}")
-    if (steps is None) == (epochs is None):
-        raise ValueError(f"give exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
-    check_positive(steps if steps is not None else epochs, "steps" if steps is not None else "epochs",
-                   integer=True)
-    check_positive(lr, "lr")
-    check_positive(batch_size, "batch_size", integer=True)
-    for name, value in (("val_every", val_every), ("checkpoint_every", checkpoint_every)):
-        if value is not None:
-            check_positive(value, name, integer=True)
-    for name, value in (("checkpoint_minutes", checkpoint_minutes), ("grad_clip", grad_clip)):
-        if value is not None:
-            check_positive(value, name)
+    _check_options(model, steps, epochs, lr, batch_size, val_every=val_every,
+                   checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
+                   grad_clip=grad_clip)
     terms = build_terms(losses)
     labels = None if labels is None else check_label_list(labels)
     checkpoint, resume_path = _checkpoint_files(checkpoint, resume, overwrite)
 
     rank, world, local_rank, own_group = _distributed()
     device, amp, channels_last = _devices(device, amp, channels_last, world, local_rank)
-    dataset = getattr(train_data, "dataset", train_data)
-    if spacing is None:
-        spacing = getattr(dataset, "spacing", None)
-    if spacing is not None:
-        spacing = [float(v) for v in np.atleast_1d(np.asarray(spacing, dtype=float))]
-        for v in spacing:
-            check_positive(v, "spacing")
-    sampler = None
-    if world > 1 and not isinstance(dataset, IterableDataset):
-        from torch.utils.data.distributed import DistributedSampler
-        sampler = DistributedSampler(dataset, seed=seed)
-    loader = _as_loader(train_data, batch_size, num_workers, sampler, pin_memory=device.type == "cuda")
-    val_loader = (val_data if val_data is None or isinstance(val_data, DataLoader)
-                  else DataLoader(val_data, batch_size=1))
-    try:
-        total = steps if steps is not None else epochs * len(loader)
-    except TypeError:
-        raise ValueError("epochs: this data has no length (an endless sampler?); give steps "
-                         "instead") from None
+    spacing = _spacing(spacing, getattr(train_data, "dataset", train_data))
+    loader, val_loader, total = _loaders(train_data, val_data, steps=steps, epochs=epochs,
+                                         batch_size=batch_size, num_workers=num_workers, world=world,
+                                         seed=seed, device=device)
     val_every = val_every or max(1, math.ceil(total / 10))
     checkpoint_every = checkpoint_every or max(1, math.ceil(total / 10))
 
