@@ -31,10 +31,11 @@ import torch
 import torch.nn as nn
 
 from ._checks import as_tensor, check_choice, check_field, check_finite, check_label_list, check_labels
-from .metrics import FIRE_THRESHOLDS, dice, fire_auc, fire_success_curve, folding_stats, tre
+from .metrics import (FIRE_THRESHOLDS, average_surface_distance, dice, fire_auc, fire_success_curve,
+                      folding_stats, hausdorff95, tre)
 from .spatial import warp
 
-__all__ = ["evaluate", "score_pair", "compare", "Evaluation", "summary", "SummaryTable", "fire_report",
+__all__ = ["evaluate", "score_pair", "PairScores", "compare", "Evaluation", "summary", "SummaryTable", "fire_report",
            "FireReport", "identity"]
 
 FIRE_CATEGORIES = ("S", "P", "A")
@@ -128,8 +129,26 @@ def _run(method, moving, fixed, device: torch.device):
     return out, time.perf_counter() - start
 
 
-def score_pair(disp, pair: dict, *, labels=None, spacing=1.0, where: str = "pair"):
-    """The measures of one registered pair: Dice, TRE and folding.
+@dataclass
+class PairScores:
+    """What :func:`score_pair` measured on one pair.
+
+    ``record``: ``dice_mean``, ``dice_std``, ``dice_before``, ``tre_mean``,
+    ``tre_median``, ``tre_before`` (NaN without their inputs), ``percent_folding``,
+    ``sdlogj``, and with ``surface=True`` ``hd95``, ``asd`` (means over structures)
+    and ``surface_missing``; ``dice``, ``hd95``, ``asd``: per structure (None
+    without label maps); ``tre``: per point (None without landmarks).
+    """
+    record: dict
+    dice: object = None
+    tre: np.ndarray | None = None
+    hd95: object = None
+    asd: object = None
+
+
+def score_pair(disp, pair: dict, *, labels=None, spacing=1.0, where: str = "pair",
+               surface: bool = False) -> PairScores:
+    """The measures of one registered pair: Dice, TRE, folding, and surface distances if asked.
 
     Parameters
     ----------
@@ -141,37 +160,47 @@ def score_pair(disp, pair: dict, *, labels=None, spacing=1.0, where: str = "pair
         ``moving_points`` and ``fixed_points`` (TRE, times ``spacing``).
     labels : sequence of int
         Structures for Dice; required when the pair has label maps.
+    spacing : float or tuple of float
+        Voxel size for TRE and the surface distances.
     where : str
         How messages name the pair (``"pairs[3]"``).
-
-    Returns
-    -------
-    (dict, DiceResult or None, ndarray or None)
-        ``dice_mean``, ``dice_std``, ``dice_before``, ``tre_mean``,
-        ``tre_median``, ``tre_before`` (NaN without their inputs),
-        ``percent_folding``, ``sdlogj``; the Dice per structure; the TRE per point.
+    surface : bool
+        Also HD95 and the average symmetric surface distance between the fixed
+        labels and the warped moving ones (:func:`regedu.metrics.hausdorff95`,
+        :func:`regedu.metrics.average_surface_distance`); ``surface_missing``
+        counts the structures in one map only (left out of the means).
     """
     spatial = tuple(disp.shape[2:])
-    scores = dict(dice_mean=np.nan, dice_std=np.nan, dice_before=np.nan)
-    overlap = errors = None
-    if "moving_seg" in pair and "fixed_seg" in pair:
+    record = dict(dice_mean=np.nan, dice_std=np.nan, dice_before=np.nan)
+    scores = PairScores(record)
+    segs = "moving_seg" in pair and "fixed_seg" in pair
+    if segs:
         if labels is None:
             raise ValueError(f"labels: {where} has segmentations; pass the structures "
                              f"to score, e.g. labels=[2, 3, 4, ...] or a dict {{label: name}}")
         ms = _seg(pair["moving_seg"], f"{where}['moving_seg']", spatial)
         fs = _seg(pair["fixed_seg"], f"{where}['fixed_seg']", spatial)
-        overlap = dice(fs, warp(ms, disp, mode="nearest"), labels)
-        scores.update(dice_mean=overlap.mean, dice_std=overlap.std, dice_before=dice(fs, ms, labels).mean)
-    scores.update(tre_mean=np.nan, tre_median=np.nan, tre_before=np.nan)
+        warped = warp(ms, disp, mode="nearest")
+        scores.dice = dice(fs, warped, labels)
+        record.update(dice_mean=scores.dice.mean, dice_std=scores.dice.std,
+                      dice_before=dice(fs, ms, labels).mean)
+    record.update(tre_mean=np.nan, tre_median=np.nan, tre_before=np.nan)
     if "moving_points" in pair and "fixed_points" in pair:
         fp = _points(pair["fixed_points"], f"{where}['fixed_points']", len(spatial))
         mp = _points(pair["moving_points"], f"{where}['moving_points']", len(spatial))
-        errors = tre(fp, mp, disp, spacing=spacing).numpy()
+        scores.tre = tre(fp, mp, disp, spacing=spacing).numpy()
         before = tre(fp, mp, torch.zeros_like(disp), spacing=spacing).numpy()
-        scores.update(tre_mean=float(errors.mean()), tre_median=float(np.median(errors)),
+        record.update(tre_mean=float(scores.tre.mean()), tre_median=float(np.median(scores.tre)),
                       tre_before=float(before.mean()))
-    scores.update(folding_stats(disp))
-    return scores, overlap, errors
+    record.update(folding_stats(disp))
+    if surface:
+        record.update(hd95=np.nan, asd=np.nan, surface_missing=0)
+        if segs:
+            scores.hd95 = hausdorff95(fs[0, 0], warped[0, 0], labels, spacing=spacing)
+            scores.asd = average_surface_distance(fs[0, 0], warped[0, 0], labels, spacing=spacing)
+            record.update(hd95=scores.hd95.mean, asd=scores.asd.mean,
+                          surface_missing=len(scores.hd95.missing))
+    return scores
 
 
 def _label_spec(labels):
@@ -203,12 +232,19 @@ class Evaluation:
         Dice per structure, rows pairs, columns structures (NaN: absent from both).
     tre_errors : list of ndarray or None
         Per-point TRE of each pair (None for pairs without landmarks).
+    hd95, asd : DataFrame
+        With ``evaluate(..., surface=True)``: HD95 and average symmetric surface
+        distance per structure, in the units of the spacing, laid out as ``dice``
+        (NaN: absent from both maps, or from one: see ``surface_missing``);
+        empty otherwise.
     """
 
     name: str
     records: list = field(default_factory=list)
     dice: pd.DataFrame = field(default_factory=pd.DataFrame)
     tre_errors: list = field(default_factory=list)
+    hd95: pd.DataFrame = field(default_factory=pd.DataFrame)
+    asd: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def table(self) -> pd.DataFrame:
         """The records as a DataFrame, one row per pair."""
@@ -223,7 +259,7 @@ class Evaluation:
 
 def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0,
              device=None, spatial_dims: int | None = None, warmup: bool = False,
-             progress: bool = True) -> Evaluation:
+             progress: bool = True, surface: bool = False) -> Evaluation:
     """Register every pair with ``method`` and measure the result.
 
     Parameters
@@ -256,6 +292,14 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
         a network's first call do not count).
     progress : bool
         Show a progress bar.
+    surface : bool
+        Also measure surface distances of the structures
+        (:func:`regedu.metrics.hausdorff95`, :func:`regedu.metrics.average_surface_distance`,
+        scaled by the spacing): records gain ``hd95``, ``asd`` (means over
+        structures) and ``surface_missing`` (structures in only one of the two
+        maps, left out of those means), and the evaluation ``hd95`` and ``asd`` tables.
+        Two distance transforms per structure: about 2 s per pair of 30-structure
+        brain volumes at 2 mm on one CPU core.
 
     Returns
     -------
@@ -281,7 +325,7 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
     dev = _device_of(method, device)
     pairs = list(pairs)
     ev = Evaluation(name)
-    dice_rows = []
+    dice_rows, hd_rows, asd_rows = [], [], []
     for i, pair in enumerate(tqdm(pairs, disable=not progress, desc=f"evaluate {name}")):
         if not isinstance(pair, dict) or "moving" not in pair or "fixed" not in pair:
             raise ValueError(f"pairs[{i}]: expected a dict with 'moving' and 'fixed' images, got "
@@ -298,14 +342,18 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
 
         rec = {"method": name, "pair": meta.get("id", i), "dataset": meta.get("dataset", ""),
                "category": meta.get("category", "")}
-        scores, overlap, errors = score_pair(disp, pair, labels=label_ids,
-                                             spacing=meta.get("spacing", spacing), where=f"pairs[{i}]")
-        rec.update(scores, seconds=seconds, device=str(dev))
+        scores = score_pair(disp, pair, labels=label_ids, spacing=meta.get("spacing", spacing),
+                            where=f"pairs[{i}]", surface=surface)
+        rec.update(scores.record, seconds=seconds, device=str(dev))
         ev.records.append(rec)
-        dice_rows.append({} if overlap is None else dict(zip(label_names, overlap.per_label)))
-        ev.tre_errors.append(errors)
+        ev.tre_errors.append(scores.tre)
+        for rows, result in ((dice_rows, scores.dice), (hd_rows, scores.hd95), (asd_rows, scores.asd)):
+            rows.append({} if result is None else dict(zip(label_names, result.per_label)))
     ev.dice = pd.DataFrame(dice_rows, columns=label_names,
                            index=[r["pair"] for r in ev.records])
+    if surface:
+        ev.hd95 = pd.DataFrame(hd_rows, columns=label_names, index=ev.dice.index)
+        ev.asd = pd.DataFrame(asd_rows, columns=label_names, index=ev.dice.index)
     if dice_rows and any(dice_rows):
         absent = [c for c in ev.dice.columns if ev.dice[c].isna().all()]
         if absent:
@@ -324,7 +372,8 @@ def compare(methods: dict, pairs, **kwargs) -> list[Evaluation]:
 # -------------------------------------------------------------------- tables
 
 _METRIC_TITLES = {"dice": "Dice", "dice_before": "Dice before", "tre": "TRE",
-                  "percent_folding": "% det J <= 0", "sdlogj": "SDlogJ", "seconds": "seconds"}
+                  "percent_folding": "% det J <= 0", "sdlogj": "SDlogJ", "seconds": "seconds",
+                  "hd95": "HD95", "asd": "ASD"}
 
 
 def _values(ev: Evaluation, metric: str, rows: np.ndarray, dice_over: str) -> np.ndarray:
@@ -396,7 +445,8 @@ def summary(evaluations, metrics=("dice",), *, by: str | None = "dataset",
         One per method (rows, in this order).
     metrics : sequence of str
         Any of "dice", "dice_before", "tre", "percent_folding", "sdlogj",
-        "seconds" (or another numeric record column).
+        "seconds", "hd95", "asd" (the last two from ``evaluate(..., surface=True)``;
+        over the per-pair means), or another numeric record column.
     by : "dataset", "category" or None
         Split columns by this record field (one column per value and metric);
         None pools all pairs (one column per metric).

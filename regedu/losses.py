@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from ._checks import (as_tensor, check_choice, check_field, check_finite, check_image, check_label_list,
                       check_labels, check_positive, check_same_shape, check_shape, check_tensor)
 from .metrics import labels_present
-from .spatial import warp
+from .spatial import compose, warp
 
 __all__ = ["mse", "ncc_local", "ncc_reference", "ncc_global", "mutual_information", "diffusion",
            "bending_energy", "edge_aware_smoothness", "soft_dice", "one_hot", "field_mse",
            "MSE", "NCC", "MI", "Diffusion", "BendingEnergy", "EdgeAwareSmoothness", "SoftDice",
-           "FieldMSE", "LOSSES", "DEFAULT_LOSSES", "Term", "build_terms", "loss_terms"]
+           "FieldMSE", "inverse_consistency", "bidirectional", "InverseConsistency",
+           "LOSSES", "DEFAULT_LOSSES", "Term", "build_terms", "loss_terms"]
 
 _REDUCTIONS = ("mean", "none")
 
@@ -503,6 +504,119 @@ class FieldMSE(nn.Module):
 
     def forward(self, disp, true_disp):
         return field_mse(disp, true_disp, reduction=self.reduction)
+
+
+# --------------------------------------------------------- inverse consistency
+
+def inverse_consistency(u_ab, u_ba, *, kind: str = "icon", reduction: str = "mean"):
+    """Inverse-consistency penalty for a pair of fields (lower is better, 0 for exact inverses).
+
+    With ``w = compose(u_ab, u_ba)``, the displacement of ``phi_ab o phi_ba - id``,
+    and ``w' = compose(u_ba, u_ab)`` the other way round:
+
+    * ``kind="icon"`` (Greer et al., ICCV 2021): the mean of ``|w|^2``;
+    * ``kind="gradicon"`` (Tian et al., CVPR 2023): the mean of
+      ``||grad w||_F^2``, the squared Frobenius norm of the Jacobian of the
+      composition minus the identity (central differences, as
+      :func:`regedu.metrics.jacobian_determinant`). It ignores a constant
+      offset between the two maps and, as its paper shows, regularises less
+      strongly, so the fields can follow the images more closely.
+
+    averaged over ``w`` and ``w'`` so that swapping a and b gives the same value.
+
+    Parameters
+    ----------
+    u_ab : Tensor, shape (B, ndim, *spatial)
+        The field of ``model(moving=a, fixed=b)`` (on b's grid).
+    u_ba : Tensor, shape (B, ndim, *spatial)
+        The field of ``model(moving=b, fixed=a)`` (on a's grid);
+        :func:`bidirectional` returns both.
+    kind : {"icon", "gradicon"}
+    reduction : {"mean", "none"}
+
+    Returns
+    -------
+    Tensor: a scalar, or ``(B,)`` with ``reduction="none"``; in voxels squared
+    (``"icon"``) or unitless (``"gradicon"``).
+
+    Convention: docs/conventions.md, "Conventions" (``compose``, voxels).
+
+    >>> u = torch.zeros(1, 2, 6, 6); u[:, 0] = 1.0
+    >>> float(inverse_consistency(u, -u)), float(inverse_consistency(u, u))   # |2 u|^2 = 4
+    (0.0, 4.0)
+    >>> float(inverse_consistency(u, u, kind="gradicon"))   # blind to a constant offset
+    0.0
+    """
+    u_ab = check_field(as_tensor(u_ab, "u_ab"), "u_ab")
+    u_ba = check_field(as_tensor(u_ba, "u_ba"), "u_ba", spatial=tuple(u_ab.shape[2:]))
+    check_choice(kind, ("icon", "gradicon"), "kind")
+    check_choice(reduction, _REDUCTIONS, "reduction")
+    nd = u_ab.dim() - 2
+    if kind == "gradicon" and min(u_ab.shape[2:]) < 2:
+        raise ValueError(f"u_ab: GradICON needs at least 2 voxels along each axis for derivatives, "
+                         f"got shape {tuple(u_ab.shape)}")
+    per_item = 0
+    for w in (compose(u_ab, u_ba), compose(u_ba, u_ab)):
+        if kind == "icon":
+            per_voxel = w.square().sum(1)
+        else:
+            # grad of phi o phi' - id is the Jacobian of the composition minus I.
+            per_voxel = sum(g.square().sum(1) for g in torch.gradient(w, dim=tuple(range(2, 2 + nd))))
+        per_item = per_item + per_voxel.flatten(1).mean(1) / 2
+    return _reduce(per_item, reduction)
+
+
+def bidirectional(model, a, b):
+    """Run ``model`` both ways round in one batch: ``(u_ab, u_ba)``.
+
+    ``u_ab`` is the field of ``model(moving=a, fixed=b)`` and ``u_ba`` that of
+    ``model(moving=b, fixed=a)``, ready for :func:`inverse_consistency` and for a
+    similarity term on each direction. The two directions go through the model
+    as one batch of ``2 B`` (one forward pass; a model with batch norm sees both).
+
+    Parameters
+    ----------
+    model : callable
+        ``model(moving, fixed)`` returning a displacement ``(B, ndim, *spatial)`` or
+        an object with ``.disp`` (a regedu network's ``RegistrationOutput``).
+    a, b : Tensor, shape (B, C, *spatial)
+
+    Returns
+    -------
+    (Tensor, Tensor), each (B, ndim, *spatial).
+
+    Convention: docs/conventions.md, "Conventions" (fields pull moving into fixed).
+
+    >>> shift = lambda moving, fixed: torch.ones(moving.shape[0], 2, *moving.shape[2:])
+    >>> u_ab, u_ba = bidirectional(shift, torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
+    >>> tuple(u_ab.shape), tuple(u_ba.shape)
+    ((1, 2, 4, 4), (1, 2, 4, 4))
+    """
+    if not callable(model):
+        raise TypeError(f"model: expected a callable (moving, fixed) -> displacement, got a "
+                        f"{type(model).__name__}")
+    a = check_tensor(as_tensor(a, "a"), "a", floating=True)
+    b = check_tensor(as_tensor(b, "b"), "b", floating=True)
+    check_shape(a, "B C *S", "a")
+    check_same_shape(a, b, ("a", "b"))
+    out = model(torch.cat([a, b]), torch.cat([b, a]))
+    disp = getattr(out, "disp", out)
+    if not isinstance(disp, torch.Tensor):
+        raise TypeError(f"model: expected it to return a displacement tensor or an object with "
+                        f".disp, got a {type(out).__name__}")
+    check_field(disp, "model's displacement", spatial=tuple(a.shape[2:]), batch=2 * a.shape[0])
+    return disp[:a.shape[0]], disp[a.shape[0]:]
+
+
+class InverseConsistency(nn.Module):
+    """Module form of :func:`inverse_consistency`: ``forward(u_ab, u_ba)``."""
+
+    def __init__(self, kind: str = "icon", reduction: str = "mean"):
+        super().__init__()
+        self.kind, self.reduction = check_choice(kind, ("icon", "gradicon"), "kind"), reduction
+
+    def forward(self, u_ab, u_ba):
+        return inverse_consistency(u_ab, u_ba, kind=self.kind, reduction=self.reduction)
 
 
 # ---------------------------------------------------------------- the objective of a training run

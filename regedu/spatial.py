@@ -20,6 +20,7 @@ returns tensors.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -30,8 +31,8 @@ from ._checks import (as_tensor, check_choice, check_field, check_finite, check_
                       check_shape, check_tensor)
 
 __all__ = ["warp", "SpatialTransformer", "identity_grid", "affine_to_displacement",
-           "compose", "integrate_velocity", "IntegrateVelocity", "resize_field", "warp_points",
-           "gaussian_blur", "random_field", "diffusion_fit"]
+           "compose", "integrate_velocity", "IntegrateVelocity", "invert_field", "jacobian_determinant",
+           "resize_field", "warp_points", "gaussian_blur", "random_field", "diffusion_fit"]
 
 _MODES = ("bilinear", "nearest")
 _PADDINGS = ("zeros", "border")
@@ -264,6 +265,109 @@ class IntegrateVelocity(nn.Module):
         return integrate_velocity(velocity, self.steps)
 
 
+def jacobian_determinant(disp) -> torch.Tensor:
+    """Determinant of the Jacobian of ``phi = id + u``, ``(B, *spatial)``.
+
+    A property of the transform, so it lives here; :mod:`regedu.metrics`
+    offers it among the measures (``metrics.jacobian_determinant``).
+
+    Derivatives by central differences (one-sided at the borders, as
+    ``np.gradient``). det = 1: volume kept; > 1: expansion; <= 0: folding.
+
+    >>> jacobian_determinant(torch.zeros(1, 2, 4, 5)).unique()
+    tensor([1.])
+    """
+    disp = as_tensor(disp, "disp")
+    check_field(disp, "disp")
+    nd = disp.shape[1]
+    if min(disp.shape[2:]) < 2:
+        raise ValueError(f"disp: need at least 2 voxels along each axis for derivatives, got "
+                         f"shape {tuple(disp.shape)}")
+    # J[:, i, j] = d phi_i / d x_j = delta_ij + d u_i / d x_j
+    grads = torch.gradient(disp, dim=tuple(range(2, 2 + nd)))
+    J = torch.stack(grads, dim=2)
+    J = J + torch.eye(nd, dtype=disp.dtype, device=disp.device).view(1, nd, nd, *([1] * nd))
+    J = J.movedim((1, 2), (-2, -1))
+    if nd == 2:
+        return J[..., 0, 0] * J[..., 1, 1] - J[..., 0, 1] * J[..., 1, 0]
+    return (J[..., 0, 0] * (J[..., 1, 1] * J[..., 2, 2] - J[..., 1, 2] * J[..., 2, 1])
+            - J[..., 0, 1] * (J[..., 1, 0] * J[..., 2, 2] - J[..., 1, 2] * J[..., 2, 0])
+            + J[..., 0, 2] * (J[..., 1, 0] * J[..., 2, 1] - J[..., 1, 1] * J[..., 2, 0]))
+
+
+def invert_field(disp: torch.Tensor, *, iterations: int = 50, tol: float = 1e-4,
+                 folding: str = "warn") -> torch.Tensor:
+    """The inverse displacement ``v`` of ``u``, by fixed-point iteration.
+
+    ``phi_u o phi_v = id`` reads ``v(x) + u(x + v(x)) = 0``, i.e. ``v = -warp(u, v)``:
+    start from ``v = -u`` and repeat ``v <- -warp(u, v)`` (Chen et al., Med. Phys.
+    35(1), 2008). Each step shrinks the error by about the largest derivative of
+    ``u``, so it converges quickly for a smooth field with ``|grad u| < 1`` and
+    not at all where the field folds (there no inverse exists).
+
+    Parameters
+    ----------
+    disp : Tensor, shape (B, ndim, *spatial)
+        The displacement ``u`` to invert (voxels, tensor-axis order).
+    iterations : int
+        At most this many steps.
+    tol : float
+        Stop when no voxel of ``v`` changes by more than ``tol`` voxels in a step;
+        the change is also the residual ``|compose(u, v)|`` of the last iterate.
+    folding : {"warn", "raise", "ignore"}
+        What to do when ``det J <= 0`` somewhere (see
+        :func:`regedu.metrics.jacobian_determinant`): the result is then not an inverse.
+
+    Returns
+    -------
+    Tensor, shape (B, ndim, *spatial)
+        ``v`` with ``compose(u, v) ~ 0`` and ``compose(v, u) ~ 0`` away from the
+        borders (``u`` is extended at the border, as in :func:`compose`).
+        Differentiable with respect to ``disp``.
+
+    Warns (RuntimeWarning) when the iteration has not converged to ``tol``.
+
+    Convention: fields pull (docs/conventions.md, "Conventions"); if ``u`` maps
+    fixed to moving coordinates, ``v`` maps moving to fixed, on the moving grid.
+
+    Examples
+    --------
+    A translation inverts to the opposite translation:
+
+    >>> u = torch.zeros(1, 2, 5, 6); u[:, 0] = 1.5; u[:, 1] = -0.5
+    >>> invert_field(u)[0, :, 2, 3].tolist()
+    [-1.5, 0.5]
+    """
+    disp = check_field(as_tensor(disp, "disp"), "disp")
+    check_positive(iterations, "iterations", integer=True)
+    check_positive(tol, "tol")
+    check_choice(folding, ("warn", "raise", "ignore"), "folding")
+    if folding != "ignore":
+        with torch.no_grad():
+            folded = int((jacobian_determinant(disp) <= 0).sum())
+        if folded:
+            message = (f"disp: det J <= 0 at {folded} of {disp[:, 0].numel()} voxels; a folding "
+                       f"field has no inverse there, and the result is not one (smooth or "
+                       f"regularise the field first, or pass folding='ignore')")
+            if folding == "raise":
+                raise ValueError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+    v = -disp
+    change = float("inf")
+    for _ in range(iterations):
+        # compose(u, v) = v + warp(u, v): the new iterate differs from v by exactly
+        # the residual of the old one, so the step size measures convergence.
+        new = -warp(disp, v, mode="bilinear", padding="border")
+        change = float((new - v).detach().abs().max())
+        v = new
+        if change <= tol:
+            return v
+    warnings.warn(f"disp: the inverse did not converge in {iterations} iterations (last change "
+                  f"{change:.3g} voxels > tol={tol:g}); raise iterations, or the field is too "
+                  f"strongly deformed to invert", RuntimeWarning, stacklevel=2)
+    return v
+
+
 def resize_field(disp: torch.Tensor, size) -> torch.Tensor:
     """Resample a displacement to a new spatial ``size``, rescaling its values.
 
@@ -350,9 +454,9 @@ def random_field(shape, amplitude: float, points=4, *, channels: int | None = No
     Noise of standard deviation ``amplitude`` at ``points`` control points per
     axis (a number, or one per axis; the corner points sit on the corner
     voxels) is interpolated to ``shape``: (bi/tri)linearly, or with
-    ``cubic=True`` bicubically (2D only), whose derivatives, and so the
-    Jacobian of a displacement, are smooth too. Fewer points give a smoother
-    field. ``channels`` defaults to ``len(shape)``: a displacement in voxels.
+    ``cubic=True`` by cubic convolution along each axis, whose derivatives,
+    and so the Jacobian of a displacement, are continuous too (no creases
+    along the control grid). Fewer points give a smoother field. ``channels`` defaults to ``len(shape)``: a displacement in voxels.
     ``seed`` is an int or a ``torch.Generator`` to draw from (several fields
     from one stream, as :func:`regedu.datasets.synth_subject` does).
 
@@ -363,8 +467,8 @@ def random_field(shape, amplitude: float, points=4, *, channels: int | None = No
     shape = tuple(int(n) for n in shape)
     for n in shape:
         check_positive(n, "shape", integer=True)
-    if len(shape) not in (2, 3) or (cubic and len(shape) != 2):
-        raise ValueError(f"shape: expected 2 or 3 sizes (2 with cubic=True), got {shape}")
+    if len(shape) not in (2, 3):
+        raise ValueError(f"shape: expected 2 or 3 sizes, got {shape}")
     points = [int(points)] * len(shape) if isinstance(points, (int, float)) else [int(k) for k in points]
     if len(points) != len(shape) or min(points) < 2:
         raise ValueError(f"points: expected at least 2 control points along each of the {len(shape)} "
@@ -373,8 +477,18 @@ def random_field(shape, amplitude: float, points=4, *, channels: int | None = No
         raise ValueError(f"amplitude: expected a non-negative number, got {amplitude}")
     generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
     coarse = torch.randn(1, channels or len(shape), *points, generator=generator) * amplitude
-    mode = "bicubic" if cubic else ("bilinear", "trilinear")[len(shape) - 2]
-    return F.interpolate(coarse, size=shape, mode=mode, align_corners=True)
+    if not cubic:
+        return F.interpolate(coarse, size=shape, mode=("bilinear", "trilinear")[len(shape) - 2],
+                             align_corners=True)
+    if len(shape) == 2:
+        return F.interpolate(coarse, size=shape, mode="bicubic", align_corners=True)
+    # torch has no tricubic mode: bicubic over (H, W), then over (D, W) with W at its size,
+    # where the cubic weights at the samples are (0, 1, 0, 0) and leave it as it is.
+    c, (d, h, w), (D, H, W) = coarse.shape[1], points, shape
+    x = F.interpolate(coarse.reshape(c * d, 1, h, w), size=(H, W), mode="bicubic", align_corners=True)
+    x = x.reshape(c, d, H, W).permute(0, 2, 1, 3).reshape(c * H, 1, d, W)
+    x = F.interpolate(x, size=(D, W), mode="bicubic", align_corners=True)
+    return x.reshape(1, c, H, D, W).permute(0, 1, 3, 2, 4).contiguous()
 
 
 def diffusion_fit(disp, weight: float) -> torch.Tensor:

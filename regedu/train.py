@@ -359,7 +359,7 @@ def _validate(model, loader, terms, *, device, memory_format, labels, deep_weigh
         for i in range(output.disp.shape[0]):
             pair = {k: batch[k][i:i + 1] for k in ("moving_seg", "fixed_seg")} if segs else {}
             structures = labels if labels is not None or not segs else labels_present(*pair.values())
-            scores, _, _ = score_pair(output.disp[i:i + 1], pair, labels=structures)
+            scores = score_pair(output.disp[i:i + 1], pair, labels=structures).record
             sums["percent_folding"].append(float(scores["percent_folding"]))
             sums["sdlogj"].append(float(scores["sdlogj"]))
             if segs:

@@ -40,10 +40,10 @@ def shared_data() -> Path:
 def smooth_field(shape, amplitude, *, seed=0, sigma_frac=0.15, dtype=torch.float32):
     """A random smooth displacement (B=1) for tests, from ``regedu.spatial.random_field``.
 
-    Control points about 2.5 sigma apart, sigma = ``sigma_frac`` of each side
-    (bicubic in 2D, so that derivatives are smooth); each component is scaled
-    to a largest absolute value of ``amplitude``.
+    Control points about 2.5 sigma apart, sigma = ``sigma_frac`` of each side,
+    interpolated by cubic convolution (smooth derivatives); each component is
+    scaled to a largest absolute value of ``amplitude``.
     """
     points = max(2, round(1 / (2.5 * sigma_frac)) + 1)
-    u = random_field(shape, 1.0, points, cubic=len(shape) == 2, seed=seed).to(dtype)
+    u = random_field(shape, 1.0, points, cubic=True, seed=seed).to(dtype)
     return u * (amplitude / u.abs().amax(dim=tuple(range(2, u.dim())), keepdim=True))
