@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from ._checks import format_spacing
 from ._files import write_atomic
+from .nets._base import jsonable
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "checkpoint_note", "trained_spacing",
            "choose_factor", "check_complete", "check_resumable", "describe_checkpoint", "rng_state",
@@ -222,19 +223,10 @@ def check_complete(state: Mapping, path) -> None:
                          f"the command that made it")
 
 
-def _plain(x):
-    # Configs compare equal whether a size came as a tuple or a list (JSON, TOML, torch.load).
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
-
-
 def _differences(saved: Mapping, now: Mapping) -> str:
     keys = sorted(set(saved) | set(now), key=str)
-    return "; ".join(f"{k}: {_plain(saved.get(k))!r} in the checkpoint, {_plain(now.get(k))!r} here"
-                     for k in keys if _plain(saved.get(k)) != _plain(now.get(k)))
+    return "; ".join(f"{k}: {jsonable(saved.get(k))!r} in the checkpoint, {jsonable(now.get(k))!r} here"
+                     for k in keys if jsonable(saved.get(k)) != jsonable(now.get(k)))
 
 
 def _same_spacing(a, b) -> bool:
@@ -250,7 +242,7 @@ def check_resumable(state: Mapping, path: Path, config: dict, train_config: dict
     settings (``train_config``); return the changes it makes (lines to print)."""
     check_complete(state, path)
     saved_config = state.get("config") or {}
-    if config and _plain(saved_config) != _plain(config):
+    if config and jsonable(saved_config) != jsonable(config):
         # Between two kinds of model only the kind matters; their arguments differ anyway.
         names = ({"name": saved_config.get("name")}, {"name": config.get("name")})
         shown = names if names[0] != names[1] else (saved_config, config)
@@ -264,7 +256,7 @@ def check_resumable(state: Mapping, path: Path, config: dict, train_config: dict
     if "spacing" in fixed and (fixed["spacing"] is None or now["spacing"] is None
                                or _same_spacing(fixed["spacing"], now["spacing"])):
         del fixed["spacing"], now["spacing"]
-    if _plain(fixed) != _plain(now):
+    if jsonable(fixed) != jsonable(now):
         raise ValueError(f"resume: {str(path)!r} was trained with other settings "
                          f"({_differences(fixed, now)}); a run that changed them half-way would "
                          f"mix two objectives in one history: resume with the checkpoint's "

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from ._checks import available_memory, check_memory, check_output_path, format_bytes, format_shape, format_spacing
+from ._checks import (available_memory, check_memory, check_output_path, format_bytes, format_shape,
+                      format_spacing)
 from ._files import write_atomic
 from .losses import DEFAULT_LOSSES
 from .profiles import PROFILES
@@ -617,15 +618,16 @@ def _check_outputs(outputs: dict, inputs) -> None:
 
 
 def _register(args) -> int:
-    from .datasets.files import check_image_output, min_max, read_image_file, read_labels, write_displacement, \
-        write_image
+    from .datasets.files import (check_image_output, min_max, read_image_file, read_labels,
+                                  write_displacement, write_image)
     from .spatial import warp
     # Check every input and output name before computing or writing anything.
     if bool(args.moving_seg) != bool(args.warped_seg):
         raise CLIError("--moving-seg and --warped-seg go together (the labels to warp and where "
                        "to write them)")
     with _user_input():
-        for name, path in (("--warped", args.warped), ("--disp", args.disp), ("--warped-seg", args.warped_seg)):
+        for name in ("--warped", "--disp", "--warped-seg"):
+            path = getattr(args, name[2:].replace("-", "_"))
             if path:
                 check_image_output(path, name)
     inputs = [args.fixed, args.moving, args.moving_seg, args.model]

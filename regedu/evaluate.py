@@ -35,8 +35,8 @@ from .metrics import (FIRE_THRESHOLDS, average_surface_distance, dice, fire_auc,
                       folding_stats, hausdorff95, tre)
 from .spatial import warp
 
-__all__ = ["evaluate", "score_pair", "PairScores", "compare", "Evaluation", "summary", "SummaryTable", "fire_report",
-           "FireReport", "identity"]
+__all__ = ["evaluate", "score_pair", "PairScores", "compare", "Evaluation", "summary", "SummaryTable",
+           "fire_report", "FireReport", "identity"]
 
 FIRE_CATEGORIES = ("S", "P", "A")
 

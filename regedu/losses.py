@@ -267,7 +267,8 @@ def _check_ncc_args(fixed, warped, window, reduction):
     if window % 2 == 0:
         raise ValueError(f"window: expected an odd width so the window is centred on the voxel, got {window}")
     if min(fixed.shape[2:]) < 1:
-        raise ValueError(f"fixed: expected at least one voxel along each axis, got shape {tuple(fixed.shape)}")
+        raise ValueError(f"fixed: expected at least one voxel along each axis, got shape "
+                         f"{tuple(fixed.shape)}")
     return fixed, warped
 
 

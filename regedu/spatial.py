@@ -456,7 +456,8 @@ def random_field(shape, amplitude: float, points=4, *, channels: int | None = No
     voxels) is interpolated to ``shape``: (bi/tri)linearly, or with
     ``cubic=True`` by cubic convolution along each axis, whose derivatives,
     and so the Jacobian of a displacement, are continuous too (no creases
-    along the control grid). Fewer points give a smoother field. ``channels`` defaults to ``len(shape)``: a displacement in voxels.
+    along the control grid). Fewer points give a smoother field.
+    ``channels`` defaults to ``len(shape)``: a displacement in voxels.
     ``seed`` is an int or a ``torch.Generator`` to draw from (several fields
     from one stream, as :func:`regedu.datasets.synth_subject` does).
 

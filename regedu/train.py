@@ -41,8 +41,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from ._checks import check_field, check_finite, check_label_list, check_labels, check_output_path, check_positive, \
-    check_same_shape, check_tensor
+from ._checks import (check_field, check_finite, check_label_list, check_labels, check_output_path,
+                      check_positive, check_same_shape, check_tensor)
 from .checkpoints import (CHANGEABLE_ON_RESUME, check_resumable, check_weights, describe_checkpoint,
                           load_checkpoint, rng_state, save_checkpoint, set_rng_state, versions)
 from .evaluate import score_pair

@@ -23,7 +23,8 @@ def _blobs(shape, seed=0, sigma=3.0):
 
 
 def _smooth_field(shape, amplitude, seed=1, sigma=4.0):
-    return smooth_field(shape, amplitude, seed=seed, sigma_frac=sigma / shape[0], dtype=torch.float64)[0].numpy()
+    u = smooth_field(shape, amplitude, seed=seed, sigma_frac=sigma / shape[0], dtype=torch.float64)
+    return u[0].numpy()
 
 
 def _pull(image, disp):

@@ -78,7 +78,8 @@ def test_gradient_equals_autograd_through_the_plain_formula(shape, window):
     J = 0.4 * I + 0.6 * torch.rand(shape, dtype=torch.float64)
     weights = torch.rand(shape, dtype=torch.float64)  # a non-uniform upstream gradient
     grads = []
-    for fn in (lambda x, y: _LocalNCCMap.apply(x, y, window, 1e-5), lambda x, y: _plain_ncc_map(x, y, window, 1e-5)):
+    for fn in (lambda x, y: _LocalNCCMap.apply(x, y, window, 1e-5),
+               lambda x, y: _plain_ncc_map(x, y, window, 1e-5)):
         x, y = I.clone().requires_grad_(True), J.clone().requires_grad_(True)
         (fn(x, y) * weights).sum().backward()
         grads.append((x.grad, y.grad))

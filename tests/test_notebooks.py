@@ -21,7 +21,8 @@ def test_the_builders_reproduce_the_committed_notebooks(tmp_path):
     subprocess.run([sys.executable, str(copy / "_build" / "build_all.py")], check=True,
                    capture_output=True, timeout=300)
     built, committed = _notebooks(copy), _notebooks(NOTEBOOKS)
-    assert sorted(built) == sorted(committed), "a notebook without a builder, or a builder's notebook not committed"
+    assert sorted(built) == sorted(committed), ("a notebook without a builder, or a builder's "
+                                                "notebook not committed")
     stale = [name for name in built if built[name] != committed[name]]
     assert not stale, (f"{stale} differ from what their builders write: edit notebooks/_build/nbXX.py "
                        f"and run python notebooks/_build/build_all.py")

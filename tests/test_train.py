@@ -546,7 +546,8 @@ def test_nan_weights_are_neither_saved_nor_loaded(tmp_path):
     with torch.no_grad():
         model.flow.bias.fill_(float("nan"))
     ckpt = tmp_path / "m.pt"
-    checkpoints.save_checkpoint(ckpt, {"model": model.state_dict(), "config": {"name": "unet", "spatial_dims": 2}})
+    checkpoints.save_checkpoint(ckpt, {"model": model.state_dict(),
+                                       "config": {"name": "unet", "spatial_dims": 2}})
     with pytest.raises(ValueError, match="1 weight tensors hold NaN"):
         checkpoints.load_model(ckpt)
 

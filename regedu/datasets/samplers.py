@@ -308,7 +308,7 @@ class FIREPairs(Dataset):
 
 
 class PairFolder(Dataset):
-    """(moving, fixed) pairs from a folder of image files, normalised to [0, 1] (``regedu train --data FOLDER``).
+    """(moving, fixed) pairs from a folder of image files, normalised to [0, 1] (``--data FOLDER``).
 
     Every ordered pair of different images, or each image against ``atlas``.
     Items are dicts with ``moving``, ``fixed`` ``(1, *spatial)`` and, when every

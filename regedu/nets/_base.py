@@ -8,6 +8,7 @@ in voxels, channel ``k`` along spatial axis ``k``; warping pulls,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -105,18 +106,22 @@ def from_config(config: dict) -> nn.Module:
     return create(config["name"], **kwargs)
 
 
-def _jsonable(value):
-    # Configs travel as JSON inside checkpoints: tuples become lists.
+def jsonable(value):
+    """``value`` as JSON holds it: tuples become lists, mappings dicts with string keys.
+
+    Configs travel so inside checkpoints, and compare equal whether a size came
+    as a tuple or a list (code, JSON, TOML, ``torch.load``).
+    """
     if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return [jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
     return value
 
 
 def make_config(name: str, **kwargs) -> dict:
     """The ``config`` dict of a model: its registry name and constructor arguments."""
-    return {"name": name, **_jsonable(kwargs)}
+    return {"name": name, **jsonable(kwargs)}
 
 
 # ----------------------------------------------------------------------------- checks
