@@ -126,7 +126,7 @@ pass) for several values of $\lambda$. Because we know $u^*$ we can measure the
 **field error** $\|u - u^*\|$, which a real application never sees.
 """),
 code(r"""
-u_true = spatial.random_field((size, size), 1.0, points=9, cubic=True, seed=1)
+u_true = spatial.random_field((size, size), 1.0, points=8, cubic=True, seed=1)   # control points size/7 apart
 u_true *= (size / 10) / u_true.norm(dim=1).max()      # the largest displacement: size / 10 pixels
 noise = torch.Generator().manual_seed(0)
 fixed = warp(image, u_true) + 0.03 * torch.randn(image.shape, generator=noise)   # F = M o phi*
