@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["check_shape", "check_tensor", "check_finite", "check_field",
+__all__ = ["check_shape", "check_tensor", "check_image", "check_finite", "check_field",
            "check_same_shape", "check_labels", "as_labels", "check_label_list", "check_choice",
            "check_positive", "check_output_path", "check_memory", "available_memory",
-           "format_bytes", "format_spacing", "as_tensor"]
+           "format_bytes", "format_shape", "format_spacing", "as_tensor"]
 
 
 def _describe(x) -> str:
@@ -85,6 +85,56 @@ def check_shape(x, spec: str, name: str) -> dict[str, int]:
             bound[t] = size
         i += 1
     return bound
+
+
+_LAYOUTS = {2: "(B, C, H, W)", 3: "(B, C, D, H, W)"}
+
+
+def check_image(x, name: str, *, spatial_dims: int | None = None, channels: int | None = None,
+                max_channels: int | None = None, floating: bool = True) -> tuple[int, ...]:
+    """Check an image (or a batch of them) ``(B, C, *spatial)`` in 2D or 3D; return the spatial size.
+
+    The one image check of regedu (warping, losses, networks): a tensor, floating
+    point unless ``floating=False`` (label maps), finite, with 2 or 3 spatial
+    axes, exactly ``spatial_dims`` when the caller knows them (a model does).
+    ``channels``: the channel count a model was built for. ``max_channels``:
+    a 4-axis tensor with more channels reads as a 3D volume that lost an axis,
+    not as a 2D image. Every message names the argument and says how to fix
+    the call (add the missing axes, or build the model for the other dimension).
+
+    >>> check_image(torch.zeros(2, 1, 5, 6), "moving")
+    (5, 6)
+    """
+    check_tensor(x, name, floating=floating)
+    allowed = (2, 3) if spatial_dims is None else (spatial_dims,)
+    if x.dim() - 2 not in allowed:
+        if spatial_dims is None:
+            expected = f"shape (B, C, *S) with 2 or 3 spatial axes, {_LAYOUTS[2]} or {_LAYOUTS[3]}"
+        else:
+            expected = (f"{_LAYOUTS[spatial_dims]}: this model is {spatial_dims}D "
+                        f"(spatial_dims={spatial_dims})")
+        fixes = []
+        if x.dim() in allowed:
+            fixes.append(f"add the batch and channel axes ({name}[None, None] for one grey image)")
+        elif x.dim() - 1 in allowed:
+            fixes.append(f"add the batch axis ({name}[None] for one image)")
+        if spatial_dims is not None and x.dim() - 2 in (2, 3):
+            fixes.append(f"build the model with spatial_dims={x.dim() - 2} for {x.dim() - 2}D inputs")
+        raise ValueError(f"{name}: expected {expected}, got shape {tuple(x.shape)} ({x.dim()} axes)"
+                         + ("; " + " or ".join(fixes) if fixes else ""))
+    if max_channels is not None and x.dim() == 4 and x.shape[1] > max_channels:
+        raise ValueError(f"{name}: shape {tuple(x.shape)} reads as a 2D image with {x.shape[1]} "
+                         f"channels; expected 1 to {max_channels} channels. For one 3D volume "
+                         f"(C, D, H, W) or (D, H, W) add the missing axes: {name}[None] or "
+                         f"{name}[None, None] (shape (B, C, D, H, W))")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name}: this model expects {channels} image channel(s) "
+                         f"(in_channels={channels}), got {x.shape[1]} in shape {tuple(x.shape)}; "
+                         f"convert the image (e.g. RGB to grey: x.mean(1, keepdim=True)) or build "
+                         f"the model with in_channels={x.shape[1]}")
+    # One NaN voxel spreads through every interpolation, loss and convolution it meets.
+    check_finite(x, name)
+    return tuple(x.shape[2:])
 
 
 def check_finite(x, name: str):
@@ -280,6 +330,11 @@ def format_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} bytes"
+
+
+def format_shape(shape) -> str:
+    """``160x192x224``: a grid size as people write it."""
+    return "x".join(map(str, shape))
 
 
 def format_spacing(values) -> str:

@@ -5,10 +5,9 @@ fix (a missing file, images of different shapes, a 2D model given a volume)
 are printed as one line, ``regedu: error: ...``, with exit status 2.
 
 Image files are NIfTI (``.nii``, ``.nii.gz``), NumPy ``.npy`` or ``.npz``
-(the array under ``vol``, ``image`` or the only key; a label map under
-``seg``; optionally a 4x4 ``affine``). A folder of training or evaluation
-images holds one image per file; the label map of ``NAME.nii.gz`` is
-``NAME_seg.nii.gz`` beside it.
+(read and written by :mod:`regedu.datasets.files`). A folder of training or
+evaluation images holds one image per file; the label map of ``NAME.nii.gz``
+is ``NAME_seg.nii.gz`` beside it (:class:`regedu.datasets.PairFolder`).
 
 Nothing silently wrong: images with NaN or infinite voxels or no contrast,
 label maps that are not whole numbers (or look like intensity images),
@@ -25,31 +24,29 @@ in. Outputs are written atomically and never over an input.
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
 import importlib.metadata
+import inspect
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
-from ._checks import (available_memory, check_finite, check_labels, check_memory, check_output_path,
-                      format_bytes, format_spacing)
+from ._checks import (available_memory, check_memory, check_output_path, format_bytes, format_shape,
+                      format_spacing)
+from ._files import write_atomic
+from .losses import DEFAULT_LOSSES
+from .profiles import PROFILES
 
-__all__ = ["main", "read_image", "write_image", "write_displacement", "PairFolder", "OfflinePairs"]
-
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npz", ".npy")
-_SEG_MARK = "_seg"
+__all__ = ["main"]
 
 
 class CLIError(Exception):
@@ -62,465 +59,22 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see '{self.prog} --help')")
 
 
-# ---------------------------------------------------------------- image files
+@contextlib.contextmanager
+def _user_input():
+    """Errors in the user's files and folders (missing, unreadable, not an image, too
+    large to hold) print as one line, like the command's own, without the debugging hint."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, TypeError, MemoryError) as e:
+        if isinstance(e, MemoryError) and not str(e):
+            raise  # the system's own, not a refusal: main() says what to do
+        raise CLIError(str(e)) from None
 
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return next((s for s in _IMAGE_SUFFIXES if name.endswith(s)), path.suffix.lower())
 
-
-def _stem(path: Path) -> str:
-    return path.name[:-len(_suffix(path))]
-
-
-# A label map holds structures, a few dozen to a few hundred; an intensity
-# image stored as integers has thousands of distinct values.
-_MAX_LABELS = 1000
 # Beyond the tensors a forward pass creates, CPU convolutions use workspaces:
 # measured peaks of the U-Net and VV-Net at 160x192x224 were 1.26x and 1.3x
 # what regedu.nets.inference_bytes counts.
 _WORKSPACE = 1.3
-
-
-@dataclass
-class _Image:
-    array: np.ndarray
-    affine: np.ndarray
-    spacing: tuple[float, ...] | None  # mm per array axis, when the file says
-    header: object | None               # the NIfTI header, carried into outputs
-    path: Path
-
-
-def _shape_text(shape) -> str:
-    return "x".join(map(str, shape))
-
-
-def _check_fits(what: str, path: Path, shape, itemsize: int, stored: int | None = None) -> None:
-    # Bytes to read, plus the float32 copy every image gets (normalised or warped).
-    needed = math.prod(shape) * (itemsize + 4)
-    lie = ""
-    if stored is not None and stored < math.prod(shape) * itemsize // 2:
-        lie = (f" (the file holds {format_bytes(stored)}: its header may be wrong or the file "
-               f"truncated)")
-    try:
-        check_memory(needed, f"{what}: reading {str(path)!r} ({_shape_text(shape)} voxels)",
-                     f"crop or downsample it first{lie}")
-    except MemoryError as e:
-        raise CLIError(str(e)) from None
-
-
-def _npz_shape(path: Path, key: str):
-    # The shape and dtype of an .npz member from its header, before reading it.
-    import zipfile
-    with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = read(f)
-    return shape, dtype
-
-
-def _spacing_mm(affine: np.ndarray, axes, scale: float = 1.0) -> tuple[float, ...]:
-    sizes = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(0)) * scale
-    return tuple(float(sizes[a]) for a in axes if a < 3)
-
-
-_UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}
-
-
-def _read_image(path, what: str = "image", *, key: str | None = None) -> _Image:
-    path = Path(path)
-    if not path.exists():
-        raise CLIError(f"{what}: no file {str(path)!r}")
-    if path.is_dir():
-        raise CLIError(f"{what}: {str(path)!r} is a folder; expected an image file")
-    suffix = _suffix(path)
-    if suffix not in _IMAGE_SUFFIXES:
-        raise CLIError(f"{what}: {str(path)!r} is not an image file this command reads "
-                       f"(expected {', '.join(_IMAGE_SUFFIXES)})")
-    affine, header, spacing = np.eye(4), None, None
-    try:
-        if suffix in (".nii", ".nii.gz"):
-            import nibabel as nib
-            img = nib.load(str(path))
-            proxy = img.dataobj
-            scaled = getattr(proxy, "slope", 1) != 1 or getattr(proxy, "inter", 0) != 0
-            _check_fits(what, path, img.header.get_data_shape(),
-                        8 if scaled else img.get_data_dtype().itemsize,
-                        path.stat().st_size if suffix == ".nii" else None)
-            array, affine, header = np.asarray(proxy), img.affine, img.header
-            kept = [i for i, n in enumerate(array.shape) if n != 1]
-            unit = _UNIT_MM.get(header.get_xyzt_units()[0] or "unknown", 1.0)
-            zooms = header.get_zooms()
-            spacing = tuple(float(zooms[a]) * unit for a in kept if a < 3)
-        elif suffix == ".npy":
-            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-            _check_fits(what, path, mapped.shape, mapped.dtype.itemsize)
-            array = np.array(mapped)
-        else:
-            with np.load(path, allow_pickle=False) as data:
-                keys = [key] if key else [k for k in ("vol", "image") if k in data.files]
-                if not keys and len([k for k in data.files if k != "affine"]) == 1:
-                    keys = [k for k in data.files if k != "affine"]
-                if not keys or keys[0] not in data.files:
-                    wanted = repr(key) if key else "'vol' or 'image' (or a single array)"
-                    raise CLIError(f"{what}: {str(path)!r} holds arrays {data.files}; "
-                                   f"expected {wanted}")
-                try:
-                    shape, dtype = _npz_shape(path, keys[0])
-                except (KeyError, ValueError, OSError):
-                    shape, dtype = None, None  # compressed oddly: the read below will tell
-                if shape is not None:
-                    _check_fits(what, path, shape, dtype.itemsize)
-                array = data[keys[0]]
-                if "affine" in data.files:
-                    affine = np.asarray(data["affine"], dtype=np.float64)
-                    if affine.shape != (4, 4):
-                        raise CLIError(f"{what}: the 'affine' in {str(path)!r} has shape "
-                                       f"{affine.shape}; expected a 4x4 matrix")
-                    spacing = "affine"
-    except CLIError:
-        raise
-    except Exception as e:
-        raise CLIError(f"{what}: cannot read {str(path)!r} ({type(e).__name__}: {e})") from None
-    if spacing == "affine":
-        spacing = _spacing_mm(affine, [i for i, n in enumerate(array.shape) if n != 1])
-    array = np.squeeze(array)
-    if array.ndim not in (2, 3):
-        raise CLIError(f"{what}: expected a 2D or 3D image, {str(path)!r} has shape {array.shape}")
-    if spacing is not None and (len(spacing) != array.ndim or not all(s > 0 for s in spacing)):
-        spacing = None  # a header that does not describe these axes says nothing
-    return _Image(array, np.asarray(affine, dtype=np.float64), spacing, header, path)
-
-
-def read_image(path, what: str = "image", *, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 2D or 3D image or label map: ``(array, 4x4 affine)``.
-
-    NIfTI files give their own affine; NumPy files an ``affine`` array if they
-    hold one, else the identity. ``key`` picks the array of an ``.npz``
-    (default ``vol``, ``image``, or the only array). A file too large for the
-    available memory is refused before it is read.
-    """
-    image = _read_image(path, what, key=key)
-    return image.array, image.affine
-
-
-def _seg_path(path: Path) -> Path | None:
-    for suffix in _IMAGE_SUFFIXES:
-        candidate = path.with_name(_stem(path) + _SEG_MARK + suffix)
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def _as_labels(array: np.ndarray, what: str, path: Path, image: np.ndarray | None = None) -> np.ndarray:
-    """A label map as int64, refusing what is not one (fractions, NaN, an intensity image)."""
-    if image is not None and array.shape == image.shape and np.array_equal(array, image):
-        raise CLIError(f"{what}: {str(path)!r} holds the same values as its image; expected a "
-                       f"label map of structures (e.g. FreeSurfer's aseg), not the image itself")
-    try:
-        check_labels(array, f"{what} ({str(path)!r})", max_labels=_MAX_LABELS)
-    except (TypeError, ValueError) as e:
-        raise CLIError(str(e)) from None
-    same, distinct = _regionality(array)
-    if same < _MIN_REGIONALITY and distinct > 32:
-        raise CLIError(f"{what}: {str(path)!r} does not look like a label map: inside it only "
-                       f"{100 * same:.0f}% of neighbouring voxels share a value (a label map is made "
-                       f"of regions, where most do) and it holds {distinct} distinct values; is it "
-                       f"an intensity image?")
-    return array.astype(np.int64)
-
-
-# Neighbouring voxels inside a label map mostly share their label (FreeSurfer's
-# aseg at 1 mm: 91%, the MNI parcels at 4 mm: 71%); in an intensity image
-# quantised to integers few do (the voxelmorph scan at 8 bits: 11%, at 6 bits: 31%).
-_MIN_REGIONALITY = 0.4
-
-
-def _regionality(array: np.ndarray) -> tuple[float, int]:
-    """The fraction of neighbour pairs (last axis, both non-zero) with equal values; distinct values."""
-    a, b = array[..., :-1], array[..., 1:]
-    both = (a != 0) & (b != 0)
-    n = int(both.sum())
-    same = float((a[both] == b[both]).sum()) / n if n else 1.0
-    return same, len(np.unique(array))
-
-
-def _read_labels(path, what: str, image: np.ndarray | None = None) -> np.ndarray:
-    path = Path(path)
-    return _as_labels(read_image(path, what)[0], what, path, image)
-
-
-def _read_seg(path: Path, what: str) -> np.ndarray | None:
-    """The label map of an image: ``seg`` inside an ``.npz``, else a ``NAME_seg`` file."""
-    if _suffix(path) == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            if "seg" in data.files:
-                return _as_labels(np.squeeze(data["seg"]), f"{what} labels", path)
-    seg = _seg_path(path)
-    return None if seg is None else _read_labels(seg, f"{what} labels")
-
-
-def _normalise(array: np.ndarray, what: str = "image", path=None) -> np.ndarray:
-    # Min-max to [0, 1], the range the losses (MI's bins, VV-Net's /255) assume;
-    # training and registration use the same rule. Min-max of an image with a
-    # NaN is NaN, and of a constant image nothing: both would register as zeros.
-    name = f"{what} {str(path)!r}" if path is not None else what
-    array = array.astype(np.float32)
-    try:
-        check_finite(array, name)
-    except ValueError:
-        n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
-        raise CLIError(f"{name}: expected finite intensities, got {n_nan} NaN and {n_inf} infinite "
-                       f"voxels of {array.size}; replace them (e.g. numpy.nan_to_num) or crop "
-                       f"them away first") from None
-    lo, hi = float(array.min()), float(array.max())
-    if not hi > lo:
-        raise CLIError(f"{name}: every voxel is {lo:g}; an image with no contrast has nothing to "
-                       f"register: check that it is the right file")
-    return (array - lo) / (hi - lo)
-
-
-def _header_for(array: np.ndarray, affine: np.ndarray, template, *, intent: str | None = None):
-    import nibabel as nib
-    img = nib.Nifti1Image(array, affine)
-    hdr = img.header
-    if template is not None:
-        # What says where the voxels are and in which units, from the fixed image;
-        # not its data type or scaling, which belong to its own values.
-        qform, qcode = template.get_qform(coded=True)
-        sform, scode = template.get_sform(coded=True)
-        if qform is not None:
-            img.set_qform(qform, code=int(qcode))
-        else:
-            img.set_qform(None, code=0)
-        if sform is not None:
-            img.set_sform(sform, code=int(scode))
-        else:
-            img.set_sform(affine, code=0)
-        hdr.set_xyzt_units(*template.get_xyzt_units())
-        hdr["descrip"] = template["descrip"]
-    else:
-        hdr["descrip"] = b"regedu"
-    if intent:
-        hdr.set_intent(intent)
-    hdr.set_data_dtype(array.dtype)
-    return img
-
-
-def _atomic(path: Path, write) -> Path:
-    # Written beside the target and renamed when complete: an interrupted write
-    # leaves the old file (or none), never half of one. The temporary name keeps
-    # the suffix, which says the format to nibabel and numpy.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_suffix(path), dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _output(path, name: str = "output") -> Path:
-    path = Path(path)
-    if _suffix(path) not in (".nii.gz", ".nii", ".npz"):
-        raise CLIError(f"{name}: {str(path)!r} should end in .nii.gz, .nii or .npz")
-    return path
-
-
-def write_image(path, array: np.ndarray, affine: np.ndarray, *, header=None) -> Path:
-    """Write an image as NIfTI (``.nii``/``.nii.gz``) or ``.npz`` (``vol`` + ``affine``).
-
-    ``header`` (a NIfTI header, e.g. the fixed image's) gives the output its
-    qform and sform codes, units and description. The file is written atomically.
-    """
-    path = _output(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if _suffix(path) == ".npz":
-        return _atomic(path, lambda tmp: np.savez_compressed(tmp, vol=array, affine=affine))
-    import nibabel as nib
-    return _atomic(path, lambda tmp: nib.save(_header_for(array, affine, header), str(tmp)))
-
-
-def write_displacement(path, disp: np.ndarray, affine: np.ndarray, *, header=None) -> Path:
-    """Write a displacement ``(ndim, *spatial)`` (voxels, channel k along array axis k).
-
-    NIfTI stores a vector field as ``(X, Y, Z, 1, ndim)`` with the vector intent
-    (2D fields get a Z of 1); ``.npz`` stores ``disp`` as it is, plus ``affine``.
-    The values are voxel displacements in array-axis order (regedu's
-    convention), not millimetres: multiply by the voxel size for physical units.
-    ``header`` as for :func:`write_image`; written atomically.
-    """
-    path = _output(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if _suffix(path) == ".npz":
-        return _atomic(path, lambda tmp: np.savez_compressed(tmp, disp=disp, affine=affine))
-    import nibabel as nib
-    ndim, spatial = disp.shape[0], disp.shape[1:]
-    field = np.moveaxis(disp, 0, -1).reshape(*spatial, *([1] * (3 - ndim)), 1, ndim).astype(np.float32)
-    return _atomic(path, lambda tmp: nib.save(_header_for(field, affine, header, intent="vector"),
-                                              str(tmp)))
-
-
-def _spacings_agree(a, b) -> bool:
-    return a is None or b is None or (len(a) == len(b) and np.allclose(a, b, rtol=1e-3))
-
-
-class PairFolder(torch.utils.data.Dataset):
-    """(moving, fixed) pairs from a folder of images, normalised to [0, 1].
-
-    Every ordered pair of different images, or each image against ``atlas``.
-    Items are dicts with ``moving``, ``fixed`` ``(1, *spatial)`` and, when every
-    image has labels, ``moving_seg``, ``fixed_seg``; plus the file names.
-    ``spacing`` is the voxel size every image shares (mm), or None when no
-    file says. Images with NaN, no contrast, other shapes or other voxel sizes
-    are refused, and so are label maps that are not whole numbers.
-    """
-
-    def __init__(self, folder, atlas=None, *, what: str = "data", progress: bool = False):
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise CLIError(f"{what}: no folder {str(folder)!r}")
-        files = sorted(p for p in folder.iterdir()
-                       if _suffix(p) in _IMAGE_SUFFIXES and not _stem(p).endswith(_SEG_MARK))
-        atlas = Path(atlas) if atlas else None
-        if atlas is not None and not atlas.is_file():
-            raise CLIError(f"--atlas: no file {str(atlas)!r}")
-        files = [f for f in files if atlas is None or f.resolve() != atlas.resolve()]
-        if len(files) < (1 if atlas else 2):
-            raise CLIError(f"{what}: {str(folder)!r} holds {len(files)} image files; need at least "
-                           f"{'one' if atlas else 'two'} (.nii.gz, .nii, .npz or .npy)")
-        paths = files + ([atlas] if atlas else [])
-        self.images, spacings = {}, {}
-        for p in tqdm(paths, desc=f"reading {what}", disable=not progress, leave=False):
-            image = _read_image(p, "--atlas" if p == atlas else what)
-            self.images[p] = _normalise(image.array, "--atlas" if p == atlas else what, p)
-            spacings[p] = image.spacing
-            self._check_memory(len(paths))
-        shapes = {p.name: a.shape for p, a in self.images.items()}
-        if len(set(shapes.values())) > 1:
-            raise CLIError(f"{what}: all images must have the same shape (resample them to one grid "
-                           f"first), got {shapes}")
-        known = {p.name: s for p, s in spacings.items() if s is not None}
-        if any(not _spacings_agree(s, next(iter(known.values()))) for s in known.values()):
-            raise CLIError(f"{what}: all images must have the same voxel size (resample them to "
-                           f"one grid first), got {dict((k, format_spacing(v)) for k, v in known.items())}")
-        self.spacing = next(iter(known.values())) if len(known) == len(spacings) else None
-        segs = {p: _read_seg(p, what) for p in self.images}
-        for p, seg in segs.items():
-            if seg is not None and seg.shape != self.images[p].shape:
-                raise CLIError(f"{what}: the labels of {p.name} have shape {seg.shape}, the image "
-                               f"{self.images[p].shape}; expected the same grid")
-        self.segs = segs if all(s is not None for s in segs.values()) else None
-        self.pairs = ([(f, atlas) for f in files] if atlas else
-                      [(m, f) for m in files for f in files if m != f])
-
-    def _check_memory(self, n_files: int) -> None:
-        # After the first image: every image is kept, as float32, and its labels as int64.
-        if len(self.images) == 1:
-            voxels = next(iter(self.images.values())).size
-            try:
-                check_memory((n_files - 1) * voxels * 12, f"holding {n_files} images of "
-                             f"{voxels:,} voxels with their labels",
-                             "use fewer images, or coarser ones")
-            except MemoryError as e:
-                raise CLIError(str(e)) from None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return next(iter(self.images.values())).shape
-
-    def labels_present(self) -> set[int]:
-        """Every label of the fixed images' maps (empty without labels)."""
-        if self.segs is None:
-            return set()
-        fixed = {f for _, f in self.pairs}
-        return set().union(*(np.unique(self.segs[f]).tolist() for f in fixed)) - {0}
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        moving, fixed = self.pairs[i]
-        item = {"moving": torch.from_numpy(self.images[moving])[None],
-                "fixed": torch.from_numpy(self.images[fixed])[None],
-                "moving_name": moving.name, "fixed_name": fixed.name}
-        if self.segs is not None:
-            item["moving_seg"] = torch.from_numpy(self.segs[moving])[None]
-            item["fixed_seg"] = torch.from_numpy(self.segs[fixed])[None]
-        return item
-
-
-class OfflinePairs(torch.utils.data.Dataset):
-    """Pairs made from data shipped with the dependencies, sized by the profile.
-
-    ``"fundus"``: FIRE-like pairs (categories S, P, A in turn;
-    ``regedu.datasets.make_fire_pair``) of *procedural* retinas, so that the
-    real photograph ``skimage.data.retina()`` stays held out for testing, as
-    vessel contrast (``regedu.datasets.vessel_contrast``): a model trained on
-    them registers images prepared the same way. ``"brain"``: synthetic
-    subjects (the MNI template under random diffeomorphisms and intensity
-    changes, ``regedu.datasets.synth_subject``) as moving images, the template
-    as the fixed one (atlas-based, as VV-Net), with labels. Pair ``i`` is drawn
-    from seed ``first_seed + i``, so a run is reproducible; up to 256 pairs are
-    kept once made, fewer when they would take more than a quarter of the
-    available memory (the rest are made again when needed). ``spacing``: the
-    brain's voxel size (mm), None for the fundus pixels.
-    """
-
-    def __init__(self, source: str, n: int, *, first_seed: int = 0):
-        from . import datasets
-        from .profiles import get_profile
-        if source not in ("fundus", "brain"):
-            raise CLIError(f"data: expected 'fundus', 'brain' or a folder, got {source!r}")
-        self.source, self.n, self.first_seed = source, n, first_seed
-        self.profile = get_profile()
-        shape = ((self.profile.fundus_size,) * 2 if source == "fundus" else
-                 tuple(self.profile.brain_shape))
-        # moving and fixed as float32, labels as int64 (brain); the shuffled order, int64 each.
-        item_bytes = math.prod(shape) * (8 if source == "fundus" else 12)
-        # torch's RandomSampler shuffles all n at once, as an int64 permutation turned
-        # into a Python list: 8 bytes, plus a pointer and an int object per pair.
-        try:
-            check_memory(48 * n, f"--pairs {n}: shuffling {n:,} pairs",
-                         "ask for fewer pairs: a run only sees steps x batch-size of them")
-        except MemoryError as e:
-            raise CLIError(str(e)) from None
-        self.keep = max(0, min(256, int(available_memory() * 0.25 // item_bytes)))
-        self.atlas = datasets.mni_brain() if source == "brain" else None
-        self.spacing = ((float(self.profile.brain_spacing_mm),) * 3 if source == "brain" else None)
-        self._items: dict[int, dict] = {}
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self[0]["fixed"].shape[1:])
-
-    def labels_present(self) -> set[int]:
-        return set(np.unique(self.atlas.seg).tolist()) - {0} if self.atlas is not None else set()
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if i not in self._items:
-            from . import datasets
-            seed = self.first_seed + i
-            if self.source == "fundus":
-                pair = datasets.make_fire_pair("SPA"[i % 3], size=self.profile.fundus_size, seed=seed,
-                                               source="procedural")
-                item = {"moving": datasets.vessel_contrast(pair.moving, pair.moving_mask),
-                        "fixed": datasets.vessel_contrast(pair.fixed, pair.fixed_mask)}
-            else:
-                subject = datasets.synth_subject(self.atlas, seed=seed)
-                item = {"moving": subject["image"], "moving_seg": subject["seg"],
-                        "fixed": torch.as_tensor(self.atlas.image),
-                        "fixed_seg": torch.as_tensor(self.atlas.seg)[None]}
-            if self.n > 256 or len(self._items) >= self.keep:
-                return item
-            self._items[i] = item
-        return self._items[i]
 
 
 # ---------------------------------------------------------------- doctor
@@ -582,26 +136,47 @@ def _doctor(args) -> int:
 
 # ---------------------------------------------------------------- fetch
 
-def _fetch(argv: list[str]) -> int:
-    try:
-        datasets = importlib.import_module(".datasets", __package__)
-        fetch_main = datasets.fetch_main
-    except (ImportError, AttributeError):
+def _fetch(args) -> int:
+    from .datasets.fetch import (REGISTRY, ChecksumError, DataUnavailableError, UnsafeArchiveError,
+                                 cache_status, data_dir, fetch)
+    cache = data_dir(args.cache_dir)
+    if not args.names:
+        print(f"cache: {cache}")
+        for info in REGISTRY.values():
+            state = cache_status(info, cache_dir=cache)
+            print(f"  {info.name:18s} {info.approx_size:>8s}  {state:15s} {info.license}")
+        return 0
+    status = 0
+    for name in args.names:
         try:
-            from .datasets.fetch import fetch_main
-        except ImportError:
-            raise CLIError("fetch: regedu.datasets is not installed in this version") from None
-    return fetch_main(argv)
+            path = fetch(name, cache_dir=cache, mirror=args.mirror,
+                         extract=False if args.no_extract else None, progress=True)
+        except (DataUnavailableError, ChecksumError, UnsafeArchiveError, ValueError) as err:
+            # One line for each dataset that failed; the others are still fetched.
+            print(f"regedu: error: {err}", file=sys.stderr)
+            status = 2
+            continue
+        print(f"{name}: {path}")
+    return status
 
 
 # ---------------------------------------------------------------- train
 
-_TRAIN_DEFAULTS = {"model": "unet", "data": None, "atlas": None, "steps": None, "epochs": None,
-                   "lr": 1e-4, "batch_size": 1, "losses": {"ncc": 1.0, "diffusion": 1.0},
-                   "labels": None, "val_data": None, "val_every": None, "out": "regedu_model.pt",
-                   "checkpoint_every": None, "resume": False, "force": False, "init_from": None,
-                   "seed": 0, "device": None, "progress": True, "model_args": {}, "pairs": None,
-                   "grad_clip": None}
+# The options of regedu train that only the command line has; the others are
+# fit's and take its defaults (fit's signature is their one home).
+_COMMAND_DEFAULTS = {"model": "unet", "data": None, "atlas": None, "val_data": None,
+                     "out": "regedu_model.pt", "resume": False, "force": False, "init_from": None,
+                     "device": None, "progress": True, "model_args": {}, "pairs": None}
+_FIT_OPTIONS = ("steps", "epochs", "lr", "batch_size", "losses", "labels", "val_every",
+                "checkpoint_every", "seed", "grad_clip")
+
+
+def _train_defaults() -> dict:
+    from .train import fit
+    parameters = inspect.signature(fit).parameters
+    return {**_COMMAND_DEFAULTS, **{k: parameters[k].default for k in _FIT_OPTIONS}}
+
+
 # Options a resumed run takes from its checkpoint unless given again: from the
 # training settings, and from what the command line recorded.
 _FROM_TRAIN_CONFIG = ("lr", "losses", "batch_size", "labels", "grad_clip", "seed", "steps", "epochs")
@@ -620,17 +195,13 @@ def _parse_weights(text: str) -> dict[str, float]:
     return out
 
 
-def _freesurfer_30():
-    from .datasets import FREESURFER_30
-    return FREESURFER_30
-
-
 def _parse_labels(text):
     from ._checks import check_label_list
     if text is None:
         return None
     if text == "freesurfer30":
-        return list(_freesurfer_30())
+        from .datasets import FREESURFER_30
+        return list(FREESURFER_30)
     try:
         if isinstance(text, str):
             text = [v.strip() for v in text.split(",") if v.strip()]
@@ -701,22 +272,19 @@ def _read_config(path) -> dict:
         raise CLIError(f"--config: {str(path)!r} should hold a table of options, got "
                        f"a {type(config).__name__}")
     config = {k.replace("-", "_"): v for k, v in config.items()}
-    unknown = sorted(set(config) - set(_TRAIN_DEFAULTS))
+    known = _train_defaults()
+    unknown = sorted(set(config) - set(known))
     if unknown:
-        raise CLIError(f"--config: unknown keys {unknown}; known keys: {sorted(_TRAIN_DEFAULTS)}")
+        raise CLIError(f"--config: unknown keys {unknown}; known keys: {sorted(known)}")
     return config
 
 
 def _load_state(path: Path, flag: str) -> dict:
-    from .train import load_checkpoint
+    from .checkpoints import load_checkpoint
     try:
         return load_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(f"{flag}: {e}") from None
-
-
-def _describe_state(state: dict) -> str:
-    return f"a {(state.get('config') or {}).get('name', 'model')} checkpoint at step {state.get('step', '?')}"
 
 
 def _check_train_memory(model, shape, batch_size: int) -> None:
@@ -726,33 +294,35 @@ def _check_train_memory(model, shape, batch_size: int) -> None:
         return
     estimate = summary(model, shape, batch=batch_size).train_bytes * _WORKSPACE
     try:
-        check_memory(estimate, f"training on {batch_size} x {_shape_text(shape)} voxels",
+        check_memory(estimate, f"training on {batch_size} x {format_shape(shape)} voxels",
                      "train on coarser images (e.g. --model rescaled --model-arg factor=2) or a "
                      "smaller --batch-size")
     except MemoryError as e:
         raise CLIError(str(e)) from None
 
 
-def _train(args) -> int:
-    from . import nets
-    from .profiles import get_profile
-    from .train import TrainingInterrupted, check_complete, fit, load_model, seed_everything
-    config = dict(_TRAIN_DEFAULTS)
+def _train_options(args) -> tuple[dict, set[str]]:
+    """The options of this run: the defaults, under --config, under the flags; and those given."""
+    config = _train_defaults()
     explicit: set[str] = set()
     if args.config:
         file_config = _read_config(args.config)
         config.update(file_config)
         explicit |= set(file_config)
-    flags = {k: v for k, v in vars(args).items() if k in _TRAIN_DEFAULTS and v is not None}
+    flags = {k: v for k, v in vars(args).items() if k in config and v is not None}
     if isinstance(flags.get("losses"), str):
         flags["losses"] = _parse_weights(flags["losses"])
     if "model_args" in flags:
         flags["model_args"] = {**config["model_args"], **_parse_model_args(flags["model_args"])}
     config.update(flags)
-    explicit |= set(flags)
+    return config, explicit | set(flags)
 
-    # The checkpoint file first: a run that cannot save, or would replace
-    # another run without being asked to, must not start.
+
+def _settle_out(config: dict, explicit: set[str]) -> dict | None:
+    """Check --out before anything else: a run that cannot save, or would replace another
+    run without being asked to, must not start. With --resume, the options not given
+    again come from the checkpoint; return its state (None for a new run)."""
+    from .checkpoints import check_complete, describe_checkpoint
     out = Path(config["out"])
     try:
         check_output_path(out, "--out")
@@ -761,65 +331,65 @@ def _train(args) -> int:
     if config["resume"] and config["force"]:
         raise CLIError("--resume and --force contradict each other: --resume continues --out, "
                        "--force replaces it")
-    state = None
-    if out.exists():
-        if config["resume"]:
-            state = _load_state(out, "--resume")
-            try:
-                check_complete(state, out)
-            except ValueError as e:
-                raise CLIError(str(e)) from None
-            if config["init_from"]:
-                raise CLIError(f"--init-from and --resume: {str(out)!r} exists and --resume "
-                               f"continues it; drop --init-from (or give another --out)")
-            command = (state.get("metadata") or {}).get("cli") or {}
-            saved = state.get("train_config") or {}
-            for key in _FROM_TRAIN_CONFIG:
-                if key not in explicit and saved.get(key) is not None:
-                    config[key] = saved[key]
-            for key in _FROM_COMMAND:
-                if key not in explicit and command.get(key) is not None:
-                    config[key] = command[key]
-        elif not config["force"]:
-            raise CLIError(f"--out: {str(out)!r} already exists ({_describe_state(_load_state(out, '--out'))}"
+    if not out.exists():
+        return None
+    if not config["resume"]:
+        if not config["force"]:
+            raise CLIError(f"--out: {str(out)!r} already exists ({describe_checkpoint(out)}"
                            f"); continue it with --resume, replace it with --force, or choose "
                            f"another --out")
-    if config["data"] is None:
-        raise CLIError("train: give the training images with --data FOLDER (or 'data' in --config)")
-    device = _device(config["device"])
-    profile = get_profile()
+        return None
+    state = _load_state(out, "--resume")
+    try:
+        check_complete(state, out)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if config["init_from"]:
+        raise CLIError(f"--init-from and --resume: {str(out)!r} exists and --resume "
+                       f"continues it; drop --init-from (or give another --out)")
+    command = (state.get("metadata") or {}).get("cli") or {}
+    saved = state.get("train_config") or {}
+    for key in _FROM_TRAIN_CONFIG:
+        if key not in explicit and saved.get(key) is not None:
+            config[key] = saved[key]
+    for key in _FROM_COMMAND:
+        if key not in explicit and command.get(key) is not None:
+            config[key] = command[key]
+    return state
+
+
+def _training_pairs(config: dict, profile):
+    """The training and validation pairs of --data and --val-data."""
+    from .datasets import FREESURFER_30, OfflinePairs, PairFolder
     if config["pairs"] is not None and (not isinstance(config["pairs"], int) or config["pairs"] < 1):
         raise CLIError(f"--pairs: expected a positive number of pairs, got {config['pairs']!r}")
     if config["pairs"] is not None and config["data"] not in ("fundus", "brain"):
         raise CLIError(f"--pairs: only for the offline data (--data fundus or brain); a folder "
                        f"({config['data']!r}) gives its own pairs")
     progress = bool(config["progress"]) and sys.stderr.isatty()
-    if config["data"] in ("fundus", "brain"):
-        data = OfflinePairs(config["data"], config["pairs"] or profile.n_train_pairs)
-        val = (OfflinePairs(config["data"], profile.n_test_pairs, first_seed=10_000)
-               if config["val_data"] in (None, config["data"]) else
-               PairFolder(config["val_data"], what="--val-data", progress=progress))
-        if config["data"] == "brain" and config["labels"] is None:
-            config["labels"] = list(_freesurfer_30())
-    else:
-        data = PairFolder(config["data"], atlas=config["atlas"], progress=progress)
-        val = (PairFolder(config["val_data"], atlas=config["atlas"], what="--val-data",
-                          progress=progress) if config["val_data"] else None)
+    with _user_input():
+        if config["data"] in ("fundus", "brain"):
+            data = OfflinePairs(config["data"], config["pairs"] or profile.n_train_pairs)
+            val = (OfflinePairs(config["data"], profile.n_test_pairs, first_seed=10_000)
+                   if config["val_data"] in (None, config["data"]) else
+                   PairFolder(config["val_data"], what="--val-data", progress=progress))
+            if config["data"] == "brain" and config["labels"] is None:
+                config["labels"] = list(FREESURFER_30)
+        else:
+            data = PairFolder(config["data"], atlas=config["atlas"], progress=progress)
+            val = (PairFolder(config["val_data"], atlas=config["atlas"], what="--val-data",
+                              progress=progress) if config["val_data"] else None)
     if val is not None and tuple(val.shape) != tuple(data.shape):
-        raise CLIError(f"--val-data: its images are {_shape_text(val.shape)}, the training images "
-                       f"{_shape_text(data.shape)}; validate on images of the training grid")
-    labels = _parse_labels(config["labels"])
-    losses = config["losses"]
-    if isinstance(losses, dict) and losses.get("dice") and not data.labels_present():
-        raise CLIError(f"--losses: the dice term needs label maps, and the training images of "
-                       f"{config['data']!r} have none (NAME_seg files or an npz 'seg'); drop "
-                       f"dice or add the labels")
-    if data.labels_present():
-        _check_labels_present(labels, data.labels_present(), f"the training data {config['data']!r}")
-    if config["steps"] is None and config["epochs"] is None:
-        config["steps"] = profile.steps_2d if len(data.shape) == 2 else profile.steps_3d
-    seed_everything(config["seed"])
-    model_args = {"spatial_dims": len(data.shape), **config["model_args"]}
+        raise CLIError(f"--val-data: its images are {format_shape(val.shape)}, the training images "
+                       f"{format_shape(data.shape)}; validate on images of the training grid")
+    return data, val
+
+
+def _training_model(config: dict, explicit: set[str], state: dict | None, shape: tuple[int, ...]):
+    """A new model of --model, the one of --init-from, or the one the resumed checkpoint holds."""
+    from . import nets
+    from .checkpoints import load_model
+    model_args = {"spatial_dims": len(shape), **config["model_args"]}
     try:
         if config["init_from"]:
             if {"model", "model_args"} & explicit:
@@ -834,17 +404,42 @@ def _train(args) -> int:
             model = nets.create(config["model"], **model_args)
     except (TypeError, ValueError, KeyError) as e:
         raise CLIError(f"train: cannot build model {config['model']!r} with {model_args} ({e})") from None
-    dims = model.config.get("spatial_dims", len(data.shape))
-    if dims != len(data.shape):
+    dims = model.config.get("spatial_dims", len(shape))
+    if dims != len(shape):
         raise CLIError(f"the model is {dims}D (spatial_dims={dims}) but the training images are "
-                       f"{len(data.shape)}D ({_shape_text(data.shape)})")
+                       f"{len(shape)}D ({format_shape(shape)})")
+    return model
+
+
+def _train(args) -> int:
+    from .profiles import get_profile
+    from .train import TrainingInterrupted, fit, seed_everything
+    config, explicit = _train_options(args)
+    state = _settle_out(config, explicit)
+    if config["data"] is None:
+        raise CLIError("train: give the training images with --data FOLDER (or 'data' in --config)")
+    device = _device(config["device"])
+    profile = get_profile()
+    data, val = _training_pairs(config, profile)
+    labels = _parse_labels(config["labels"])
+    losses = config["losses"]
+    if isinstance(losses, dict) and losses.get("dice") and not data.labels_present():
+        raise CLIError(f"--losses: the dice term needs label maps, and the training images of "
+                       f"{config['data']!r} have none (NAME_seg files or an npz 'seg'); drop "
+                       f"dice or add the labels")
+    if data.labels_present():
+        _check_labels_present(labels, data.labels_present(), f"the training data {config['data']!r}")
+    if config["steps"] is None and config["epochs"] is None:
+        config["steps"] = profile.steps_2d if len(data.shape) == 2 else profile.steps_3d
+    seed_everything(config["seed"])
+    model = _training_model(config, explicit, state, tuple(data.shape))
     _check_train_memory(model, data.shape, config["batch_size"])
-    name = model.config.get("name", config["model"])
+    out, name = Path(config["out"]), model.config.get("name", config["model"])
     every = ("tenth of the run" if config["checkpoint_every"] is None
              else f"{config['checkpoint_every']} steps")
-    print(f"training {name} ({dims}D) on {len(data)} pairs of {_shape_text(data.shape)} from "
-          f"{config['data']}; checkpoint -> {out} (saved every {every}, at the end and on Ctrl-C)",
-          flush=True)
+    print(f"training {name} ({len(data.shape)}D) on {len(data)} pairs of {format_shape(data.shape)} "
+          f"from {config['data']}; checkpoint -> {out} (saved every {every}, at the end and on "
+          f"Ctrl-C)", flush=True)
     command = {k: config[k] for k in _FROM_COMMAND}
     command.update(model=name, model_args=config["model_args"], init_from=config["init_from"])
     try:
@@ -871,7 +466,7 @@ def _train(args) -> int:
 
 def _load(args):
     """The checkpoint of ``--model``: (model, state), on the ``--device``."""
-    from .train import load_model
+    from .checkpoints import load_model
     path = Path(args.model)
     if not path.is_file():
         raise CLIError(f"--model: no checkpoint file {str(path)!r} (train one with 'regedu train')")
@@ -891,7 +486,7 @@ def _scaled(model, state: dict, args, spacing, shape):
     ``--factor`` overrides, anything else is refused.
     """
     from . import nets
-    from .train import choose_factor, trained_spacing
+    from .checkpoints import choose_factor, trained_spacing
     trained = trained_spacing(state)
     trained_shape = (state.get("train_config") or {}).get("shape")
     suggested = None
@@ -921,7 +516,7 @@ def _scaled(model, state: dict, args, spacing, shape):
                      if trained_shape and len(trained_shape) == len(shape) else None)
             if ratio and all(abs(r - round(ratio[0])) < 1e-6 for r in ratio) and round(ratio[0]) > 1:
                 hint = (f"the images are {round(ratio[0])} times the size it was trained on "
-                        f"({_shape_text(trained_shape)}): if they are that much finer, pass "
+                        f"({format_shape(trained_shape)}): if they are that much finer, pass "
                         f"--factor {round(ratio[0])}")
             else:
                 hint = ("if it was trained on coarser voxels than these, pass --factor (e.g. "
@@ -935,7 +530,7 @@ def _scaled(model, state: dict, args, spacing, shape):
     if factor > 1:
         if any(n % factor for n in shape):
             raise CLIError(f"--factor {factor}: every image size must be a multiple of {factor} to "
-                           f"coarsen the grid, got {_shape_text(shape)}; crop or pad the images")
+                           f"coarsen the grid, got {format_shape(shape)}; crop or pad the images")
         model = nets.Rescaled(model, factor)
     return model
 
@@ -964,8 +559,9 @@ def _check_pair(fixed: np.ndarray, moving: np.ndarray, config: dict, names=("fix
                        f"{fixed.ndim}D image of shape {fixed.shape}")
 
 
-def _check_spacings(fixed: _Image, moving: _Image) -> tuple[float, ...] | None:
-    if not _spacings_agree(fixed.spacing, moving.spacing):
+def _check_spacings(fixed, moving) -> tuple[float, ...] | None:
+    from .datasets.files import spacings_agree
+    if not spacings_agree(fixed.spacing, moving.spacing):
         raise CLIError(f"--fixed and --moving have different voxel sizes ({format_spacing(fixed.spacing)} "
                        f"and {format_spacing(moving.spacing)}); resample the moving image onto the fixed "
                        f"grid first")
@@ -979,7 +575,7 @@ def _check_model_memory(model, shape, what: str) -> None:
         return
     estimate = inference_bytes(model, shape) * _WORKSPACE
     try:
-        check_memory(estimate, f"{what}: running the model on {_shape_text(shape)} voxels",
+        check_memory(estimate, f"{what}: running the model on {format_shape(shape)} voxels",
                      "run it on a coarser grid (--factor 2 halves every axis) or crop the images")
     except MemoryError as e:
         raise CLIError(str(e)) from None
@@ -992,7 +588,7 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def _run_model(model, device, fixed: np.ndarray, moving: np.ndarray):
-    """``model(moving, fixed)`` on images normalised by :func:`_normalise`."""
+    """``model(moving, fixed)`` on images normalised by :func:`regedu.datasets.files.min_max`."""
     batch = (torch.from_numpy(moving)[None, None].to(device),
              torch.from_numpy(fixed)[None, None].to(device))
     try:
@@ -1001,7 +597,7 @@ def _run_model(model, device, fixed: np.ndarray, moving: np.ndarray):
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise
-        raise CLIError(f"ran out of memory running the model on {_shape_text(fixed.shape)} voxels "
+        raise CLIError(f"ran out of memory running the model on {format_shape(fixed.shape)} voxels "
                        f"(about {format_bytes(available_memory())} free now); run it on a coarser "
                        f"grid (--factor 2 halves every axis) or crop the images") from None
 
@@ -1022,25 +618,31 @@ def _check_outputs(outputs: dict, inputs) -> None:
 
 
 def _register(args) -> int:
+    from .datasets.files import (check_image_output, min_max, read_image_file, read_labels,
+                                  write_displacement, write_image)
     from .spatial import warp
     # Check every input and output name before computing or writing anything.
     if bool(args.moving_seg) != bool(args.warped_seg):
         raise CLIError("--moving-seg and --warped-seg go together (the labels to warp and where "
                        "to write them)")
-    for name, path in (("--warped", args.warped), ("--disp", args.disp), ("--warped-seg", args.warped_seg)):
-        if path:
-            _output(path, name)
+    with _user_input():
+        for name in ("--warped", "--disp", "--warped-seg"):
+            path = getattr(args, name[2:].replace("-", "_"))
+            if path:
+                check_image_output(path, name)
     inputs = [args.fixed, args.moving, args.moving_seg, args.model]
     _check_outputs({"--warped": args.warped, "--disp": args.disp, "--warped-seg": args.warped_seg},
                    inputs)
-    fixed = _read_image(args.fixed, "--fixed")
-    moving = _read_image(args.moving, "--moving")
+    with _user_input():
+        fixed = read_image_file(args.fixed, "--fixed")
+        moving = read_image_file(args.moving, "--moving")
     model, state = _load(args)
     config = model.config
     _check_pair(fixed.array, moving.array, config)
-    normalised = (_normalise(fixed.array, "--fixed", fixed.path),
-                  _normalise(moving.array, "--moving", moving.path))
-    seg = _read_labels(args.moving_seg, "--moving-seg", moving.array) if args.moving_seg else None
+    with _user_input():
+        normalised = (min_max(fixed.array, "--fixed", fixed.path),
+                      min_max(moving.array, "--moving", moving.path))
+        seg = read_labels(args.moving_seg, "--moving-seg", moving.array) if args.moving_seg else None
     if seg is not None:
         _check_pair(fixed.array, seg, config, ("fixed", "moving-seg"))
     spacing = _check_spacings(fixed, moving)
@@ -1069,6 +671,8 @@ def _register(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from .datasets import PairFolder
+    from .datasets.files import min_max, read_image_file, read_labels
     from .evaluate import evaluate
     if args.csv:
         if not str(args.csv).lower().endswith(".csv"):
@@ -1079,7 +683,8 @@ def _evaluate(args) -> int:
     config = model.config
     progress = sys.stderr.isatty()
     if args.pairs:
-        data = PairFolder(args.pairs, atlas=args.atlas, what="--pairs", progress=progress)
+        with _user_input():
+            data = PairFolder(args.pairs, atlas=args.atlas, what="--pairs", progress=progress)
         _check_pair(np.empty(data.shape), np.empty(data.shape), config, ("images", "images"))
         spacing, shape = data.spacing, data.shape
         pairs = []
@@ -1091,17 +696,20 @@ def _evaluate(args) -> int:
     elif args.fixed and args.moving:
         if bool(args.fixed_seg) != bool(args.moving_seg):
             raise CLIError("evaluate: give both --fixed-seg and --moving-seg, or neither")
-        fixed, moving = _read_image(args.fixed, "--fixed"), _read_image(args.moving, "--moving")
+        with _user_input():
+            fixed, moving = read_image_file(args.fixed, "--fixed"), read_image_file(args.moving, "--moving")
         _check_pair(fixed.array, moving.array, config)
         spacing, shape = _check_spacings(fixed, moving), fixed.array.shape
-        pair = {"fixed": torch.from_numpy(_normalise(fixed.array, "--fixed", fixed.path))[None],
-                "moving": torch.from_numpy(_normalise(moving.array, "--moving", moving.path))[None],
-                "meta": {"id": f"{Path(args.moving).name} -> {Path(args.fixed).name}"}}
+        with _user_input():
+            pair = {"fixed": torch.from_numpy(min_max(fixed.array, "--fixed", fixed.path))[None],
+                    "moving": torch.from_numpy(min_max(moving.array, "--moving", moving.path))[None],
+                    "meta": {"id": f"{Path(args.moving).name} -> {Path(args.fixed).name}"}}
         present = set()
         if args.fixed_seg:
             for key, path, image in (("fixed_seg", args.fixed_seg, fixed.array),
                                      ("moving_seg", args.moving_seg, moving.array)):
-                seg = _read_labels(path, f"--{key.replace('_', '-')}", image)
+                with _user_input():
+                    seg = read_labels(path, f"--{key.replace('_', '-')}", image)
                 _check_pair(fixed.array, seg, config, ("fixed", key.replace("_", "-")))
                 pair[key] = torch.from_numpy(seg)[None]
             present = set(np.unique(pair["fixed_seg"].numpy()).tolist()) - {0}
@@ -1134,7 +742,7 @@ def _evaluate(args) -> int:
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise
-        raise CLIError(f"ran out of memory running the model on {_shape_text(shape)} voxels; run it "
+        raise CLIError(f"ran out of memory running the model on {format_shape(shape)} voxels; run it "
                        f"on a coarser grid (--factor 2 halves every axis) or crop the images") from None
     table = result.table()
     columns = ["pair", "dice_before", "dice_mean", "dice_std", "percent_folding", "sdlogj", "seconds"]
@@ -1144,7 +752,7 @@ def _evaluate(args) -> int:
         print(f"mean Dice {table['dice_mean'].mean():.4f} (std over pairs "
               f"{table['dice_mean'].std():.4f}); before registration {table['dice_before'].mean():.4f}")
     if args.csv:
-        _atomic(Path(args.csv), lambda tmp: result.table().to_csv(tmp, index=False))
+        write_atomic(args.csv, lambda tmp: result.table().to_csv(tmp, index=False), suffix=".csv")
         print(f"wrote {args.csv}")
     return 0
 
@@ -1179,8 +787,14 @@ def _parser() -> argparse.ArgumentParser:
                                    "cache and whether notebook widgets will render.")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    sub.add_parser("fetch", help="download and verify datasets into the cache", add_help=False,
-                   description="Download datasets (run 'regedu fetch --help').")
+    p = sub.add_parser("fetch", help="download and verify datasets into the cache",
+                       description="Download and verify datasets into the regedu cache (REGEDU_DATA). "
+                                   "Without a name, list the datasets and whether they are cached.")
+    p.add_argument("names", nargs="*", help="datasets to fetch (see the list)")
+    p.add_argument("--cache-dir", dest="cache_dir",
+                   help="cache folder (default: $REGEDU_DATA or ~/.cache/regedu)")
+    p.add_argument("--mirror", help="folder tried before the network ($REGEDU_MIRROR)")
+    p.add_argument("--no-extract", dest="no_extract", action="store_true", help="keep archives packed")
 
     p = sub.add_parser("train", help="train a registration network and save a checkpoint",
                        description="Train a registration network on a folder of images (pairs of "
@@ -1197,8 +811,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="network name from regedu.nets (default unet)")
     p.add_argument("--model-arg", dest="model_args", action="append", metavar="KEY=VALUE",
                    help="network argument, e.g. integrate_steps=7 (repeat for several)")
-    p.add_argument("--losses", help="weighted terms, e.g. 'ncc=1,diffusion=1' or 'mse=1,diffusion=0.01,dice=0.1' "
-                                    "(default ncc=1,diffusion=1)")
+    default = ",".join(f"{k}={v:g}" for k, v in DEFAULT_LOSSES.items())
+    p.add_argument("--losses", help=f"weighted terms from regedu.losses.LOSSES, e.g. 'ncc=1,diffusion=1' or "
+                                    f"'mse=1,diffusion=0.01,dice=0.1' (default {default})")
     p.add_argument("--labels", help="structures for the Dice term and validation: 2,3,4 or freesurfer30")
     p.add_argument("--pairs", type=int, help="with --data fundus/brain: how many different training "
                                              "pairs to draw (default: the profile's n_train_pairs)")
@@ -1261,22 +876,20 @@ def _parser() -> argparse.ArgumentParser:
                                    "write an HTML page per notebook and a summary of time and peak "
                                    "memory (index.html, summary.md).")
     p.add_argument("notebooks", nargs="*", help="notebooks to run: paths or numbers (default: all)")
-    p.add_argument("--profile", default="ci", choices=["ci", "cpu", "gpu"], help="default ci")
+    p.add_argument("--profile", default="ci", choices=list(PROFILES), help="default ci")
     p.add_argument("--out", default="_course_html", help="output folder (default _course_html)")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell (default 900)")
     return parser
 
 
-_COMMANDS = {"doctor": _doctor, "train": _train, "register": _register, "evaluate": _evaluate,
-             "course": _course}
+_COMMANDS = {"doctor": _doctor, "fetch": _fetch, "train": _train, "register": _register,
+             "evaluate": _evaluate, "course": _course}
 
 
 def main(argv=None) -> int:
     """Run the ``regedu`` command; return its exit status (0 ok, 2 a usage or input error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "fetch":
-            return _fetch(argv[1:])
         parser = _parser()
         args = parser.parse_args(argv)
         if args.command is None:

@@ -35,8 +35,8 @@ from .metrics import (FIRE_THRESHOLDS, average_surface_distance, dice, fire_auc,
                       folding_stats, hausdorff95, tre)
 from .spatial import warp
 
-__all__ = ["evaluate", "compare", "Evaluation", "summary", "SummaryTable", "fire_report",
-           "FireReport", "identity"]
+__all__ = ["evaluate", "score_pair", "PairScores", "compare", "Evaluation", "summary", "SummaryTable",
+           "fire_report", "FireReport", "identity"]
 
 FIRE_CATEGORIES = ("S", "P", "A")
 
@@ -94,29 +94,6 @@ def _points(x, name: str, ndim: int) -> torch.Tensor:
     return check_finite(x, name)
 
 
-def _surface_scores(disp, pair: dict, *, labels, spacing=1.0, where: str = "pair"):
-    """Surface distances of one registered pair: ``({hd95, asd, surface_missing}, hd, asd)``.
-
-    HD95 and ASSD (:func:`regedu.metrics.hausdorff95`,
-    :func:`regedu.metrics.average_surface_distance`) between the fixed labels
-    and the nearest-neighbour-warped moving labels, in the units of ``spacing``;
-    NaN and None without label maps. ``surface_missing`` counts the structures
-    present in one map only (left out of the means).
-    """
-    if "moving_seg" not in pair or "fixed_seg" not in pair:
-        return dict(hd95=np.nan, asd=np.nan, surface_missing=0), None, None
-    if labels is None:
-        raise ValueError(f"labels: {where} has segmentations; pass the structures "
-                         f"to score, e.g. labels=[2, 3, 4, ...] or a dict {{label: name}}")
-    spatial = tuple(disp.shape[2:])
-    ms = _seg(pair["moving_seg"], f"{where}['moving_seg']", spatial)
-    fs = _seg(pair["fixed_seg"], f"{where}['fixed_seg']", spatial)
-    warped = warp(ms, disp, mode="nearest")[0, 0]
-    hd = hausdorff95(fs[0, 0], warped, labels, spacing=spacing)
-    asd = average_surface_distance(fs[0, 0], warped, labels, spacing=spacing)
-    return dict(hd95=hd.mean, asd=asd.mean, surface_missing=len(hd.missing)), hd, asd
-
-
 def _disp_of(output, name: str) -> torch.Tensor:
     disp = getattr(output, "disp", output)
     if not isinstance(disp, torch.Tensor):
@@ -150,6 +127,80 @@ def _run(method, moving, fixed, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, time.perf_counter() - start
+
+
+@dataclass
+class PairScores:
+    """What :func:`score_pair` measured on one pair.
+
+    ``record``: ``dice_mean``, ``dice_std``, ``dice_before``, ``tre_mean``,
+    ``tre_median``, ``tre_before`` (NaN without their inputs), ``percent_folding``,
+    ``sdlogj``, and with ``surface=True`` ``hd95``, ``asd`` (means over structures)
+    and ``surface_missing``; ``dice``, ``hd95``, ``asd``: per structure (None
+    without label maps); ``tre``: per point (None without landmarks).
+    """
+    record: dict
+    dice: object = None
+    tre: np.ndarray | None = None
+    hd95: object = None
+    asd: object = None
+
+
+def score_pair(disp, pair: dict, *, labels=None, spacing=1.0, where: str = "pair",
+               surface: bool = False) -> PairScores:
+    """The measures of one registered pair: Dice, TRE, folding, and surface distances if asked.
+
+    Parameters
+    ----------
+    disp : Tensor, shape (1, ndim, *spatial)
+        The displacement a method found for the pair.
+    pair : dict
+        Optionally ``moving_seg`` and ``fixed_seg`` (label maps: Dice of the
+        nearest-neighbour-warped moving labels, and before registration),
+        ``moving_points`` and ``fixed_points`` (TRE, times ``spacing``).
+    labels : sequence of int
+        Structures for Dice; required when the pair has label maps.
+    spacing : float or tuple of float
+        Voxel size for TRE and the surface distances.
+    where : str
+        How messages name the pair (``"pairs[3]"``).
+    surface : bool
+        Also HD95 and the average symmetric surface distance between the fixed
+        labels and the warped moving ones (:func:`regedu.metrics.hausdorff95`,
+        :func:`regedu.metrics.average_surface_distance`); ``surface_missing``
+        counts the structures in one map only (left out of the means).
+    """
+    spatial = tuple(disp.shape[2:])
+    record = dict(dice_mean=np.nan, dice_std=np.nan, dice_before=np.nan)
+    scores = PairScores(record)
+    segs = "moving_seg" in pair and "fixed_seg" in pair
+    if segs:
+        if labels is None:
+            raise ValueError(f"labels: {where} has segmentations; pass the structures "
+                             f"to score, e.g. labels=[2, 3, 4, ...] or a dict {{label: name}}")
+        ms = _seg(pair["moving_seg"], f"{where}['moving_seg']", spatial)
+        fs = _seg(pair["fixed_seg"], f"{where}['fixed_seg']", spatial)
+        warped = warp(ms, disp, mode="nearest")
+        scores.dice = dice(fs, warped, labels)
+        record.update(dice_mean=scores.dice.mean, dice_std=scores.dice.std,
+                      dice_before=dice(fs, ms, labels).mean)
+    record.update(tre_mean=np.nan, tre_median=np.nan, tre_before=np.nan)
+    if "moving_points" in pair and "fixed_points" in pair:
+        fp = _points(pair["fixed_points"], f"{where}['fixed_points']", len(spatial))
+        mp = _points(pair["moving_points"], f"{where}['moving_points']", len(spatial))
+        scores.tre = tre(fp, mp, disp, spacing=spacing).numpy()
+        before = tre(fp, mp, torch.zeros_like(disp), spacing=spacing).numpy()
+        record.update(tre_mean=float(scores.tre.mean()), tre_median=float(np.median(scores.tre)),
+                      tre_before=float(before.mean()))
+    record.update(folding_stats(disp))
+    if surface:
+        record.update(hd95=np.nan, asd=np.nan, surface_missing=0)
+        if segs:
+            scores.hd95 = hausdorff95(fs[0, 0], warped[0, 0], labels, spacing=spacing)
+            scores.asd = average_surface_distance(fs[0, 0], warped[0, 0], labels, spacing=spacing)
+            record.update(hd95=scores.hd95.mean, asd=scores.asd.mean,
+                          surface_missing=len(scores.hd95.missing))
+    return scores
 
 
 def _label_spec(labels):
@@ -291,41 +342,13 @@ def evaluate(method, pairs, *, labels=None, name: str | None = None, spacing=1.0
 
         rec = {"method": name, "pair": meta.get("id", i), "dataset": meta.get("dataset", ""),
                "category": meta.get("category", "")}
-        if "moving_seg" in pair and "fixed_seg" in pair:
-            if label_ids is None:
-                raise ValueError(f"labels: pairs[{i}] has segmentations; pass the structures "
-                                 f"to score, e.g. labels=[2, 3, 4, ...] or a dict {{label: name}}")
-            ms = _seg(pair["moving_seg"], f"pairs[{i}]['moving_seg']", spatial)
-            fs = _seg(pair["fixed_seg"], f"pairs[{i}]['fixed_seg']", spatial)
-            after = dice(fs, warp(ms, disp, mode="nearest"), label_ids)
-            before = dice(fs, ms, label_ids)
-            rec.update(dice_mean=after.mean, dice_std=after.std, dice_before=before.mean)
-            dice_rows.append(dict(zip(label_names, after.per_label)))
-        else:
-            rec.update(dice_mean=np.nan, dice_std=np.nan, dice_before=np.nan)
-            dice_rows.append({})
-        if "moving_points" in pair and "fixed_points" in pair:
-            nd = len(spatial)
-            fp = _points(pair["fixed_points"], f"pairs[{i}]['fixed_points']", nd)
-            mp = _points(pair["moving_points"], f"pairs[{i}]['moving_points']", nd)
-            sp = meta.get("spacing", spacing)
-            errors = tre(fp, mp, disp, spacing=sp).numpy()
-            before = tre(fp, mp, torch.zeros_like(disp), spacing=sp).numpy()
-            rec.update(tre_mean=float(errors.mean()), tre_median=float(np.median(errors)),
-                       tre_before=float(before.mean()))
-            ev.tre_errors.append(errors)
-        else:
-            rec.update(tre_mean=np.nan, tre_median=np.nan, tre_before=np.nan)
-            ev.tre_errors.append(None)
-        rec.update(folding_stats(disp))
-        rec.update(seconds=seconds, device=str(dev))
-        if surface:
-            extra, hd, asd = _surface_scores(disp, pair, labels=label_ids,
-                                             spacing=meta.get("spacing", spacing), where=f"pairs[{i}]")
-            rec.update(extra)
-            hd_rows.append({} if hd is None else dict(zip(label_names, hd.per_label)))
-            asd_rows.append({} if asd is None else dict(zip(label_names, asd.per_label)))
+        scores = score_pair(disp, pair, labels=label_ids, spacing=meta.get("spacing", spacing),
+                            where=f"pairs[{i}]", surface=surface)
+        rec.update(scores.record, seconds=seconds, device=str(dev))
         ev.records.append(rec)
+        ev.tre_errors.append(scores.tre)
+        for rows, result in ((dice_rows, scores.dice), (hd_rows, scores.hd95), (asd_rows, scores.asd)):
+            rows.append({} if result is None else dict(zip(label_names, result.per_label)))
     ev.dice = pd.DataFrame(dice_rows, columns=label_names,
                            index=[r["pair"] for r in ev.records])
     if surface:

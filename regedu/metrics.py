@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from ._checks import as_tensor, check_field, check_finite, check_label_list, check_labels, check_same_shape
-from .spatial import compose, warp_points
+from .spatial import compose, jacobian_determinant, warp_points
 
-__all__ = ["DiceResult", "dice", "jacobian_determinant", "folding_stats", "tre",
+__all__ = ["DiceResult", "dice", "labels_present", "jacobian_determinant", "folding_stats", "tre",
            "fire_success_curve", "fire_auc", "FIRE_THRESHOLDS", "inverse_consistency_map",
            "inverse_consistency_error", "SurfaceResult", "hausdorff95", "average_surface_distance"]
 
@@ -76,31 +76,15 @@ def dice(a, b, labels) -> DiceResult:
     return DiceResult(labels, scores, mean, std)
 
 
-def jacobian_determinant(disp) -> torch.Tensor:
-    """Determinant of the Jacobian of ``phi = id + u``, ``(B, *spatial)``.
+def labels_present(*label_maps) -> list[int]:
+    """Every label other than background 0 found in the label maps, in order:
+    the structures to score when no list is given.
 
-    Derivatives by central differences (one-sided at the borders, as
-    ``np.gradient``). det = 1: volume kept; > 1: expansion; <= 0: folding.
-
-    >>> jacobian_determinant(torch.zeros(1, 2, 4, 5)).unique()
-    tensor([1.])
+    >>> labels_present(torch.tensor([0, 2, 2]), torch.tensor([3, 0, 2]))
+    [2, 3]
     """
-    disp = as_tensor(disp, "disp")
-    check_field(disp, "disp")
-    nd = disp.shape[1]
-    if min(disp.shape[2:]) < 2:
-        raise ValueError(f"disp: need at least 2 voxels along each axis for derivatives, got "
-                         f"shape {tuple(disp.shape)}")
-    # J[:, i, j] = d phi_i / d x_j = delta_ij + d u_i / d x_j
-    grads = torch.gradient(disp, dim=tuple(range(2, 2 + nd)))
-    J = torch.stack(grads, dim=2)
-    J = J + torch.eye(nd, dtype=disp.dtype, device=disp.device).view(1, nd, nd, *([1] * nd))
-    J = J.movedim((1, 2), (-2, -1))
-    if nd == 2:
-        return J[..., 0, 0] * J[..., 1, 1] - J[..., 0, 1] * J[..., 1, 0]
-    return (J[..., 0, 0] * (J[..., 1, 1] * J[..., 2, 2] - J[..., 1, 2] * J[..., 2, 1])
-            - J[..., 0, 1] * (J[..., 1, 0] * J[..., 2, 2] - J[..., 1, 2] * J[..., 2, 0])
-            + J[..., 0, 2] * (J[..., 1, 0] * J[..., 2, 1] - J[..., 1, 1] * J[..., 2, 0]))
+    maps = [as_tensor(m, f"label_maps[{i}]").flatten() for i, m in enumerate(label_maps)]
+    return [int(v) for v in torch.unique(torch.cat(maps)).tolist() if v != 0]
 
 
 def folding_stats(disp, mask=None) -> dict[str, float]:

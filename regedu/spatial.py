@@ -22,30 +22,20 @@ from __future__ import annotations
 import functools
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import (as_tensor, check_choice, check_field, check_finite, check_positive, check_shape,
-                      check_tensor)
+from ._checks import (as_tensor, check_choice, check_field, check_finite, check_image, check_positive,
+                      check_shape, check_tensor)
 
 __all__ = ["warp", "SpatialTransformer", "identity_grid", "affine_to_displacement",
-           "compose", "integrate_velocity", "IntegrateVelocity", "invert_field", "resize_field",
-           "warp_points", "gaussian_blur"]
+           "compose", "integrate_velocity", "IntegrateVelocity", "invert_field", "jacobian_determinant",
+           "resize_field", "warp_points", "gaussian_blur", "random_field", "diffusion_fit"]
 
 _MODES = ("bilinear", "nearest")
 _PADDINGS = ("zeros", "border")
-
-
-def _check_image(image, name: str) -> tuple[int, ...]:
-    check_tensor(image, name)
-    spatial = check_shape(image, "B C *S", name)["S"]
-    if len(spatial) not in (2, 3):
-        hint = f"; add batch and channel axes with {name}[None, None]" if image.dim() in (2, 3) else ""
-        raise ValueError(f"{name}: expected (B, C, H, W) or (B, C, D, H, W), got shape "
-                         f"{tuple(image.shape)}{hint}")
-    check_finite(image, name)
-    return spatial
 
 
 @functools.lru_cache(maxsize=16)
@@ -152,7 +142,7 @@ def warp(image: torch.Tensor, disp: torch.Tensor, *, mode: str | None = None,
     tensor([[[[1., 2., 3., 0.]]]])
     """
     image, disp = as_tensor(image, "image"), as_tensor(disp, "disp")
-    spatial = _check_image(image, "image")
+    spatial = check_image(image, "image", floating=False)
     check_field(disp, "disp", spatial=spatial)
     check_choice(padding, _PADDINGS, "padding")
     labels = not image.is_floating_point()
@@ -275,6 +265,36 @@ class IntegrateVelocity(nn.Module):
         return integrate_velocity(velocity, self.steps)
 
 
+def jacobian_determinant(disp) -> torch.Tensor:
+    """Determinant of the Jacobian of ``phi = id + u``, ``(B, *spatial)``.
+
+    A property of the transform, so it lives here; :mod:`regedu.metrics`
+    offers it among the measures (``metrics.jacobian_determinant``).
+
+    Derivatives by central differences (one-sided at the borders, as
+    ``np.gradient``). det = 1: volume kept; > 1: expansion; <= 0: folding.
+
+    >>> jacobian_determinant(torch.zeros(1, 2, 4, 5)).unique()
+    tensor([1.])
+    """
+    disp = as_tensor(disp, "disp")
+    check_field(disp, "disp")
+    nd = disp.shape[1]
+    if min(disp.shape[2:]) < 2:
+        raise ValueError(f"disp: need at least 2 voxels along each axis for derivatives, got "
+                         f"shape {tuple(disp.shape)}")
+    # J[:, i, j] = d phi_i / d x_j = delta_ij + d u_i / d x_j
+    grads = torch.gradient(disp, dim=tuple(range(2, 2 + nd)))
+    J = torch.stack(grads, dim=2)
+    J = J + torch.eye(nd, dtype=disp.dtype, device=disp.device).view(1, nd, nd, *([1] * nd))
+    J = J.movedim((1, 2), (-2, -1))
+    if nd == 2:
+        return J[..., 0, 0] * J[..., 1, 1] - J[..., 0, 1] * J[..., 1, 0]
+    return (J[..., 0, 0] * (J[..., 1, 1] * J[..., 2, 2] - J[..., 1, 2] * J[..., 2, 1])
+            - J[..., 0, 1] * (J[..., 1, 0] * J[..., 2, 2] - J[..., 1, 2] * J[..., 2, 0])
+            + J[..., 0, 2] * (J[..., 1, 0] * J[..., 2, 1] - J[..., 1, 1] * J[..., 2, 0]))
+
+
 def invert_field(disp: torch.Tensor, *, iterations: int = 50, tol: float = 1e-4,
                  folding: str = "warn") -> torch.Tensor:
     """The inverse displacement ``v`` of ``u``, by fixed-point iteration.
@@ -323,7 +343,6 @@ def invert_field(disp: torch.Tensor, *, iterations: int = 50, tol: float = 1e-4,
     check_positive(tol, "tol")
     check_choice(folding, ("warn", "raise", "ignore"), "folding")
     if folding != "ignore":
-        from .metrics import jacobian_determinant  # metrics imports spatial: import here
         with torch.no_grad():
             folded = int((jacobian_determinant(disp) <= 0).sum())
         if folded:
@@ -426,3 +445,76 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
         flat = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (radius, radius), mode="replicate")
         out = F.conv1d(flat, g).reshape(moved.shape).movedim(-1, dim)
     return out
+
+
+def random_field(shape, amplitude: float, points=4, *, channels: int | None = None, cubic: bool = False,
+                 seed=0) -> torch.Tensor:
+    """A smooth random field ``(1, channels, *shape)``: Gaussian noise at control points, interpolated.
+
+    Noise of standard deviation ``amplitude`` at ``points`` control points per
+    axis (a number, or one per axis; the corner points sit on the corner
+    voxels) is interpolated to ``shape``: (bi/tri)linearly, or with
+    ``cubic=True`` by cubic convolution along each axis, whose derivatives,
+    and so the Jacobian of a displacement, are continuous too (no creases
+    along the control grid). Fewer points give a smoother field.
+    ``channels`` defaults to ``len(shape)``: a displacement in voxels.
+    ``seed`` is an int or a ``torch.Generator`` to draw from (several fields
+    from one stream, as :func:`regedu.datasets.synth_subject` does).
+
+    >>> u = random_field((32, 40), 2.0, seed=1)
+    >>> tuple(u.shape), bool(torch.equal(u, random_field((32, 40), 2.0, seed=1)))
+    ((1, 2, 32, 40), True)
+    """
+    shape = tuple(int(n) for n in shape)
+    for n in shape:
+        check_positive(n, "shape", integer=True)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"shape: expected 2 or 3 sizes, got {shape}")
+    points = [int(points)] * len(shape) if isinstance(points, (int, float)) else [int(k) for k in points]
+    if len(points) != len(shape) or min(points) < 2:
+        raise ValueError(f"points: expected at least 2 control points along each of the {len(shape)} "
+                         f"axes, got {points}")
+    if not amplitude >= 0:
+        raise ValueError(f"amplitude: expected a non-negative number, got {amplitude}")
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    coarse = torch.randn(1, channels or len(shape), *points, generator=generator) * amplitude
+    if not cubic:
+        return F.interpolate(coarse, size=shape, mode=("bilinear", "trilinear")[len(shape) - 2],
+                             align_corners=True)
+    if len(shape) == 2:
+        return F.interpolate(coarse, size=shape, mode="bicubic", align_corners=True)
+    # torch has no tricubic mode: bicubic over (H, W), then over (D, W) with W at its size,
+    # where the cubic weights at the samples are (0, 1, 0, 0) and leave it as it is.
+    c, (d, h, w), (D, H, W) = coarse.shape[1], points, shape
+    x = F.interpolate(coarse.reshape(c * d, 1, h, w), size=(H, W), mode="bicubic", align_corners=True)
+    x = x.reshape(c, d, H, W).permute(0, 2, 1, 3).reshape(c * H, 1, d, W)
+    x = F.interpolate(x, size=(D, W), mode="bicubic", align_corners=True)
+    return x.reshape(1, c, H, D, W).permute(0, 1, 3, 2, 4).contiguous()
+
+
+def diffusion_fit(disp, weight: float) -> torch.Tensor:
+    """The smoothest field close to ``disp``: diffusion-regularised least squares.
+
+    Solves ``min_v ||v - u||^2 + weight * sum_k ||D_k v||^2`` exactly, ``D_k``
+    the forward difference along axis ``k`` with mirrored borders (the
+    diffusion regulariser of :func:`regedu.losses.diffusion`, as a sum). The
+    normal equations ``(I + weight * L) v = u`` are diagonal in the DCT basis,
+    where the Laplacian ``L`` has eigenvalues ``sum_k 2 - 2 cos(pi j_k / n_k)``.
+    ``weight = 0`` returns ``u``; a large weight leaves only the mean
+    (translation), which no smoothness penalty touches.
+
+    >>> u = random_field((16, 16), 2.0)
+    >>> bool(torch.allclose(diffusion_fit(u, 0.0), u, atol=1e-6))
+    True
+    """
+    from scipy.fft import dctn, idctn
+    u = check_field(as_tensor(disp, "disp").detach().cpu(), "disp")
+    if not weight >= 0:
+        raise ValueError(f"weight: expected a non-negative number, got {weight}")
+    spatial = u.shape[2:]
+    eig = sum((2 - 2 * np.cos(np.pi * np.arange(n) / n)).reshape([-1 if a == k else 1
+                                                                   for a in range(len(spatial))])
+              for k, n in enumerate(spatial))
+    axes = tuple(range(2, u.dim()))
+    coef = dctn(u.double().numpy(), type=2, norm="ortho", axes=axes) / (1.0 + weight * eig)
+    return torch.from_numpy(idctn(coef, type=2, norm="ortho", axes=axes).astype(np.float32))

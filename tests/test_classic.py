@@ -9,6 +9,8 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 from regedu import classic, losses
 from regedu.spatial import affine_to_displacement, warp
 
+from conftest import smooth_field
+
 ants = pytest.importorskip("ants")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -21,9 +23,8 @@ def _blobs(shape, seed=0, sigma=3.0):
 
 
 def _smooth_field(shape, amplitude, seed=1, sigma=4.0):
-    rng = np.random.default_rng(seed)
-    d = np.stack([gaussian_filter(rng.standard_normal(shape), sigma) for _ in shape])
-    return (d * amplitude / np.abs(d).max()).astype(np.float64)
+    u = smooth_field(shape, amplitude, seed=seed, sigma_frac=sigma / shape[0], dtype=torch.float64)
+    return u[0].numpy()
 
 
 def _pull(image, disp):

@@ -11,7 +11,7 @@ import torch
 
 from regedu import nets
 from regedu.cli import main
-from regedu.train import load_checkpoint, load_model, save_checkpoint
+from regedu.checkpoints import load_checkpoint, load_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,8 @@ import torch
 
 from regedu import _checks, cli, nets
 from regedu.cli import main
-from regedu.train import load_checkpoint, save_checkpoint
+from regedu.datasets import write_image
+from regedu.checkpoints import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "notebooks" / "checkpoints"
@@ -348,7 +349,7 @@ def test_a_4mm_checkpoint_runs_on_1mm_images_with_factor_4_and_says_so(volumes, 
                                       "on their grid coarsened 4 times" in err
     assert nib.load(tmp_path / "d.nii.gz").shape == (32, 32, 32, 1, 3)
     # The field is the one of the model run on the 4x coarser grid.
-    from regedu.train import load_model
+    from regedu.checkpoints import load_model
     model = nets.Rescaled(load_model(ckpt), 4)
     scale = lambda a: torch.from_numpy((a - a.min()) / (a.max() - a.min()))[None, None]
     with torch.no_grad():
@@ -415,11 +416,11 @@ def test_training_records_the_spacing_of_its_images(tmp_path, capsys):
 
 @pytest.mark.parametrize("profile, spacing", [("ci", 4.0), ("cpu", 2.0), ("gpu", 1.0)])
 def test_the_offline_brain_records_the_profile_spacing(monkeypatch, profile, spacing):
-    import regedu.datasets
+    from regedu.datasets import OfflinePairs, brain
     monkeypatch.setenv("REGEDU_PROFILE", profile)
-    monkeypatch.setattr(regedu.datasets, "mni_brain", lambda: None)  # the grid is the profile's
-    assert cli.OfflinePairs("brain", 2).spacing == (spacing,) * 3
-    assert cli.OfflinePairs("fundus", 2).spacing is None
+    monkeypatch.setattr(brain, "mni_brain", lambda: None)  # the grid is the profile's
+    assert OfflinePairs("brain", 2).spacing == (spacing,) * 3
+    assert OfflinePairs("fundus", 2).spacing is None
 
 
 # ---------------------------------------------------------------- outputs
@@ -484,7 +485,7 @@ def test_an_interrupted_write_leaves_no_half_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nib, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        cli.write_image(target, np.zeros((4, 4, 4), np.float32), np.eye(4))
+        write_image(target, np.zeros((4, 4, 4), np.float32), np.eye(4))
     assert target.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.nii.gz"]
 

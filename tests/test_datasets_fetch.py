@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from regedu.cli import main
 from regedu.datasets.fetch import (ChecksumError, DataUnavailableError, DatasetInfo,
-                                   UnsafeArchiveError, fetch, fetch_main, is_cached, safe_extract)
+                                   UnsafeArchiveError, fetch, is_cached, safe_extract)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -213,12 +214,14 @@ def test_7z_extracts_and_refuses_traversal(tmp_path, monkeypatch):
     assert not (tmp_path / "evil.txt").exists()
 
 
-def test_fetch_main_lists_and_fetches(tmp_path, capsys):
-    assert fetch_main(["--cache-dir", str(tmp_path)]) == 0
+def test_regedu_fetch_lists_and_fetches(tmp_path, capsys):
+    # On the main parser: its errors read like every command's, with the same exit status.
+    assert main(["fetch", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "fire" in out and "neurite-oasis-3d" in out and "manual download" in out
-    assert fetch_main(["--cache-dir", str(tmp_path), "learn2reg-oasis"]) == 1
-    assert "by hand" in capsys.readouterr().err
+    assert main(["fetch", "--cache-dir", str(tmp_path), "learn2reg-oasis"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("regedu: error: ") and "by hand" in err
 
 
 def test_a_cached_file_corrupted_after_verification_is_no_longer_cached(tmp_path, monkeypatch):
@@ -286,4 +289,4 @@ def test_a_mirror_that_is_not_a_folder_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("REGEDU_MIRROR", str(tmp_path / "typo"))
     with pytest.raises(ValueError, match="REGEDU_MIRROR: .*typo' is not a folder.*unset REGEDU_MIRROR"):
         fetch(_info(src), cache_dir=tmp_path / "cache")
-    assert fetch_main(["--cache-dir", str(tmp_path / "cache"), "vxm-labels"]) == 1
+    assert main(["fetch", "--cache-dir", str(tmp_path / "cache"), "vxm-labels"]) == 2

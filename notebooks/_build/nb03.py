@@ -31,8 +31,8 @@ import matplotlib.pyplot as plt
 from regedu import losses, metrics, viz
 from regedu.classic import ants_missing, ants_syn, instance_optimisation
 from regedu.datasets import make_fire_pair, retina_green, vessel_contrast
-from regedu.evaluate import compare, summary
-from regedu.spatial import affine_to_displacement, warp
+from regedu.evaluate import compare, identity, summary
+from regedu.spatial import affine_to_displacement, gaussian_blur, warp
 
 size = profile.fundus_size
 retina, fov = retina_green(size)
@@ -77,13 +77,6 @@ differentiable warp. Two practical details, both classical:
   the image size.
 """),
 code(r"""
-from scipy.ndimage import gaussian_filter
-
-
-def blur(image, sigma):
-    return torch.from_numpy(gaussian_filter(image[0, 0].numpy(), sigma))[None, None] if sigma > 0 else image
-
-
 def affine_register(moving, fixed, *, similarity=losses.mse, sigmas=(4, 2, 0), steps=100, lr=0.01):
     # Returns [A | t] (1, 2, 3) such that warp(moving, affine_to_displacement(...)) ~ fixed.
     n = fixed.shape[-1]
@@ -91,7 +84,7 @@ def affine_register(moving, fixed, *, similarity=losses.mse, sigmas=(4, 2, 0), s
     t = torch.zeros(2, requires_grad=True)                    # in units of the image size
     optimiser = torch.optim.Adam([A, t], lr=lr)
     for sigma in [s * n / 256 for s in sigmas]:
-        f, m = blur(fixed, sigma), blur(moving, sigma)
+        f, m = (gaussian_blur(x, sigma) if sigma > 0 else x for x in (fixed, moving))
         for _ in range(steps):
             matrix = torch.cat([A, (t * n)[:, None]], 1)[None]
             loss = similarity(f, warp(m, affine_to_displacement(matrix, (n, n), center="image")))
@@ -154,10 +147,6 @@ The methods, each a function `(moving, fixed) -> displacement`:
 """),
 code(r"""
 ncc = losses.NCC(window=9)
-
-
-def identity(moving, fixed):
-    return torch.zeros(1, 2, *fixed.shape[2:])
 
 
 def affine_ours(moving, fixed):

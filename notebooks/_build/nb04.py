@@ -38,7 +38,8 @@ from regedu.classic import ants_affine, ants_missing, similarity_search
 from regedu.datasets import FundusPairs, is_cached, vessel_contrast
 from regedu.evaluate import compare, fire_report, identity, summary
 from regedu.spatial import compose, warp
-from regedu.train import checkpoint_note, fit, load_model
+from regedu.checkpoints import checkpoint_note, load_model
+from regedu.train import fit
 
 size = profile.fundus_size
 torch.manual_seed(0)

@@ -33,7 +33,8 @@ import pandas as pd
 import torch
 import matplotlib.pyplot as plt
 
-from regedu import nets, train, viz
+from regedu import nets, viz
+from regedu.checkpoints import checkpoint_note, choose_factor, load_model
 from regedu.classic import ants_affine, ants_missing, ants_syn
 from regedu.datasets import BrainPairs, label_table, mni_brain
 from regedu.evaluate import compare, summary
@@ -107,8 +108,8 @@ loss_weights = {"ncc": 1.0, "diffusion": 1.0, "dice": 1.0}
 def trained(name):
     checkpoint = Path(f"checkpoints/brain_{name}_4mm.pt")
     if profile.name != "gpu":
-        print(train.checkpoint_note(checkpoint))
-        return train.load_model(checkpoint, factor=int(round(4 / spacing))), None
+        print(checkpoint_note(checkpoint))
+        return load_model(checkpoint, factor=choose_factor(4, spacing)), None
     model = nets.create(name, spatial_dims=3)
     start = time.perf_counter()
     history = fit(model, train_data, losses=loss_weights, steps=steps, lr=1e-4, labels=list(structures),

@@ -21,12 +21,10 @@ unpacked loses its verified mark.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -34,9 +32,10 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from .._files import write_atomic
 from ._registry import REGISTRY, DatasetInfo
 
-__all__ = ["fetch", "fetch_main", "data_dir", "mirror_dir", "verify_file", "safe_extract",
+__all__ = ["fetch", "cache_status", "data_dir", "mirror_dir", "verify_file", "safe_extract",
            "is_cached", "DataUnavailableError", "ChecksumError", "UnsafeArchiveError",
            "REGISTRY", "DatasetInfo"]
 
@@ -195,6 +194,22 @@ def _verified(target: Path, info: DatasetInfo) -> bool:
     return True
 
 
+def cache_status(dataset, *, cache_dir=None) -> str:
+    """What the cache holds of ``dataset`` (``regedu fetch`` lists it): ``"cached"``,
+    ``"not unpacked"`` (a verified archive), ``"unverified"`` (a file put there or
+    changed since), ``"manual download"`` or ``"not fetched"``."""
+    info = _lookup(dataset)
+    cache = data_dir(cache_dir)
+    target = cache / info.filename
+    if is_cached(info, cache_dir=cache):
+        return "cached"
+    if _verified(target, info):
+        return "not unpacked"
+    if target.is_file():
+        return "unverified"
+    return "manual download" if info.manual else "not fetched"
+
+
 def is_cached(dataset, *, cache_dir=None) -> bool:
     """Whether a verified copy of ``dataset`` sits in the cache (and, for an
     archive to unpack, its unpacked folder)."""
@@ -207,17 +222,13 @@ def is_cached(dataset, *, cache_dir=None) -> bool:
 
 
 def _install(source_writer, target: Path, info: DatasetInfo) -> None:
-    """Write via ``source_writer(tmp_path)``, verify, then rename to ``target``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
+    """Write via ``source_writer(tmp_path)``, verify, then rename to ``target`` (atomically)."""
+    def write(tmp: Path) -> None:
         source_writer(tmp)
         verify_file(tmp, info)
         _marker(target).unlink(missing_ok=True)  # never a marker of the old file over the new one
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(target, write, suffix=".part")
     _write_marker(target, info)
 
 
@@ -396,41 +407,3 @@ def safe_extract(archive, dest) -> Path:
     else:
         raise ValueError(f"archive: {archive} is not a tar, zip or 7z archive")
     return dest
-
-
-def fetch_main(argv=None) -> int:
-    """``regedu fetch``: list the datasets and their status, or fetch some by name."""
-    parser = argparse.ArgumentParser(prog="regedu fetch", description=(
-        "Download and verify datasets into the regedu cache (REGEDU_DATA). "
-        "Without a name, list the datasets and whether they are cached."))
-    parser.add_argument("names", nargs="*", help="datasets to fetch (see the list)")
-    parser.add_argument("--cache-dir", help="cache folder (default: $REGEDU_DATA or ~/.cache/regedu)")
-    parser.add_argument("--mirror", help="folder tried before the network ($REGEDU_MIRROR)")
-    parser.add_argument("--no-extract", action="store_true", help="keep archives packed")
-    args = parser.parse_args(argv)
-    cache = data_dir(args.cache_dir)
-    if not args.names:
-        print(f"cache: {cache}")
-        for info in REGISTRY.values():
-            target = cache / info.filename
-            if is_cached(info, cache_dir=cache):
-                state = "cached"
-            elif _verified(target, info):
-                state = "not unpacked"
-            elif target.is_file():
-                state = "unverified"
-            else:
-                state = "manual download" if info.manual else "not fetched"
-            print(f"  {info.name:18s} {info.approx_size:>8s}  {state:15s} {info.license}")
-        return 0
-    status = 0
-    for name in args.names:
-        try:
-            path = fetch(name, cache_dir=cache, mirror=args.mirror,
-                         extract=False if args.no_extract else None, progress=True)
-        except (DataUnavailableError, ChecksumError, UnsafeArchiveError, ValueError) as err:
-            print(f"regedu fetch: {err}", file=sys.stderr)
-            status = 1
-            continue
-        print(f"{name}: {path}")
-    return status

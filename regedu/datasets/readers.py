@@ -27,26 +27,12 @@ import pandas as pd
 from .._checks import as_labels
 from ._image import resize_image, resize_labels, to_unit_range
 from .fetch import fetch
+from .freesurfer import FREESURFER_NAMES
 from .fundus import parse_fire_lines
 
 __all__ = ["FIRE", "NeuriteOASIS", "Learn2RegOASIS", "load_vxm_scan", "load_vxm_labels",
-           "read_label_table", "FREESURFER_NAMES"]
+           "read_label_table"]
 
-# FreeSurfer's LUT names of the labels regedu evaluates (docs/conventions.md) and a few neighbours.
-FREESURFER_NAMES = {
-    0: "Unknown", 2: "Left-Cerebral-White-Matter", 3: "Left-Cerebral-Cortex",
-    4: "Left-Lateral-Ventricle", 5: "Left-Inf-Lat-Vent", 7: "Left-Cerebellum-White-Matter",
-    8: "Left-Cerebellum-Cortex", 10: "Left-Thalamus", 11: "Left-Caudate", 12: "Left-Putamen",
-    13: "Left-Pallidum", 14: "3rd-Ventricle", 15: "4th-Ventricle", 16: "Brain-Stem",
-    17: "Left-Hippocampus", 18: "Left-Amygdala", 24: "CSF", 26: "Left-Accumbens-area",
-    28: "Left-VentralDC", 30: "Left-vessel", 31: "Left-choroid-plexus",
-    41: "Right-Cerebral-White-Matter", 42: "Right-Cerebral-Cortex",
-    43: "Right-Lateral-Ventricle", 44: "Right-Inf-Lat-Vent", 46: "Right-Cerebellum-White-Matter",
-    47: "Right-Cerebellum-Cortex", 49: "Right-Thalamus", 50: "Right-Caudate", 51: "Right-Putamen",
-    52: "Right-Pallidum", 53: "Right-Hippocampus", 54: "Right-Amygdala",
-    58: "Right-Accumbens-area", 60: "Right-VentralDC", 62: "Right-vessel",
-    63: "Right-choroid-plexus", 77: "WM-hypointensities", 85: "Optic-Chiasm",
-}
 _BY_NAME = {v.lower().replace("-proper", ""): k for k, v in FREESURFER_NAMES.items()}
 
 

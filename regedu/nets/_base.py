@@ -8,6 +8,7 @@ in voxels, channel ``k`` along spatial axis ``k``; warping pulls,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree
 
-from .._checks import check_choice, check_finite, check_positive, check_shape, check_tensor
+from .._checks import check_choice, check_image, check_positive
 from ..spatial import integrate_velocity, warp
 
 __all__ = ["RegistrationOutput", "Registration", "create", "from_config", "available_models"]
@@ -105,18 +106,22 @@ def from_config(config: dict) -> nn.Module:
     return create(config["name"], **kwargs)
 
 
-def _jsonable(value):
-    # Configs travel as JSON inside checkpoints: tuples become lists.
+def jsonable(value):
+    """``value`` as JSON holds it: tuples become lists, mappings dicts with string keys.
+
+    Configs travel so inside checkpoints, and compare equal whether a size came
+    as a tuple or a list (code, JSON, TOML, ``torch.load``).
+    """
     if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return [jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
     return value
 
 
 def make_config(name: str, **kwargs) -> dict:
     """The ``config`` dict of a model: its registry name and constructor arguments."""
-    return {"name": name, **_jsonable(kwargs)}
+    return {"name": name, **jsonable(kwargs)}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -145,30 +150,8 @@ def check_pair(moving, fixed, spatial_dims: int, in_channels: int) -> torch.Tens
 
     A fixed batch of 1 (an atlas) is expanded to the moving batch.
     """
-    kind = {2: "2D (B, C, H, W)", 3: "3D (B, C, D, H, W)"}[spatial_dims]
     for name, x in (("moving", moving), ("fixed", fixed)):
-        check_tensor(x, name, floating=True)
-        if x.dim() != spatial_dims + 2:
-            fixes = []
-            if x.dim() == spatial_dims:
-                fixes.append(f"add the batch and channel axes ({name}[None, None] for one grey "
-                             f"image)")
-            elif x.dim() == spatial_dims + 1:
-                fixes.append(f"add the batch axis ({name}[None] for one image)")
-            if x.dim() - 2 in (2, 3):
-                fixes.append(f"build the model with spatial_dims={x.dim() - 2} for "
-                             f"{x.dim() - 2}D inputs")
-            raise ValueError(f"{name}: this model is {spatial_dims}D (spatial_dims={spatial_dims}) "
-                             f"and expects {kind} tensors, got shape {tuple(x.shape)} "
-                             f"({x.dim()} axes); "
-                             + (" or ".join(fixes) or "pass one image or volume per batch item"))
-        c = check_shape(x, "B C *S", name)["C"]
-        if c != in_channels:
-            raise ValueError(f"{name}: this model expects {in_channels} image channel(s) "
-                             f"(in_channels={in_channels}), got {c} in shape {tuple(x.shape)}; "
-                             f"convert the image (e.g. RGB to grey: x.mean(1, keepdim=True)) or "
-                             f"build the model with in_channels={c}")
-        check_finite(x, name)  # one NaN voxel spreads through every convolution into the field
+        check_image(x, name, spatial_dims=spatial_dims, channels=in_channels)
     if moving.shape[2:] != fixed.shape[2:]:
         raise ValueError(f"moving and fixed: expected the same spatial size, got "
                          f"{tuple(moving.shape[2:])} and {tuple(fixed.shape[2:])}; resample the "

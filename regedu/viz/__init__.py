@@ -26,15 +26,13 @@ to a static picture of their current view; see :mod:`regedu.viz._viewers`.
 Convention: arrays are shown as stored (rows down, columns right, no flips);
 displacements follow docs/conventions.md (voxels, tensor-axis channels, pull warping).
 """
-from ._figures import (STRUCTURE_NAMES, plot_checkerboard, plot_dice, plot_difference, plot_field,
+from ._figures import (plot_checkerboard, plot_dice, plot_difference, plot_field,
                        plot_fire_curves, plot_grid, plot_history, plot_jacobian, plot_landmarks,
                        plot_fusion, plot_overlay, plot_pair, plot_slices)
 from ._render import default_index
-from ._viewers import (LAYERS, DeformationPlayground, SliceViewer, diffusion_fit,
-                       smooth_random_field)
+from ._viewers import LAYERS, DeformationPlayground, SliceViewer
 
 __all__ = ["plot_pair", "plot_overlay", "plot_checkerboard", "plot_difference", "plot_grid",
            "plot_field", "plot_jacobian", "plot_landmarks", "plot_dice", "plot_history",
-           "plot_fire_curves", "plot_slices", "plot_fusion", "STRUCTURE_NAMES", "default_index",
-           "SliceViewer", "DeformationPlayground", "LAYERS", "smooth_random_field",
-           "diffusion_fit"]
+           "plot_fire_curves", "plot_slices", "plot_fusion", "default_index",
+           "SliceViewer", "DeformationPlayground", "LAYERS"]

@@ -19,18 +19,7 @@ from . import _render as R
 
 __all__ = ["plot_pair", "plot_overlay", "plot_checkerboard", "plot_difference", "plot_grid",
            "plot_field", "plot_jacobian", "plot_landmarks", "plot_dice", "plot_history",
-           "plot_fire_curves", "plot_slices", "plot_fusion", "STRUCTURE_NAMES"]
-
-#: Short names of the 30 FreeSurfer structures of the VV-Net/VoxelMorph evaluation.
-STRUCTURE_NAMES = {
-    2: "L cerebral WM", 3: "L cerebral cortex", 4: "L lateral ventricle", 7: "L cerebellum WM",
-    8: "L cerebellum cortex", 10: "L thalamus", 11: "L caudate", 12: "L putamen", 13: "L pallidum",
-    14: "3rd ventricle", 15: "4th ventricle", 16: "brainstem", 17: "L hippocampus",
-    18: "L amygdala", 24: "CSF", 28: "L ventral DC", 31: "L choroid plexus", 41: "R cerebral WM",
-    42: "R cerebral cortex", 43: "R lateral ventricle", 46: "R cerebellum WM",
-    47: "R cerebellum cortex", 49: "R thalamus", 50: "R caudate", 51: "R putamen", 52: "R pallidum",
-    53: "R hippocampus", 54: "R amygdala", 60: "R ventral DC", 63: "R choroid plexus",
-}
+           "plot_fire_curves", "plot_slices", "plot_fusion"]
 
 
 def _subplots(nrows: int, ncols: int, *, size: tuple[float, float] = (3.4, 3.4), **kw):
@@ -338,11 +327,15 @@ def plot_dice(results: Mapping, labels=None, *, names: Mapping[int, str] | None 
     labels : list of int, optional
         Needed for plain arrays; DiceResults carry their own.
     names : dict, optional
-        Label -> structure name (default: the 30 FreeSurfer structures).
+        Label -> structure name (default: the 30 FreeSurfer structures,
+        :data:`regedu.datasets.STRUCTURE_NAMES`).
     """
     if not isinstance(results, Mapping) or not results:
         raise ValueError("results: expected a non-empty dict of method name -> Dice results")
-    names = dict(STRUCTURE_NAMES if names is None else names)
+    if names is None:
+        from ..datasets.freesurfer import STRUCTURE_NAMES
+        names = STRUCTURE_NAMES
+    names = dict(names)
     tables = {k: _dice_table(v, labels) for k, v in results.items()}
     order = list(next(iter(tables.values()))[1])
     fig, axes = _subplots(1, 1, size=(min(16.0, max(6.0, 0.11 * len(order) * len(tables) + 2)), 4.2))
