@@ -358,17 +358,29 @@ def _settle_out(config: dict, explicit: set[str]) -> dict | None:
     return state
 
 
+_OFFLINE = ("fundus", "brain", "subjects")
+
+
 def _training_pairs(config: dict, profile):
     """The training and validation pairs of --data and --val-data."""
-    from .datasets import FREESURFER_30, OfflinePairs, PairFolder
+    from .datasets import FREESURFER_30, OfflinePairs, PairFolder, RealisticPairs
     if config["pairs"] is not None and (not isinstance(config["pairs"], int) or config["pairs"] < 1):
         raise CLIError(f"--pairs: expected a positive number of pairs, got {config['pairs']!r}")
-    if config["pairs"] is not None and config["data"] not in ("fundus", "brain"):
-        raise CLIError(f"--pairs: only for the offline data (--data fundus or brain); a folder "
+    if config["pairs"] is not None and config["data"] not in _OFFLINE:
+        raise CLIError(f"--pairs: only for the offline data (--data {', '.join(_OFFLINE)}); a folder "
                        f"({config['data']!r}) gives its own pairs")
     progress = bool(config["progress"]) and sys.stderr.isatty()
     with _user_input():
-        if config["data"] in ("fundus", "brain"):
+        if config["data"] == "subjects":
+            # The paper's data: subjects of the training anatomy, pre-aligned to the atlas;
+            # validation on other subjects of the same anatomy (the held-out brains stay unseen).
+            data = RealisticPairs(config["pairs"] or profile.n_train_pairs, anatomy="train", seed=0)
+            val = RealisticPairs(profile.n_test_pairs, anatomy="train", seed=10_000)
+            if config["val_data"] not in (None, "subjects"):
+                val = PairFolder(config["val_data"], what="--val-data", progress=progress)
+            if config["labels"] is None:
+                config["labels"] = list(FREESURFER_30)
+        elif config["data"] in ("fundus", "brain"):
             data = OfflinePairs(config["data"], config["pairs"] or profile.n_train_pairs)
             val = (OfflinePairs(config["data"], profile.n_test_pairs, first_seed=10_000)
                    if config["val_data"] in (None, config["data"]) else
@@ -804,8 +816,10 @@ def _parser() -> argparse.ArgumentParser:
                                    "flags override it.")
     p.add_argument("--config", help="JSON or TOML file with any of the options below")
     p.add_argument("--data", help="folder of training images (.nii.gz, .nii, .npz, .npy), or "
-                                  "'fundus' / 'brain' for the offline data sized by the profile "
-                                  "(fundus pairs as vessel contrast, regedu.datasets.vessel_contrast)")
+                                  "'fundus' / 'brain' / 'subjects' for the offline data sized by the profile "
+                                  "(fundus pairs as vessel contrast, regedu.datasets.vessel_contrast; brain: the "
+                                  "template under random warps; subjects: realistic subjects of the training "
+                                  "anatomy, pre-aligned to the atlas, regedu.datasets.RealisticPairs)")
     p.add_argument("--atlas", help="register every image to this fixed image (atlas-based)")
     p.add_argument("--val-data", dest="val_data", help="folder of validation images")
     p.add_argument("--model", help="network name from regedu.nets (default unet)")

@@ -457,6 +457,15 @@ class RealisticPairs(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The spatial size of every item: the atlas's grid."""
+        return tuple(self.atlas.image.shape[1:])
+
+    def labels_present(self) -> set[int]:
+        """Every label of the fixed image's map (the atlas)."""
+        return set(np.unique(self.atlas.seg).tolist()) - {0}
+
     def anatomy_of(self, index: int) -> str:
         """The brain item ``index`` is made from (without making it)."""
         return self.names[index % len(self.names)]
