@@ -59,7 +59,7 @@ ANATOMIES = TRAIN_ANATOMY + HELD_OUT_ANATOMY
 # regedu parcel numbers the donor maps lack (brainstem, ventricles, CSF,
 # cerebellum): they come from the template, carried onto the donor.
 _FILL = (83, 103, 104, 105, 106, 107, 108, 109, 110, 111)
-_COMPLETE_VERSION = 1  # bump when the completion changes: cached donors are rebuilt
+_COMPLETE_VERSION = 4  # bump when the completion changes: cached donors are rebuilt
 
 
 def anatomy_split() -> dict[str, tuple[str, ...]]:
@@ -126,7 +126,45 @@ def _complete_donor_1mm(donor: str) -> dict:
     parcels = donor_lia.copy()
     put = np.isin(donor_lia, (0, 101, 102)) & np.isin(carried, _FILL)
     parcels[put] = carried[put]
-    return dict(parcels=parcels.astype(np.int16), rms=np.array(rms), fit_dice=np.array(fit))
+    holes = _fill_interior(parcels)
+    return dict(parcels=parcels.astype(np.int16), rms=np.array(rms), fit_dice=np.array(fit),
+                holes=np.array(holes))
+
+
+_LEFT = np.zeros(112, bool)
+_LEFT[1:42] = True                      # DK left cortex and deep nuclei (42-82 are right, 83 the brainstem)
+_LEFT[[101, 103, 108, 109]] = True      # regedu's left structures
+_RIGHT = np.zeros(112, bool)
+_RIGHT[42:83] = True
+_RIGHT[[102, 104, 110, 111]] = True
+
+
+def _fill_interior(parcels: np.ndarray) -> int:
+    """Label, in place, the unlabelled voxels inside the brain as white matter; return how many.
+
+    :func:`donor_brain` fills the inside of each donor's labelled hull with
+    white matter, but where the hull does not close (donor 15697: 28,000
+    voxels at 2 mm around the ventricles) the inside stays 0 and the
+    synthesised image has black holes in the deep brain. The brain here is
+    the donor's labels with the carried structures; each unlabelled voxel it
+    encloses takes the white matter of the side of its
+    nearest label (the side of the grid's middle for midline labels).
+    """
+    from scipy import ndimage
+    # The donor's own labels with the carried ones (CSF, ventricles), not the
+    # carried template's extent: where the template's cortex reaches past the
+    # donor's, that is outside the donor's brain.
+    brain = ndimage.binary_fill_holes(parcels > 0)  # enclosed voxels only: no closing, sulci stay open
+    inside = brain & (parcels == 0)
+    if not inside.any():
+        return 0
+    idx = ndimage.distance_transform_edt(parcels == 0, return_distances=False, return_indices=True)
+    nearest = parcels[tuple(i[inside] for i in idx)].astype(np.int64)
+    # Array axis 0 points Left (LIA): the upper half of the grid is the left side.
+    by_position = np.argwhere(inside)[:, 0] >= (parcels.shape[0] - 1) / 2
+    left = np.where(_LEFT[nearest], True, np.where(_RIGHT[nearest], False, by_position))
+    parcels[inside] = np.where(left, 101, 102)
+    return int(inside.sum())
 
 
 def complete_donor(donor: str, spacing_mm: int | None = None, *, cache_dir=None, seed: int = 0) -> Brain:
@@ -150,12 +188,15 @@ def complete_donor(donor: str, spacing_mm: int | None = None, *, cache_dir=None,
     seed : int
         Seed of the synthesised image's noise.
 
+    Unlabelled voxels left inside the brain (where a donor's hull did not
+    close) become white matter.
+
     Returns
     -------
     Brain, ``meta``: ``affine_rms_mm`` (centroid fit), ``fit_dice`` (mean Dice
     of the template with the donor over their shared structures at 1 mm,
-    before and after the fit) and ``dice`` (with the template, over the 30
-    structures both have).
+    before and after the fit), ``filled_voxels`` (1 mm voxels made white
+    matter) and ``dice`` (with the template, over the 30 structures both have).
 
     The first call per donor builds the completion (about 25 s, needs
     antspyx) and caches it; later calls load it.
@@ -180,7 +221,7 @@ def complete_donor(donor: str, spacing_mm: int | None = None, *, cache_dir=None,
     return Brain(image=data["image"][None], seg=seg, parcels=parcels, spacing_mm=float(spacing),
                  name=f"donor{donor}_complete_{spacing}mm",
                  meta=dict(affine_rms_mm=float(full["rms"]), fit_dice=tuple(float(v) for v in full["fit_dice"]),
-                           dice=dice(template.seg, seg, thirty).mean))
+                           filled_voxels=int(full["holes"]), dice=dice(template.seg, seg, thirty).mean))
 
 
 def anatomy(name: str, spacing_mm: int | None = None, *, cache_dir=None) -> Brain:
