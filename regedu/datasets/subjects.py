@@ -470,6 +470,9 @@ class RealisticPairs(torch.utils.data.Dataset):
         (``offline/pool/...``, written atomically) and load it next time:
         pre-aligning costs seconds per subject, far more than a training step.
     cache_dir : path, optional
+        The data cache (anatomies; the pool's default home).
+    pool_dir : path, optional
+        Where the pool lives instead of ``<cache>/offline/pool``.
     **subject_kwargs
         Passed to :func:`realistic_subject` (ranges of pose, deformation,
         intensity). They are part of the pool's key.
@@ -481,7 +484,8 @@ class RealisticPairs(torch.utils.data.Dataset):
     """
 
     def __init__(self, n: int, *, anatomy="train", spacing_mm: int | None = None, seed: int = 0,
-                 prealign: str | None = "ants", pool: bool = True, cache_dir=None, **subject_kwargs):
+                 prealign: str | None = "ants", pool: bool = True, cache_dir=None, pool_dir=None,
+                 **subject_kwargs):
         check_positive(n, "n", integer=True)
         if isinstance(anatomy, str) and anatomy in ("train", "held_out"):
             names = anatomy_split()[anatomy]
@@ -491,7 +495,7 @@ class RealisticPairs(torch.utils.data.Dataset):
             check_choice(prealign, ("ants", "regedu"), "prealign")
         self.n, self.names, self.seed, self.prealign = n, names, int(seed), prealign
         self.spacing = _brain._default_spacing(spacing_mm)
-        self.pool, self.cache_dir, self.subject_kwargs = pool, cache_dir, subject_kwargs
+        self.pool, self.cache_dir, self.pool_dir, self.subject_kwargs = pool, cache_dir, pool_dir, subject_kwargs
         self.atlas = mni_brain(self.spacing, cache_dir=cache_dir)
         self._anatomy: dict[str, Brain] = {}
 
@@ -505,6 +509,7 @@ class RealisticPairs(torch.utils.data.Dataset):
     def _pool_path(self, name: str, index: int):
         import hashlib
         import json
+        from pathlib import Path
         from .fetch import data_dir
         key = json.dumps(dict(v=_POOL_VERSION, complete=_COMPLETE_VERSION, brain=_brain._VERSION,
                               spacing=self.spacing, seed=self.seed, prealign=self.prealign,
@@ -513,7 +518,8 @@ class RealisticPairs(torch.utils.data.Dataset):
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         # An item is named by its anatomy as well as its index: a pool is never
         # read for another split, and two splits share the items they have in common.
-        return data_dir(self.cache_dir) / "offline" / "pool" / f"{self.spacing}mm_{digest}" / f"{name}_{index:06d}.npz"
+        root = Path(self.pool_dir) if self.pool_dir is not None else data_dir(self.cache_dir) / "offline" / "pool"
+        return root / f"{self.spacing}mm_{digest}" / f"{name}_{index:06d}.npz"
 
     def _make(self, index: int, name: str, item_seed: int) -> dict:
         from .prealign import preprocess
