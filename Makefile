@@ -4,41 +4,43 @@
 # Each creates the virtual environment it needs when it is missing.
 
 PYTHON ?= python3
+# Two environments, both built from exactly what Binder installs (binder/, every
+# version from requirements/lock.txt):
+#   $(VENV)       what students get: `make lab`, and the notebooks under nbval
+#                 (plus only the test runner, pytest and nbval);
+#   $(TEST_VENV)  the same plus the test extra (the voxelmorph reference, playwright)
+#                 for the unit tests.
 VENV ?= .venv
+TEST_VENV ?= .venv-test
 BIN := $(VENV)/bin
-# CI and Binder get torch's CPU build. A GPU user who already has a CUDA build
-# in $(VENV) keeps it (torch is only installed when it cannot be imported), or
-# picks another wheel index: make lab TORCH_INDEX=https://download.pytorch.org/whl/cu126
-TORCH_VERSION ?= 2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+LOCK := requirements/lock.txt
+# torch: the CPU build, as binder/requirements.txt gets it. A GPU user either
+# installs a CUDA build of the lock's torch into $(VENV) first (torch is only
+# installed when it cannot be imported) or names its index:
+#   make lab TORCH_INDEX=https://download.pytorch.org/whl/cu126
+export TORCH_INDEX
 SHARED_DATA ?= $(abspath ../shared/data)
+ENV_INPUTS := pyproject.toml $(LOCK) binder/requirements.txt binder/postBuild tools/build_env.sh
 
-.PHONY: lab test unit notebooks browser-deps course bench clean-venv
+.PHONY: lab test unit notebooks browser-deps course bench lock clean-venv
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-
-# A +cpu wheel that pip can already see (a local wheel house or mirror) is used
-# as it is; otherwise torch's CPU index is asked.
-$(VENV)/.torch: | $(BIN)/python
-	@$(BIN)/python -c "import torch" 2>/dev/null || \
-	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
-	  $(BIN)/python -m pip install "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_INDEX)
-	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'CUDA' if torch.cuda.is_available() else 'CPU')"
+$(VENV)/.env: $(ENV_INPUTS)
+	tools/build_env.sh $(VENV) $(PYTHON)
 	touch $@
 
-$(VENV)/.runtime: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install -e .
+$(VENV)/.runner: $(VENV)/.env
+	$(BIN)/python -m pip install -c $(LOCK) pytest nbval
 	touch $@
 
-$(VENV)/.test: pyproject.toml $(VENV)/.runtime
-	$(BIN)/python -m pip install -e ".[test]"
+$(TEST_VENV)/.env: $(ENV_INPUTS)
+	tools/build_env.sh $(TEST_VENV) $(PYTHON)
+	$(TEST_VENV)/bin/python -m pip install -c $(LOCK) -e ".[test]"
 	touch $@
 
 # Jupyter refuses to run as root unless told; containers and CI machines often are root.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-lab: $(VENV)/.runtime
+lab: $(VENV)/.env
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_FLAGS)
 
 # The browser test drives Debian's chromium; without root or apt it skips and says why.
@@ -47,19 +49,27 @@ browser-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
 	  echo "chromium could not be installed: the browser test will be skipped"
 
-unit: $(VENV)/.test browser-deps
-	REGEDU_PROFILE=ci REGEDU_MIRROR=$(SHARED_DATA) $(BIN)/python -m pytest tests regedu
+unit: $(TEST_VENV)/.env browser-deps
+	$(TEST_VENV)/bin/python tools/lock.py check
+	REGEDU_PROFILE=ci REGEDU_MIRROR=$(SHARED_DATA) $(TEST_VENV)/bin/python -m pytest tests regedu
 
-notebooks: $(VENV)/.test
+# The notebooks run in the students' environment, which holds no test extra.
+notebooks: $(VENV)/.runner
+	$(BIN)/python tools/lock.py check --runtime
 	REGEDU_PROFILE=ci REGEDU_MIRROR=$(SHARED_DATA) $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks/
 
 test: unit notebooks
 
-course: $(VENV)/.runtime
+course: $(VENV)/.env
 	$(BIN)/regedu course
 
-bench: $(VENV)/.test
-	$(BIN)/python benchmarks/bench_core.py
+bench: $(TEST_VENV)/.env
+	$(TEST_VENV)/bin/python benchmarks/bench_core.py
+
+# Resolve every package afresh (newest versions pyproject.toml allows) and rewrite
+# the lock; then rebuild the environments: make clean-venv test
+lock:
+	$(PYTHON) tools/lock.py refresh
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TEST_VENV)

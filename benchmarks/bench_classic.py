@@ -35,9 +35,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from regedu import classic, evaluate as E, nets, train
-from regedu.datasets import brain
-from regedu.datasets.readers import FREESURFER_NAMES
+from regedu import checkpoints, classic, evaluate as E, nets
+from regedu.datasets import FREESURFER_NAMES, brain
 
 EVAL_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43, 46, 47,
                49, 50, 51, 52, 53, 54, 60, 63)
@@ -86,7 +85,7 @@ def syn(moving, fixed):
 
 def cmd_run(args):
     torch.set_num_threads(args.threads)
-    model = train.load_model(args.checkpoint)
+    model = checkpoints.load_model(args.checkpoint)
     train_shape = brain.BRAIN_SHAPES[args.train_spacing]
     pairs, labels = [], {}
     for mm in args.sizes:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from regedu import viz
-from regedu.spatial import resize_field, warp
+from regedu.spatial import random_field, resize_field, warp
 
 SCAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "test_scan.npz"
 
@@ -50,7 +50,7 @@ def main():
     rows = []
 
     vol, seg, source = _volume()
-    disp = resize_field(viz.smooth_random_field((40, 48, 56), 2.0, 2.0, seed=0), vol.shape)
+    disp = resize_field(random_field((40, 48, 56), 1.0, 16, seed=0), vol.shape)
     moving = warp(torch.from_numpy(vol)[None, None], -disp)[0, 0].numpy()
     warped_seg = warp(torch.from_numpy(seg)[None, None], disp)[0, 0].numpy()
     for fmt in ("jpeg", "png"):

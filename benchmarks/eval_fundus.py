@@ -17,7 +17,7 @@ from regedu import metrics
 from regedu.classic import ants_affine, similarity_search
 from regedu.datasets import FundusPairs, vessel_contrast
 from regedu.spatial import compose, warp
-from regedu.train import load_model
+from regedu.checkpoints import load_model
 
 torch.set_num_threads(1)
 size = 256

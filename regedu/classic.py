@@ -7,14 +7,20 @@ result plugs into :func:`regedu.spatial.warp`, :mod:`regedu.metrics` and
 
 Convention: a displacement ``u`` is ``(B, ndim, *spatial)``, in voxels of the
 fixed image, channel ``k`` along spatial axis ``k`` (tensor-axis order), and
-warping pulls: ``warped(x) = moving(x + u(x))`` (DESIGN.md section 1).
+warping pulls: ``warped(x) = moving(x + u(x))`` (docs/conventions.md, "Conventions").
 
-ANTs (antspyx) is an optional extra: ``pip install regedu[ants]``.
+ANTs comes from antspyx, a regedu dependency wherever antspyx has a wheel
+(x86-64 Linux and Windows, macOS; Python up to 3.13). Elsewhere
+:func:`ants_missing` says so in one line, and the notebooks skip only their
+ANTs rows.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,21 +34,37 @@ from ._checks import as_tensor, check_choice, check_field, check_finite, check_p
 from .losses import MSE, Diffusion
 from .spatial import affine_to_displacement, gaussian_blur, resize_field, warp
 
-__all__ = ["ants_register", "ants_affine", "ants_syn", "ants_to_displacement", "affine_register",
-           "displacement_to_affine",
+__all__ = ["ants_missing", "ants_register", "ants_affine", "ants_syn", "ants_to_displacement",
+           "affine_register", "displacement_to_affine",
            "bspline_upsample", "instance_optimisation", "InstanceOptimisationResult",
            "similarity_search"]
 
-_INSTALL_HINT = ("antspyx is not installed; it is an optional extra of regedu. Install it with "
-                 "`pip install regedu[ants]` (or `pip install antspyx`)")
+def _no_ants_here() -> str:
+    return (f"antspyx is not installed here ({platform.system()} {platform.machine()}, Python "
+            f"{sys.version_info[0]}.{sys.version_info[1]}); regedu installs it wherever it has a wheel "
+            f"(x86-64 Linux and Windows, macOS; Python up to 3.13); elsewhere `pip install antspyx` "
+            f"builds it from source")
 
 
 def _import_ants():
     try:
         import ants
     except ImportError as err:
-        raise ImportError(f"regedu.classic: {_INSTALL_HINT}") from err
+        raise ImportError(f"regedu.classic: {_no_ants_here()}") from err
     return ants
+
+
+@functools.cache
+def ants_missing() -> str | None:
+    """Why ANTs cannot run here, as one readable line, or ``None`` when it can.
+
+    The notebooks print this line and skip only their ANTs rows.
+    """
+    try:
+        _import_ants()
+    except ImportError:
+        return f"ANTs rows skipped: {_no_ants_here()}."
+    return None
 
 
 # --------------------------------------------------------------------------- ANTs
@@ -379,8 +401,9 @@ def bspline_upsample(control: torch.Tensor, shape, spacing: int) -> torch.Tensor
 
     Cubic B-splines sum to one, so constant control values give a constant:
 
-    >>> bspline_upsample(torch.ones(1, 1, 6), (9,), 4)  # 6 = (9 - 1) // 4 + 4
-    tensor([[[1., 1., 1., 1., 1., 1., 1., 1., 1.]]])
+    >>> u = bspline_upsample(torch.ones(1, 1, 6), (9,), 4)  # 6 = (9 - 1) // 4 + 4
+    >>> tuple(u.shape), bool(torch.allclose(u, torch.ones(1, 1, 9), rtol=0, atol=1e-6))
+    ((1, 1, 9), True)
     """
     spacing = check_positive(spacing, "spacing", integer=True)
     shape = tuple(int(n) for n in shape)

@@ -5,32 +5,48 @@ fix (a missing file, images of different shapes, a 2D model given a volume)
 are printed as one line, ``regedu: error: ...``, with exit status 2.
 
 Image files are NIfTI (``.nii``, ``.nii.gz``), NumPy ``.npy`` or ``.npz``
-(the array under ``vol``, ``image`` or the only key; a label map under
-``seg``; optionally a 4x4 ``affine``). A folder of training or evaluation
-images holds one image per file; the label map of ``NAME.nii.gz`` is
-``NAME_seg.nii.gz`` beside it.
+(read and written by :mod:`regedu.datasets.files`). A folder of training or
+evaluation images holds one image per file; the label map of ``NAME.nii.gz``
+is ``NAME_seg.nii.gz`` beside it (:class:`regedu.datasets.PairFolder`).
+
+Nothing silently wrong: images with NaN or infinite voxels or no contrast,
+label maps that are not whole numbers (or look like intensity images),
+structures in no label map, images of other voxel sizes, and inputs that
+would not fit in memory are refused before any work. A checkpoint records the
+voxel size it was trained at; ``register`` and ``evaluate`` run it on the
+images' grid coarsened by the whole ratio of the two (``--factor`` overrides).
+
+No work lost: ``train`` checks ``--out`` before training, never replaces a
+checkpoint without ``--resume`` or ``--force``, saves every tenth of the run
+(at least every 10 minutes) and, on Ctrl-C or SIGTERM, after the step it is
+in. Outputs are written atomically and never over an input.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
 import importlib.metadata
+import inspect
 import json
+import math
 import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
+from ._checks import (available_memory, check_memory, check_output_path, format_bytes, format_shape,
+                      format_spacing)
+from ._files import write_atomic
+from .losses import DEFAULT_LOSSES
+from .profiles import PROFILES
 
-__all__ = ["main", "read_image", "write_image", "write_displacement", "PairFolder", "OfflinePairs"]
-
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npz", ".npy")
-_SEG_MARK = "_seg"
+__all__ = ["main"]
 
 
 class CLIError(Exception):
@@ -43,227 +59,22 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see '{self.prog} --help')")
 
 
-# ---------------------------------------------------------------- image files
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return next((s for s in _IMAGE_SUFFIXES if name.endswith(s)), path.suffix.lower())
-
-
-def _stem(path: Path) -> str:
-    return path.name[:-len(_suffix(path))]
-
-
-def read_image(path, what: str = "image", *, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 2D or 3D image or label map: ``(array, 4x4 affine)``.
-
-    NIfTI files give their own affine; NumPy files an ``affine`` array if they
-    hold one, else the identity. ``key`` picks the array of an ``.npz``
-    (default ``vol``, ``image``, or the only array).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CLIError(f"{what}: no file {str(path)!r}")
-    suffix = _suffix(path)
-    if suffix not in _IMAGE_SUFFIXES:
-        raise CLIError(f"{what}: {str(path)!r} is not an image file this command reads "
-                       f"(expected {', '.join(_IMAGE_SUFFIXES)})")
-    affine = np.eye(4)
+@contextlib.contextmanager
+def _user_input():
+    """Errors in the user's files and folders (missing, unreadable, not an image, too
+    large to hold) print as one line, like the command's own, without the debugging hint."""
     try:
-        if suffix in (".nii", ".nii.gz"):
-            import nibabel as nib
-            img = nib.load(str(path))
-            array, affine = np.asarray(img.dataobj), img.affine
-        elif suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-        else:
-            with np.load(path, allow_pickle=False) as data:
-                keys = [key] if key else [k for k in ("vol", "image") if k in data.files]
-                if not keys and len([k for k in data.files if k != "affine"]) == 1:
-                    keys = [k for k in data.files if k != "affine"]
-                if not keys or keys[0] not in data.files:
-                    wanted = repr(key) if key else "'vol' or 'image' (or a single array)"
-                    raise CLIError(f"{what}: {str(path)!r} holds arrays {data.files}; "
-                                   f"expected {wanted}")
-                array = data[keys[0]]
-                if "affine" in data.files:
-                    affine = data["affine"]
-    except CLIError:
-        raise
-    except Exception as e:
-        raise CLIError(f"{what}: cannot read {str(path)!r} ({type(e).__name__}: {e})") from None
-    array = np.squeeze(array)
-    if array.ndim not in (2, 3):
-        raise CLIError(f"{what}: expected a 2D or 3D image, {str(path)!r} has shape {array.shape}")
-    return array, np.asarray(affine, dtype=np.float64)
+        yield
+    except (FileNotFoundError, ValueError, TypeError, MemoryError) as e:
+        if isinstance(e, MemoryError) and not str(e):
+            raise  # the system's own, not a refusal: main() says what to do
+        raise CLIError(str(e)) from None
 
 
-def _seg_path(path: Path) -> Path | None:
-    for suffix in _IMAGE_SUFFIXES:
-        candidate = path.with_name(_stem(path) + _SEG_MARK + suffix)
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def _read_seg(path: Path, what: str) -> np.ndarray | None:
-    """The label map of an image: ``seg`` inside an ``.npz``, else a ``NAME_seg`` file."""
-    if _suffix(path) == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            if "seg" in data.files:
-                return np.squeeze(data["seg"])
-    seg = _seg_path(path)
-    return None if seg is None else read_image(seg, f"{what} labels")[0]
-
-
-def _normalise(array: np.ndarray) -> np.ndarray:
-    # Min-max to [0, 1], the range the losses (MI's bins, VV-Net's /255) assume;
-    # training and registration use the same rule.
-    array = array.astype(np.float32)
-    lo, hi = float(array.min()), float(array.max())
-    return (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
-
-
-def _nifti(array: np.ndarray, affine: np.ndarray, path: Path, *, intent: str | None = None):
-    import nibabel as nib
-    img = nib.Nifti1Image(array, affine)
-    if intent:
-        img.header.set_intent(intent)
-    img.header["descrip"] = b"regedu"
-    nib.save(img, str(path))
-
-
-def write_image(path, array: np.ndarray, affine: np.ndarray) -> Path:
-    """Write an image as NIfTI (``.nii``/``.nii.gz``) or ``.npz`` (``vol`` + ``affine``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if _suffix(path) == ".npz":
-        np.savez_compressed(path, vol=array, affine=affine)
-    elif _suffix(path) in (".nii", ".nii.gz"):
-        _nifti(array, affine, path)
-    else:
-        raise CLIError(f"output: {str(path)!r} should end in .nii.gz, .nii or .npz")
-    return path
-
-
-def write_displacement(path, disp: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a displacement ``(ndim, *spatial)`` (voxels, channel k along array axis k).
-
-    NIfTI stores a vector field as ``(X, Y, Z, 1, ndim)`` with the vector intent
-    (2D fields get a Z of 1); ``.npz`` stores ``disp`` as it is, plus ``affine``.
-    The values are voxel displacements in array-axis order (regedu's
-    convention), not millimetres: multiply by the voxel size for physical units.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if _suffix(path) == ".npz":
-        np.savez_compressed(path, disp=disp, affine=affine)
-    elif _suffix(path) in (".nii", ".nii.gz"):
-        ndim, spatial = disp.shape[0], disp.shape[1:]
-        field = np.moveaxis(disp, 0, -1).reshape(*spatial, *([1] * (3 - ndim)), 1, ndim)
-        _nifti(field.astype(np.float32), affine, path, intent="vector")
-    else:
-        raise CLIError(f"output: {str(path)!r} should end in .nii.gz, .nii or .npz")
-    return path
-
-
-class PairFolder(torch.utils.data.Dataset):
-    """(moving, fixed) pairs from a folder of images, normalised to [0, 1].
-
-    Every ordered pair of different images, or each image against ``atlas``.
-    Items are dicts with ``moving``, ``fixed`` ``(1, *spatial)`` and, when every
-    image has labels, ``moving_seg``, ``fixed_seg``; plus the file names.
-    """
-
-    def __init__(self, folder, atlas=None):
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise CLIError(f"data: no folder {str(folder)!r}")
-        files = sorted(p for p in folder.iterdir()
-                       if _suffix(p) in _IMAGE_SUFFIXES and not _stem(p).endswith(_SEG_MARK))
-        atlas = Path(atlas) if atlas else None
-        files = [f for f in files if atlas is None or f.resolve() != atlas.resolve()]
-        if len(files) < (1 if atlas else 2):
-            raise CLIError(f"data: {str(folder)!r} holds {len(files)} image files; need at least "
-                           f"{'one' if atlas else 'two'} (.nii.gz, .nii, .npz or .npy)")
-        self.images = {p: _normalise(read_image(p, "data")[0]) for p in files + ([atlas] if atlas else [])}
-        shapes = {p.name: a.shape for p, a in self.images.items()}
-        if len(set(shapes.values())) > 1:
-            raise CLIError(f"data: all images must have the same shape (resample them to one grid "
-                           f"first), got {shapes}")
-        segs = {p: _read_seg(p, "data") for p in self.images}
-        self.segs = segs if all(s is not None for s in segs.values()) else None
-        self.pairs = ([(f, atlas) for f in files] if atlas else
-                      [(m, f) for m in files for f in files if m != f])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return next(iter(self.images.values())).shape
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        moving, fixed = self.pairs[i]
-        item = {"moving": torch.from_numpy(self.images[moving])[None],
-                "fixed": torch.from_numpy(self.images[fixed])[None],
-                "moving_name": moving.name, "fixed_name": fixed.name}
-        if self.segs is not None:
-            item["moving_seg"] = torch.from_numpy(self.segs[moving].astype(np.int64))[None]
-            item["fixed_seg"] = torch.from_numpy(self.segs[fixed].astype(np.int64))[None]
-        return item
-
-
-class OfflinePairs(torch.utils.data.Dataset):
-    """Pairs made from data shipped with the dependencies, sized by the profile.
-
-    ``"fundus"``: FIRE-like pairs (categories S, P, A in turn;
-    ``regedu.datasets.make_fire_pair``) of *procedural* retinas, so that the
-    real photograph ``skimage.data.retina()`` stays held out for testing, as
-    vessel contrast (``regedu.datasets.vessel_contrast``): a model trained on
-    them registers images prepared the same way. ``"brain"``: synthetic
-    subjects (the MNI template under random diffeomorphisms and intensity
-    changes, ``regedu.datasets.synth_subject``) as moving images, the template
-    as the fixed one (atlas-based, as VV-Net), with labels. Pair ``i`` is drawn
-    from seed ``first_seed + i``, so a run is reproducible; up to 256 pairs are kept
-    once made (more would fill the memory: they are made again when needed).
-    """
-
-    def __init__(self, source: str, n: int, *, first_seed: int = 0):
-        from . import datasets
-        from .profiles import get_profile
-        if source not in ("fundus", "brain"):
-            raise CLIError(f"data: expected 'fundus', 'brain' or a folder, got {source!r}")
-        self.source, self.n, self.first_seed = source, n, first_seed
-        self.profile = get_profile()
-        self.atlas = datasets.mni_brain() if source == "brain" else None
-        self._items: dict[int, dict] = {}
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self[0]["fixed"].shape[1:])
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if i not in self._items:
-            from . import datasets
-            seed = self.first_seed + i
-            if self.source == "fundus":
-                pair = datasets.make_fire_pair("SPA"[i % 3], size=self.profile.fundus_size, seed=seed,
-                                               source="procedural")
-                item = {"moving": datasets.vessel_contrast(pair.moving, pair.moving_mask),
-                        "fixed": datasets.vessel_contrast(pair.fixed, pair.fixed_mask)}
-            else:
-                subject = datasets.synth_subject(self.atlas, seed=seed)
-                item = {"moving": subject["image"], "moving_seg": subject["seg"],
-                        "fixed": torch.as_tensor(self.atlas.image),
-                        "fixed_seg": torch.as_tensor(self.atlas.seg)[None]}
-            if self.n > 256:
-                return item
-            self._items[i] = item
-        return self._items[i]
+# Beyond the tensors a forward pass creates, CPU convolutions use workspaces:
+# measured peaks of the U-Net and VV-Net at 160x192x224 were 1.26x and 1.3x
+# what regedu.nets.inference_bytes counts.
+_WORKSPACE = 1.3
 
 
 # ---------------------------------------------------------------- doctor
@@ -325,25 +136,51 @@ def _doctor(args) -> int:
 
 # ---------------------------------------------------------------- fetch
 
-def _fetch(argv: list[str]) -> int:
-    try:
-        datasets = importlib.import_module(".datasets", __package__)
-        fetch_main = datasets.fetch_main
-    except (ImportError, AttributeError):
+def _fetch(args) -> int:
+    from .datasets.fetch import (REGISTRY, ChecksumError, DataUnavailableError, UnsafeArchiveError,
+                                 cache_status, data_dir, fetch)
+    cache = data_dir(args.cache_dir)
+    if not args.names:
+        print(f"cache: {cache}")
+        for info in REGISTRY.values():
+            state = cache_status(info, cache_dir=cache)
+            print(f"  {info.name:18s} {info.approx_size:>8s}  {state:15s} {info.license}")
+        return 0
+    status = 0
+    for name in args.names:
         try:
-            from .datasets.fetch import fetch_main
-        except ImportError:
-            raise CLIError("fetch: regedu.datasets is not installed in this version") from None
-    return fetch_main(argv)
+            path = fetch(name, cache_dir=cache, mirror=args.mirror,
+                         extract=False if args.no_extract else None, progress=True)
+        except (DataUnavailableError, ChecksumError, UnsafeArchiveError, ValueError) as err:
+            # One line for each dataset that failed; the others are still fetched.
+            print(f"regedu: error: {err}", file=sys.stderr)
+            status = 2
+            continue
+        print(f"{name}: {path}")
+    return status
 
 
 # ---------------------------------------------------------------- train
 
-_TRAIN_DEFAULTS = {"model": "unet", "data": None, "atlas": None, "steps": None, "epochs": None,
-                   "lr": 1e-4, "batch_size": 1, "losses": {"ncc": 1.0, "diffusion": 1.0},
-                   "labels": None, "val_data": None, "val_every": None, "out": "regedu_model.pt",
-                   "checkpoint_every": None, "resume": False, "seed": 0, "device": None,
-                   "progress": True, "model_args": {}, "pairs": None, "grad_clip": None}
+# The options of regedu train that only the command line has; the others are
+# fit's and take its defaults (fit's signature is their one home).
+_COMMAND_DEFAULTS = {"model": "unet", "data": None, "atlas": None, "val_data": None,
+                     "out": "regedu_model.pt", "resume": False, "force": False, "init_from": None,
+                     "device": None, "progress": True, "model_args": {}, "pairs": None}
+_FIT_OPTIONS = ("steps", "epochs", "lr", "batch_size", "losses", "labels", "val_every",
+                "checkpoint_every", "seed", "grad_clip")
+
+
+def _train_defaults() -> dict:
+    from .train import fit
+    parameters = inspect.signature(fit).parameters
+    return {**_COMMAND_DEFAULTS, **{k: parameters[k].default for k in _FIT_OPTIONS}}
+
+
+# Options a resumed run takes from its checkpoint unless given again: from the
+# training settings, and from what the command line recorded.
+_FROM_TRAIN_CONFIG = ("lr", "losses", "batch_size", "labels", "grad_clip", "seed", "steps", "epochs")
+_FROM_COMMAND = ("data", "atlas", "val_data", "pairs", "val_every", "checkpoint_every")
 
 
 def _parse_weights(text: str) -> dict[str, float]:
@@ -358,22 +195,46 @@ def _parse_weights(text: str) -> dict[str, float]:
     return out
 
 
-def _freesurfer_30():
-    from .datasets import FREESURFER_30
-    return FREESURFER_30
-
-
 def _parse_labels(text):
-    if text is None or isinstance(text, list):
-        return text
+    from ._checks import check_label_list
+    if text is None:
+        return None
     if text == "freesurfer30":
-        return list(_freesurfer_30())
+        from .datasets import FREESURFER_30
+        return list(FREESURFER_30)
     try:
-        return [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise CLIError(f"--labels: expected integers separated by commas (e.g. 2,3,4) or "
-                       f"'freesurfer30', got {text!r}") from None
+        if isinstance(text, str):
+            text = [v.strip() for v in text.split(",") if v.strip()]
+            labels = check_label_list([int(v) for v in text], "--labels")
+        else:
+            labels = check_label_list(text, "--labels")
+    except (TypeError, ValueError):
+        raise CLIError(f"--labels: expected integers separated by commas, each once (e.g. 2,3,4), "
+                       f"or 'freesurfer30', got {text!r}") from None
+    if not labels or labels == [0]:
+        raise CLIError(f"--labels: expected at least one structure other than background 0, "
+                       f"got {text!r}")
+    return labels
 
+
+def _note(text: str) -> None:
+    # Remarks go where warnings go, so that stdout holds only results (tables, paths).
+    print(text, file=sys.stderr, flush=True)
+
+
+def _check_labels_present(labels, present: set, what: str) -> None:
+    """Refuse structures found in no label map; name those missing from some."""
+    if labels is None:
+        return
+    absent = [v for v in labels if v not in present and v != 0]
+    if absent and len(absent) == len([v for v in labels if v != 0]):
+        shown = sorted(present)
+        raise CLIError(f"--labels: none of {', '.join(map(str, absent))} is in the label maps of "
+                       f"{what} (they hold {', '.join(map(str, shown[:20]))}"
+                       f"{' ...' if len(shown) > 20 else ''}); give labels that are there")
+    if absent:
+        _note(f"note: labels {', '.join(map(str, absent))} are in no label map of {what}; "
+              f"they count in no Dice")
 
 
 def _parse_model_args(items) -> dict:
@@ -411,61 +272,191 @@ def _read_config(path) -> dict:
         raise CLIError(f"--config: {str(path)!r} should hold a table of options, got "
                        f"a {type(config).__name__}")
     config = {k.replace("-", "_"): v for k, v in config.items()}
-    unknown = sorted(set(config) - set(_TRAIN_DEFAULTS))
+    known = _train_defaults()
+    unknown = sorted(set(config) - set(known))
     if unknown:
-        raise CLIError(f"--config: unknown keys {unknown}; known keys: {sorted(_TRAIN_DEFAULTS)}")
+        raise CLIError(f"--config: unknown keys {unknown}; known keys: {sorted(known)}")
     return config
 
 
-def _train(args) -> int:
-    from . import nets
-    from .profiles import get_profile
-    from .train import fit, seed_everything
-    config = dict(_TRAIN_DEFAULTS)
+def _load_state(path: Path, flag: str) -> dict:
+    from .checkpoints import load_checkpoint
+    try:
+        return load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(f"{flag}: {e}") from None
+
+
+def _check_train_memory(model, shape, batch_size: int) -> None:
+    from .nets import summary
+    voxels = math.prod(shape) * batch_size
+    if voxels <= 2**20:  # small enough for any machine that runs torch: skip the probe
+        return
+    estimate = summary(model, shape, batch=batch_size).train_bytes * _WORKSPACE
+    try:
+        check_memory(estimate, f"training on {batch_size} x {format_shape(shape)} voxels",
+                     "train on coarser images (e.g. --model rescaled --model-arg factor=2) or a "
+                     "smaller --batch-size")
+    except MemoryError as e:
+        raise CLIError(str(e)) from None
+
+
+def _train_options(args) -> tuple[dict, set[str]]:
+    """The options of this run: the defaults, under --config, under the flags; and those given."""
+    config = _train_defaults()
+    explicit: set[str] = set()
     if args.config:
-        config.update(_read_config(args.config))
-    flags = {k: v for k, v in vars(args).items() if k in _TRAIN_DEFAULTS and v is not None}
+        file_config = _read_config(args.config)
+        config.update(file_config)
+        explicit |= set(file_config)
+    flags = {k: v for k, v in vars(args).items() if k in config and v is not None}
     if isinstance(flags.get("losses"), str):
         flags["losses"] = _parse_weights(flags["losses"])
     if "model_args" in flags:
         flags["model_args"] = {**config["model_args"], **_parse_model_args(flags["model_args"])}
     config.update(flags)
-    if config["data"] is None:
-        raise CLIError("train: give the training images with --data FOLDER (or 'data' in --config)")
-    device = _device(config["device"])
-    profile = get_profile()
+    return config, explicit | set(flags)
+
+
+def _settle_out(config: dict, explicit: set[str]) -> dict | None:
+    """Check --out before anything else: a run that cannot save, or would replace another
+    run without being asked to, must not start. With --resume, the options not given
+    again come from the checkpoint; return its state (None for a new run)."""
+    from .checkpoints import check_complete, describe_checkpoint
+    out = Path(config["out"])
+    try:
+        check_output_path(out, "--out")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if config["resume"] and config["force"]:
+        raise CLIError("--resume and --force contradict each other: --resume continues --out, "
+                       "--force replaces it")
+    if not out.exists():
+        return None
+    if not config["resume"]:
+        if not config["force"]:
+            raise CLIError(f"--out: {str(out)!r} already exists ({describe_checkpoint(out)}"
+                           f"); continue it with --resume, replace it with --force, or choose "
+                           f"another --out")
+        return None
+    state = _load_state(out, "--resume")
+    try:
+        check_complete(state, out)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if config["init_from"]:
+        raise CLIError(f"--init-from and --resume: {str(out)!r} exists and --resume "
+                       f"continues it; drop --init-from (or give another --out)")
+    command = (state.get("metadata") or {}).get("cli") or {}
+    saved = state.get("train_config") or {}
+    for key in _FROM_TRAIN_CONFIG:
+        if key not in explicit and saved.get(key) is not None:
+            config[key] = saved[key]
+    for key in _FROM_COMMAND:
+        if key not in explicit and command.get(key) is not None:
+            config[key] = command[key]
+    return state
+
+
+def _training_pairs(config: dict, profile):
+    """The training and validation pairs of --data and --val-data."""
+    from .datasets import FREESURFER_30, OfflinePairs, PairFolder
     if config["pairs"] is not None and (not isinstance(config["pairs"], int) or config["pairs"] < 1):
         raise CLIError(f"--pairs: expected a positive number of pairs, got {config['pairs']!r}")
     if config["pairs"] is not None and config["data"] not in ("fundus", "brain"):
         raise CLIError(f"--pairs: only for the offline data (--data fundus or brain); a folder "
                        f"({config['data']!r}) gives its own pairs")
-    if config["data"] in ("fundus", "brain"):
-        data = OfflinePairs(config["data"], config["pairs"] or profile.n_train_pairs)
-        val = (OfflinePairs(config["data"], profile.n_test_pairs, first_seed=10_000)
-               if config["val_data"] in (None, config["data"]) else PairFolder(config["val_data"]))
-        if config["data"] == "brain" and config["labels"] is None:
-            config["labels"] = list(_freesurfer_30())
-    else:
-        data = PairFolder(config["data"], atlas=config["atlas"])
-        val = PairFolder(config["val_data"], atlas=config["atlas"]) if config["val_data"] else None
+    progress = bool(config["progress"]) and sys.stderr.isatty()
+    with _user_input():
+        if config["data"] in ("fundus", "brain"):
+            data = OfflinePairs(config["data"], config["pairs"] or profile.n_train_pairs)
+            val = (OfflinePairs(config["data"], profile.n_test_pairs, first_seed=10_000)
+                   if config["val_data"] in (None, config["data"]) else
+                   PairFolder(config["val_data"], what="--val-data", progress=progress))
+            if config["data"] == "brain" and config["labels"] is None:
+                config["labels"] = list(FREESURFER_30)
+        else:
+            data = PairFolder(config["data"], atlas=config["atlas"], progress=progress)
+            val = (PairFolder(config["val_data"], atlas=config["atlas"], what="--val-data",
+                              progress=progress) if config["val_data"] else None)
+    if val is not None and tuple(val.shape) != tuple(data.shape):
+        raise CLIError(f"--val-data: its images are {format_shape(val.shape)}, the training images "
+                       f"{format_shape(data.shape)}; validate on images of the training grid")
+    return data, val
+
+
+def _training_model(config: dict, explicit: set[str], state: dict | None, shape: tuple[int, ...]):
+    """A new model of --model, the one of --init-from, or the one the resumed checkpoint holds."""
+    from . import nets
+    from .checkpoints import load_model
+    model_args = {"spatial_dims": len(shape), **config["model_args"]}
+    try:
+        if config["init_from"]:
+            if {"model", "model_args"} & explicit:
+                raise CLIError("--init-from builds the model its checkpoint holds; drop --model "
+                               "and --model-arg")
+            init = Path(config["init_from"])
+            _load_state(init, "--init-from")
+            model = load_model(init).train()
+        elif state is not None and not {"model", "model_args"} & explicit:
+            model = nets.from_config(state["config"])  # the model the checkpoint holds
+        else:
+            model = nets.create(config["model"], **model_args)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CLIError(f"train: cannot build model {config['model']!r} with {model_args} ({e})") from None
+    dims = model.config.get("spatial_dims", len(shape))
+    if dims != len(shape):
+        raise CLIError(f"the model is {dims}D (spatial_dims={dims}) but the training images are "
+                       f"{len(shape)}D ({format_shape(shape)})")
+    return model
+
+
+def _train(args) -> int:
+    from .profiles import get_profile
+    from .train import TrainingInterrupted, fit, seed_everything
+    config, explicit = _train_options(args)
+    state = _settle_out(config, explicit)
+    if config["data"] is None:
+        raise CLIError("train: give the training images with --data FOLDER (or 'data' in --config)")
+    device = _device(config["device"])
+    profile = get_profile()
+    data, val = _training_pairs(config, profile)
+    labels = _parse_labels(config["labels"])
+    losses = config["losses"]
+    if isinstance(losses, dict) and losses.get("dice") and not data.labels_present():
+        raise CLIError(f"--losses: the dice term needs label maps, and the training images of "
+                       f"{config['data']!r} have none (NAME_seg files or an npz 'seg'); drop "
+                       f"dice or add the labels")
+    if data.labels_present():
+        _check_labels_present(labels, data.labels_present(), f"the training data {config['data']!r}")
     if config["steps"] is None and config["epochs"] is None:
         config["steps"] = profile.steps_2d if len(data.shape) == 2 else profile.steps_3d
     seed_everything(config["seed"])
-    model_args = {"spatial_dims": len(data.shape), **config["model_args"]}
+    model = _training_model(config, explicit, state, tuple(data.shape))
+    _check_train_memory(model, data.shape, config["batch_size"])
+    out, name = Path(config["out"]), model.config.get("name", config["model"])
+    every = ("tenth of the run" if config["checkpoint_every"] is None
+             else f"{config['checkpoint_every']} steps")
+    print(f"training {name} ({len(data.shape)}D) on {len(data)} pairs of {format_shape(data.shape)} "
+          f"from {config['data']}; checkpoint -> {out} (saved every {every}, at the end and on "
+          f"Ctrl-C)", flush=True)
+    command = {k: config[k] for k in _FROM_COMMAND}
+    command.update(model=name, model_args=config["model_args"], init_from=config["init_from"])
     try:
-        model = nets.create(config["model"], **model_args)
-    except (TypeError, ValueError, KeyError) as e:
-        raise CLIError(f"train: cannot build model {config['model']!r} with {model_args} ({e})") from None
-    out = Path(config["out"])
-    print(f"training {config['model']} ({model_args['spatial_dims']}D) on {len(data)} pairs of "
-          f"{'x'.join(map(str, data.shape))} from {config['data']}; checkpoint -> {out}")
-    history = fit(model, data, val_data=val, losses=config["losses"], steps=config["steps"],
-                  epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
-                  labels=_parse_labels(config["labels"]), val_every=config["val_every"],
-                  checkpoint=out, checkpoint_every=config["checkpoint_every"],
-                  resume=bool(config["resume"]), seed=config["seed"], device=device,
-                  progress=config["progress"], grad_clip=config["grad_clip"])
+        history = fit(model, data, val_data=val, losses=losses, steps=config["steps"],
+                      epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
+                      labels=labels, val_every=config["val_every"], checkpoint=out,
+                      checkpoint_every=config["checkpoint_every"], resume=bool(config["resume"]),
+                      overwrite=bool(config["force"]), seed=config["seed"], device=device,
+                      progress=config["progress"], grad_clip=config["grad_clip"],
+                      spacing=data.spacing, metadata={"cli": command})
+    except TrainingInterrupted as stop:
+        print(f"regedu: interrupted after step {stop.step}; saved {stop.checkpoint}: continue "
+              f"with the same command plus --resume", file=sys.stderr)
+        return 128 + stop.signum
     loss = history["train"]["loss"]
+    if not loss:
+        return 0
     print(f"done: {history['train']['step'][-1]} steps, loss {loss[0]:.4g} -> {loss[-1]:.4g}; "
           f"saved {out}")
     return 0
@@ -474,15 +465,74 @@ def _train(args) -> int:
 # ---------------------------------------------------------------- register and evaluate
 
 def _load(args):
-    from .train import load_model
+    """The checkpoint of ``--model``: (model, state), on the ``--device``."""
+    from .checkpoints import load_model
     path = Path(args.model)
     if not path.is_file():
         raise CLIError(f"--model: no checkpoint file {str(path)!r} (train one with 'regedu train')")
+    state = _load_state(path, "--model")
     try:
         model = load_model(path, map_location="cpu")
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
         raise CLIError(f"--model: {e}") from None
-    return model.to(_device(args.device)), _device(args.device), model.config
+    return model, state
+
+
+def _scaled(model, state: dict, args, spacing, shape):
+    """``model`` at the right scale for images of voxel size ``spacing``.
+
+    A checkpoint records the voxel size it was trained at; the images' comes
+    from their headers. A whole ratio picks the Rescaled factor (and says so),
+    ``--factor`` overrides, anything else is refused.
+    """
+    from . import nets
+    from .checkpoints import choose_factor, trained_spacing
+    trained = trained_spacing(state)
+    trained_shape = (state.get("train_config") or {}).get("shape")
+    suggested = None
+    if trained is not None and spacing is not None:
+        try:
+            suggested = choose_factor(trained, spacing, hint="--factor N")
+        except ValueError as e:
+            if args.factor is None:
+                raise CLIError(f"--model {args.model}: {e}") from None
+    if args.factor is not None:
+        if args.factor < 1:
+            raise CLIError(f"--factor: expected a positive whole number, got {args.factor}")
+        factor = args.factor
+        if suggested is not None and suggested != factor:
+            _note(f"note: --factor {factor} although the model was trained at {format_spacing(trained)} "
+                  f"and the images have {format_spacing(spacing)} (which suggests {suggested})")
+    elif suggested is not None:
+        factor = suggested
+        if factor > 1:
+            _note(f"the model was trained at {format_spacing(trained)} voxels and the images have "
+                  f"{format_spacing(spacing)}: running it on their grid coarsened {factor} times "
+                  f"(--factor overrides)")
+    else:
+        factor = 1
+        if trained is None:
+            ratio = ([n / t for n, t in zip(shape, trained_shape)]
+                     if trained_shape and len(trained_shape) == len(shape) else None)
+            if ratio and all(abs(r - round(ratio[0])) < 1e-6 for r in ratio) and round(ratio[0]) > 1:
+                hint = (f"the images are {round(ratio[0])} times the size it was trained on "
+                        f"({format_shape(trained_shape)}): if they are that much finer, pass "
+                        f"--factor {round(ratio[0])}")
+            else:
+                hint = ("if it was trained on coarser voxels than these, pass --factor (e.g. "
+                        "--factor 4 for a 4 mm model on 1 mm images)")
+            _note(f"note: {args.model} does not record the voxel size it was trained at; running "
+                  f"it on the images' grid ({format_spacing(spacing)}); {hint}")
+        elif spacing is None:
+            _note(f"note: the images do not say their voxel size (no NIfTI header or affine); the "
+                  f"model was trained at {format_spacing(trained)}: if the images are finer, pass "
+                  f"--factor")
+    if factor > 1:
+        if any(n % factor for n in shape):
+            raise CLIError(f"--factor {factor}: every image size must be a multiple of {factor} to "
+                           f"coarsen the grid, got {format_shape(shape)}; crop or pad the images")
+        model = nets.Rescaled(model, factor)
+    return model
 
 
 def _device(name: str | None) -> torch.device:
@@ -509,78 +559,191 @@ def _check_pair(fixed: np.ndarray, moving: np.ndarray, config: dict, names=("fix
                        f"{fixed.ndim}D image of shape {fixed.shape}")
 
 
+def _check_spacings(fixed, moving) -> tuple[float, ...] | None:
+    from .datasets.files import spacings_agree
+    if not spacings_agree(fixed.spacing, moving.spacing):
+        raise CLIError(f"--fixed and --moving have different voxel sizes ({format_spacing(fixed.spacing)} "
+                       f"and {format_spacing(moving.spacing)}); resample the moving image onto the fixed "
+                       f"grid first")
+    return fixed.spacing if fixed.spacing is not None else moving.spacing
+
+
+def _check_model_memory(model, shape, what: str) -> None:
+    from .nets import inference_bytes
+    voxels = math.prod(shape)
+    if voxels <= 2**20:
+        return
+    estimate = inference_bytes(model, shape) * _WORKSPACE
+    try:
+        check_memory(estimate, f"{what}: running the model on {format_shape(shape)} voxels",
+                     "run it on a coarser grid (--factor 2 halves every axis) or crop the images")
+    except MemoryError as e:
+        raise CLIError(str(e)) from None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text \
+        or "cannot allocate memory" in text
+
+
 def _run_model(model, device, fixed: np.ndarray, moving: np.ndarray):
-    as_batch = lambda a: torch.from_numpy(_normalise(a))[None, None].to(device)
-    with torch.no_grad():
-        return model(as_batch(moving), as_batch(fixed))
+    """``model(moving, fixed)`` on images normalised by :func:`regedu.datasets.files.min_max`."""
+    batch = (torch.from_numpy(moving)[None, None].to(device),
+             torch.from_numpy(fixed)[None, None].to(device))
+    try:
+        with torch.no_grad():
+            return model(*batch)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise CLIError(f"ran out of memory running the model on {format_shape(fixed.shape)} voxels "
+                       f"(about {format_bytes(available_memory())} free now); run it on a coarser "
+                       f"grid (--factor 2 halves every axis) or crop the images") from None
+
+
+def _check_outputs(outputs: dict, inputs) -> None:
+    seen = {}
+    for name, path in outputs.items():
+        if not path:
+            continue
+        if Path(path).resolve() in seen:
+            raise CLIError(f"{name}: {path!r} is also {seen[Path(path).resolve()]}; give each "
+                           f"output its own file")
+        seen[Path(path).resolve()] = name
+        try:
+            check_output_path(path, name, inputs=inputs)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
 
 
 def _register(args) -> int:
+    from .datasets.files import (check_image_output, min_max, read_image_file, read_labels,
+                                  write_displacement, write_image)
     from .spatial import warp
     # Check every input and output name before computing or writing anything.
     if bool(args.moving_seg) != bool(args.warped_seg):
         raise CLIError("--moving-seg and --warped-seg go together (the labels to warp and where "
                        "to write them)")
-    for name, path in (("--warped", args.warped), ("--disp", args.disp), ("--warped-seg", args.warped_seg)):
-        if path and _suffix(Path(path)) not in (".nii.gz", ".nii", ".npz"):
-            raise CLIError(f"{name}: {path!r} should end in .nii.gz, .nii or .npz")
-    fixed, affine = read_image(args.fixed, "--fixed")
-    moving, _ = read_image(args.moving, "--moving")
-    seg = read_image(args.moving_seg, "--moving-seg")[0] if args.moving_seg else None
-    model, device, config = _load(args)
-    _check_pair(fixed, moving, config)
+    with _user_input():
+        for name in ("--warped", "--disp", "--warped-seg"):
+            path = getattr(args, name[2:].replace("-", "_"))
+            if path:
+                check_image_output(path, name)
+    inputs = [args.fixed, args.moving, args.moving_seg, args.model]
+    _check_outputs({"--warped": args.warped, "--disp": args.disp, "--warped-seg": args.warped_seg},
+                   inputs)
+    with _user_input():
+        fixed = read_image_file(args.fixed, "--fixed")
+        moving = read_image_file(args.moving, "--moving")
+    model, state = _load(args)
+    config = model.config
+    _check_pair(fixed.array, moving.array, config)
+    with _user_input():
+        normalised = (min_max(fixed.array, "--fixed", fixed.path),
+                      min_max(moving.array, "--moving", moving.path))
+        seg = read_labels(args.moving_seg, "--moving-seg", moving.array) if args.moving_seg else None
     if seg is not None:
-        _check_pair(fixed, seg, config, ("fixed", "moving-seg"))
+        _check_pair(fixed.array, seg, config, ("fixed", "moving-seg"))
+    spacing = _check_spacings(fixed, moving)
+    model = _scaled(model, state, args, spacing, fixed.array.shape)
+    _check_model_memory(model, fixed.array.shape, "register")
+    device = _device(args.device)
+    model = model.to(device)
 
     start = time.perf_counter()
-    disp = _run_model(model, device, fixed, moving).disp
+    disp = _run_model(model, device, *normalised).disp
     seconds = time.perf_counter() - start
     # The warped image keeps the moving image's intensities (not the normalised ones).
-    raw = torch.from_numpy(moving.astype(np.float32))[None, None].to(device)
-    written = [write_image(args.warped, warp(raw, disp)[0, 0].cpu().numpy(), affine)]
+    raw = torch.from_numpy(moving.array.astype(np.float32))[None, None].to(device)
+    header = fixed.header
+    written = [write_image(args.warped, warp(raw, disp)[0, 0].cpu().numpy(), fixed.affine,
+                           header=header)]
     if args.disp:
-        written.append(write_displacement(args.disp, disp[0].cpu().numpy(), affine))
+        written.append(write_displacement(args.disp, disp[0].cpu().numpy(), fixed.affine,
+                                          header=header))
     if seg is not None:
-        labels = torch.from_numpy(np.rint(seg).astype(np.int64))[None, None].to(device)
+        labels = torch.from_numpy(seg)[None, None].to(device)
         warped_seg = warp(labels, disp)[0, 0].cpu().numpy().astype(np.int32)
-        written.append(write_image(args.warped_seg, warped_seg, affine))
+        written.append(write_image(args.warped_seg, warped_seg, fixed.affine, header=header))
     print(f"registered in {seconds:.2f} s; wrote {', '.join(map(str, written))}")
     return 0
 
 
 def _evaluate(args) -> int:
+    from .datasets import PairFolder
+    from .datasets.files import min_max, read_image_file, read_labels
     from .evaluate import evaluate
-    model, device, config = _load(args)
+    if args.csv:
+        if not str(args.csv).lower().endswith(".csv"):
+            raise CLIError(f"--csv: {args.csv!r} should end in .csv")
+        _check_outputs({"--csv": args.csv}, [args.model, args.fixed, args.moving, args.fixed_seg,
+                                            args.moving_seg])
+    model, state = _load(args)
+    config = model.config
+    progress = sys.stderr.isatty()
     if args.pairs:
-        data = PairFolder(args.pairs, atlas=args.atlas)
+        with _user_input():
+            data = PairFolder(args.pairs, atlas=args.atlas, what="--pairs", progress=progress)
         _check_pair(np.empty(data.shape), np.empty(data.shape), config, ("images", "images"))
+        spacing, shape = data.spacing, data.shape
         pairs = []
         for item in data:
             pair = {k: v for k, v in item.items() if not k.endswith("_name")}
             pair["meta"] = {"id": f"{item['moving_name']} -> {item['fixed_name']}"}
             pairs.append(pair)
+        present = data.labels_present()
     elif args.fixed and args.moving:
-        fixed, moving = read_image(args.fixed, "--fixed")[0], read_image(args.moving, "--moving")[0]
-        _check_pair(fixed, moving, config)
-        pair = {"fixed": torch.from_numpy(_normalise(fixed))[None],
-                "moving": torch.from_numpy(_normalise(moving))[None],
-                "meta": {"id": f"{Path(args.moving).name} -> {Path(args.fixed).name}"}}
         if bool(args.fixed_seg) != bool(args.moving_seg):
             raise CLIError("evaluate: give both --fixed-seg and --moving-seg, or neither")
+        with _user_input():
+            fixed, moving = read_image_file(args.fixed, "--fixed"), read_image_file(args.moving, "--moving")
+        _check_pair(fixed.array, moving.array, config)
+        spacing, shape = _check_spacings(fixed, moving), fixed.array.shape
+        with _user_input():
+            pair = {"fixed": torch.from_numpy(min_max(fixed.array, "--fixed", fixed.path))[None],
+                    "moving": torch.from_numpy(min_max(moving.array, "--moving", moving.path))[None],
+                    "meta": {"id": f"{Path(args.moving).name} -> {Path(args.fixed).name}"}}
+        present = set()
         if args.fixed_seg:
-            for key, path in (("fixed_seg", args.fixed_seg), ("moving_seg", args.moving_seg)):
-                seg = read_image(path, f"--{key.replace('_', '-')}")[0]
-                _check_pair(fixed, seg, config, ("fixed", key.replace("_", "-")))
-                pair[key] = torch.from_numpy(np.rint(seg).astype(np.int64))[None]
+            for key, path, image in (("fixed_seg", args.fixed_seg, fixed.array),
+                                     ("moving_seg", args.moving_seg, moving.array)):
+                with _user_input():
+                    seg = read_labels(path, f"--{key.replace('_', '-')}", image)
+                _check_pair(fixed.array, seg, config, ("fixed", key.replace("_", "-")))
+                pair[key] = torch.from_numpy(seg)[None]
+            present = set(np.unique(pair["fixed_seg"].numpy()).tolist()) - {0}
         pairs = [pair]
     else:
         raise CLIError("evaluate: give --pairs FOLDER, or --fixed and --moving "
                        "(with --fixed-seg and --moving-seg for Dice)")
     labels = _parse_labels(args.labels)
+    if labels is not None and "fixed_seg" not in pairs[0]:
+        raise CLIError("--labels: the images have no label maps to score (--fixed-seg and "
+                       "--moving-seg, or NAME_seg files beside the images in --pairs)")
+    if "fixed_seg" not in pairs[0]:
+        _note("note: the images have no label maps (--fixed-seg and --moving-seg, or NAME_seg "
+              "files): no Dice, only folding and runtime")
     if labels is None and "fixed_seg" in pairs[0]:
-        labels = sorted(set().union(*(np.unique(p["fixed_seg"].numpy()).tolist() for p in pairs)) - {0})
-    result = evaluate(model, pairs, labels=labels, name=config.get("name", "model"), device=device,
-                      spatial_dims=len(pairs[0]["fixed"].shape) - 1, warmup=True, progress=False)
+        labels = sorted(present)
+        if not labels:
+            raise CLIError("evaluate: the fixed label maps hold only background 0; nothing to score")
+    _check_labels_present(labels, present, "the fixed images")
+    model = _scaled(model, state, args, spacing, shape)
+    _check_model_memory(model, shape, "evaluate")
+    device = _device(args.device)
+    model = model.to(device)
+    try:
+        with warnings.catch_warnings():  # the absent labels were named above
+            warnings.filterwarnings("ignore", message="labels: .* in no label map")
+            result = evaluate(model, pairs, labels=labels, name=config.get("name", "model"),
+                              device=device, spatial_dims=len(shape), warmup=True,
+                              progress=progress)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise CLIError(f"ran out of memory running the model on {format_shape(shape)} voxels; run it "
+                       f"on a coarser grid (--factor 2 halves every axis) or crop the images") from None
     table = result.table()
     columns = ["pair", "dice_before", "dice_mean", "dice_std", "percent_folding", "sdlogj", "seconds"]
     table = table[[c for c in columns if c in table and not table[c].isna().all()]]
@@ -589,8 +752,7 @@ def _evaluate(args) -> int:
         print(f"mean Dice {table['dice_mean'].mean():.4f} (std over pairs "
               f"{table['dice_mean'].std():.4f}); before registration {table['dice_before'].mean():.4f}")
     if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        result.table().to_csv(args.csv, index=False)
+        write_atomic(args.csv, lambda tmp: result.table().to_csv(tmp, index=False), suffix=".csv")
         print(f"wrote {args.csv}")
     return 0
 
@@ -608,6 +770,11 @@ def _course(args) -> int:
 
 # ---------------------------------------------------------------- the parser
 
+_FACTOR_HELP = ("run the model on the images' grid coarsened N times (nets.Rescaled). Default: "
+                "the ratio of the voxel size the checkpoint was trained at to the images' "
+                "(from their headers), e.g. 4 for a 4 mm model on 1 mm images")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="regedu", description=(
         "regedu: deep-learning image registration, taught by doing it. "
@@ -620,8 +787,14 @@ def _parser() -> argparse.ArgumentParser:
                                    "cache and whether notebook widgets will render.")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    sub.add_parser("fetch", help="download and verify datasets into the cache", add_help=False,
-                   description="Download datasets (run 'regedu fetch --help').")
+    p = sub.add_parser("fetch", help="download and verify datasets into the cache",
+                       description="Download and verify datasets into the regedu cache (REGEDU_DATA). "
+                                   "Without a name, list the datasets and whether they are cached.")
+    p.add_argument("names", nargs="*", help="datasets to fetch (see the list)")
+    p.add_argument("--cache-dir", dest="cache_dir",
+                   help="cache folder (default: $REGEDU_DATA or ~/.cache/regedu)")
+    p.add_argument("--mirror", help="folder tried before the network ($REGEDU_MIRROR)")
+    p.add_argument("--no-extract", dest="no_extract", action="store_true", help="keep archives packed")
 
     p = sub.add_parser("train", help="train a registration network and save a checkpoint",
                        description="Train a registration network on a folder of images (pairs of "
@@ -638,8 +811,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="network name from regedu.nets (default unet)")
     p.add_argument("--model-arg", dest="model_args", action="append", metavar="KEY=VALUE",
                    help="network argument, e.g. integrate_steps=7 (repeat for several)")
-    p.add_argument("--losses", help="weighted terms, e.g. 'ncc=1,diffusion=1' or 'mse=1,diffusion=0.01,dice=0.1' "
-                                    "(default ncc=1,diffusion=1)")
+    default = ",".join(f"{k}={v:g}" for k, v in DEFAULT_LOSSES.items())
+    p.add_argument("--losses", help=f"weighted terms from regedu.losses.LOSSES, e.g. 'ncc=1,diffusion=1' or "
+                                    f"'mse=1,diffusion=0.01,dice=0.1' (default {default})")
     p.add_argument("--labels", help="structures for the Dice term and validation: 2,3,4 or freesurfer30")
     p.add_argument("--pairs", type=int, help="with --data fundus/brain: how many different training "
                                              "pairs to draw (default: the profile's n_train_pairs)")
@@ -650,11 +824,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", dest="grad_clip", type=float,
                    help="clip the gradient norm to this value (default: no clipping)")
     p.add_argument("--val-every", dest="val_every", type=int, help="steps between validations")
-    p.add_argument("--out", help="checkpoint file (default regedu_model.pt)")
+    p.add_argument("--out", help="checkpoint file (default regedu_model.pt); an existing one is "
+                                 "kept unless --resume or --force says otherwise")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
-                   help="also save every N steps (default: at the end)")
+                   help="save every N steps (default: every tenth of the run, at least every "
+                        "10 minutes; always at the end and on Ctrl-C)")
     p.add_argument("--resume", action="store_const", const=True, default=None,
-                   help="continue from --out if it exists")
+                   help="continue from --out if it exists, exactly; options not given again are "
+                        "taken from the checkpoint (--lr may change, the objective may not)")
+    p.add_argument("--force", action="store_const", const=True, default=None,
+                   help="start a new run over an existing --out")
+    p.add_argument("--init-from", dest="init_from", metavar="CHECKPOINT",
+                   help="start a new run from the weights (and model) of this checkpoint, e.g. "
+                        "one saved without its optimiser state")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
@@ -671,6 +853,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--disp", help="output: the displacement field (.nii.gz or .npz)")
     p.add_argument("--moving-seg", dest="moving_seg", help="labels of the moving image to warp too")
     p.add_argument("--warped-seg", dest="warped_seg", help="output: the warped labels")
+    p.add_argument("--factor", type=int, help=_FACTOR_HELP)
     p.add_argument("--device", help="cpu, cuda ... (default: CUDA when available)")
 
     p = sub.add_parser("evaluate", help="Dice, folding and runtime of a trained model on labelled pairs",
@@ -685,6 +868,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-seg", dest="moving_seg", help="moving labels (for Dice)")
     p.add_argument("--labels", help="structures: 2,3,4 or freesurfer30 (default: all in the fixed labels)")
     p.add_argument("--csv", help="also write the table to this CSV file")
+    p.add_argument("--factor", type=int, help=_FACTOR_HELP)
     p.add_argument("--device", help="cpu, cuda ... (default: CUDA when available)")
 
     p = sub.add_parser("course", help="run the course notebooks headless and write HTML pages",
@@ -692,22 +876,20 @@ def _parser() -> argparse.ArgumentParser:
                                    "write an HTML page per notebook and a summary of time and peak "
                                    "memory (index.html, summary.md).")
     p.add_argument("notebooks", nargs="*", help="notebooks to run: paths or numbers (default: all)")
-    p.add_argument("--profile", default="ci", choices=["ci", "cpu", "gpu"], help="default ci")
+    p.add_argument("--profile", default="ci", choices=list(PROFILES), help="default ci")
     p.add_argument("--out", default="_course_html", help="output folder (default _course_html)")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell (default 900)")
     return parser
 
 
-_COMMANDS = {"doctor": _doctor, "train": _train, "register": _register, "evaluate": _evaluate,
-             "course": _course}
+_COMMANDS = {"doctor": _doctor, "fetch": _fetch, "train": _train, "register": _register,
+             "evaluate": _evaluate, "course": _course}
 
 
 def main(argv=None) -> int:
     """Run the ``regedu`` command; return its exit status (0 ok, 2 a usage or input error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "fetch":
-            return _fetch(argv[1:])
         parser = _parser()
         args = parser.parse_args(argv)
         if args.command is None:
@@ -719,11 +901,24 @@ def main(argv=None) -> int:
     except CLIError as e:
         print(f"regedu: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, TypeError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         # regedu's own checks name the argument and what was expected: show them as they are.
         if os.environ.get("REGEDU_DEBUG"):
             raise
         print(f"regedu: error: {e} (set REGEDU_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a permission refused: the system's words, on one line
+        if os.environ.get("REGEDU_DEBUG"):
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"regedu: error: {e.strerror or e}{where}; nothing was left half-written "
+              f"(set REGEDU_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
+    except MemoryError as e:
+        if os.environ.get("REGEDU_DEBUG"):
+            raise
+        print(f"regedu: error: {e or 'out of memory'}; use smaller or coarser images "
+              f"(set REGEDU_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("regedu: interrupted", file=sys.stderr)

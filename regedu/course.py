@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._checks import check_choice, check_positive
+from .profiles import PROFILES
 
 __all__ = ["run_course", "find_notebooks", "CourseSummary", "execute_notebook"]
-
-PROFILES = ("ci", "cpu", "gpu")
 
 
 def _default_folder() -> Path:
@@ -226,7 +225,7 @@ def run_course(notebooks=None, profile: str = "ci", out_dir="_course_html", time
         A notebook that fails is recorded (its page shows the error) and the
         run goes on.
     """
-    check_choice(profile, PROFILES, "profile")
+    check_choice(profile, tuple(PROFILES), "profile")
     check_positive(timeout, "timeout", integer=True)
     paths = find_notebooks(notebooks, folder=folder)
     out = Path(out_dir)

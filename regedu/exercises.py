@@ -24,7 +24,7 @@ Exercises (:data:`EXERCISES`):
 - ``network``: a changed registration network, checked for the model contract and
   that it learns.
 
-Convention: the same as the library's (DESIGN.md section 1): displacements
+Convention: the same as the library's (docs/conventions.md, "Conventions"): displacements
 ``(B, ndim, *spatial)`` in voxels, channel ``k`` along axis ``k``; warping
 pulls, ``warped(x) = moving(x + u(x))``; points ``(N, ndim)`` in voxel
 coordinates, tensor-axis order.
@@ -144,15 +144,6 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _smooth_field(shape, amplitude: float, seed: int) -> torch.Tensor:
-    """A smooth random displacement (1, ndim, *shape): coarse noise, interpolated."""
-    g = _generator(seed)
-    coarse = torch.randn(1, len(shape), *[4] * len(shape), generator=g) * amplitude
-    # Interpolate values as they are (resize_field would rescale them to the new grid).
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    return torch.nn.functional.interpolate(coarse, size=tuple(shape), mode=mode, align_corners=True)
-
-
 # ----------------------------------------------------------------------------- the checks
 
 def _check_dice(fn) -> str:
@@ -211,7 +202,7 @@ def _check_jacobian(fn) -> str:
              "u(x) = 0.1 x in 2D (a uniform 10% stretch: det = 1.1^2 = 1.21)", atol=1e-4,
              hint="derivatives are per voxel (spacing 1); det of [[1.1, 0], [0, 1.1]]")
     for seed, shape in ((2, (16, 18)), (3, (10, 12, 14))):
-        u = _smooth_field(shape, 1.5, seed)
+        u = spatial.random_field(shape, 1.5, seed=seed)
         _compare(_call(fn, u, what=f"a random smooth field {shape}"), metrics.jacobian_determinant(u),
                  f"a random smooth field {shape}", atol=1e-4,
                  hint="central differences inside, one-sided at the borders (torch.gradient "
@@ -227,7 +218,7 @@ def _check_compose(fn) -> str:
     cases = [("two translations (2, -1) and (0.5, 3): the composition is their sum (2.5, 2)",
               t1, t2, t1 + t2, inside)]
     for seed, shp in ((4, (20, 24)), (5, (12, 14, 16))):
-        u1, u2 = _smooth_field(shp, 1.0, seed), _smooth_field(shp, 1.0, seed + 100)
+        u1, u2 = spatial.random_field(shp, 1.0, seed=seed), spatial.random_field(shp, 1.0, seed=seed + 100)
         cases.append((f"random smooth fields {shp}", u1, u2, spatial.compose(u1, u2),
                       (Ellipsis, *[slice(4, -4)] * len(shp))))
     answers = []
@@ -256,7 +247,7 @@ def _check_tre(fn) -> str:
                              "distance from there to the moving point")
     g = _generator(6)
     for seed in (7, 8):
-        u = _smooth_field(shape, 3.0, seed)
+        u = spatial.random_field(shape, 3.0, seed=seed)
         fp = torch.rand(10, 2, generator=g) * torch.tensor([shape[0] - 1.0, shape[1] - 1.0])
         mp = fp + torch.randn(10, 2, generator=g) * 3
         _compare(_call(fn, fp, mp, u, what=f"a random field (seed {seed})"), metrics.tre(fp, mp, u),

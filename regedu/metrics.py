@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import as_tensor, check_field, check_finite, check_labels, check_same_shape
-from .spatial import warp_points
+from ._checks import as_tensor, check_field, check_finite, check_label_list, check_labels, check_same_shape
+from .spatial import compose, jacobian_determinant, warp_points
 
-__all__ = ["DiceResult", "dice", "jacobian_determinant", "folding_stats", "tre",
-           "fire_success_curve", "fire_auc", "FIRE_THRESHOLDS"]
+__all__ = ["DiceResult", "dice", "labels_present", "jacobian_determinant", "folding_stats", "tre",
+           "fire_success_curve", "fire_auc", "FIRE_THRESHOLDS", "inverse_consistency_map",
+           "inverse_consistency_error", "SurfaceResult", "hausdorff95", "average_surface_distance"]
 
 FIRE_THRESHOLDS = np.arange(1, 26)
 
@@ -53,14 +54,15 @@ def dice(a, b, labels) -> DiceResult:
         E.g. the fixed segmentation and the moving one warped with nearest neighbour.
     labels : sequence of int
         The structures to score, explicitly (background 0 is never counted).
+        Whole numbers only, each once: ``[1.5]`` or the string ``"123"`` is refused.
 
     >>> r = dice(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), [1, 2])
-    >>> r.per_label, r.mean
-    (array([0.66666667, 0.66666667]), 0.6666666666666666)
+    >>> r.per_label.round(4).tolist(), round(r.mean, 4)
+    ([0.6667, 0.6667], 0.6667)
     """
     a, b = _label_array(a, "a"), _label_array(b, "b")
     check_same_shape(a, b, ("a", "b"))
-    labels = np.asarray([int(l) for l in labels if int(l) != 0], dtype=np.int64)
+    labels = np.asarray([v for v in check_label_list(labels) if v != 0], dtype=np.int64)
     if labels.size == 0:
         raise ValueError("labels: expected at least one non-background label, got none")
     scores = np.empty(len(labels))
@@ -74,31 +76,15 @@ def dice(a, b, labels) -> DiceResult:
     return DiceResult(labels, scores, mean, std)
 
 
-def jacobian_determinant(disp) -> torch.Tensor:
-    """Determinant of the Jacobian of ``phi = id + u``, ``(B, *spatial)``.
+def labels_present(*label_maps) -> list[int]:
+    """Every label other than background 0 found in the label maps, in order:
+    the structures to score when no list is given.
 
-    Derivatives by central differences (one-sided at the borders, as
-    ``np.gradient``). det = 1: volume kept; > 1: expansion; <= 0: folding.
-
-    >>> jacobian_determinant(torch.zeros(1, 2, 4, 5)).unique()
-    tensor([1.])
+    >>> labels_present(torch.tensor([0, 2, 2]), torch.tensor([3, 0, 2]))
+    [2, 3]
     """
-    disp = as_tensor(disp, "disp")
-    check_field(disp, "disp")
-    nd = disp.shape[1]
-    if min(disp.shape[2:]) < 2:
-        raise ValueError(f"disp: need at least 2 voxels along each axis for derivatives, got "
-                         f"shape {tuple(disp.shape)}")
-    # J[:, i, j] = d phi_i / d x_j = delta_ij + d u_i / d x_j
-    grads = torch.gradient(disp, dim=tuple(range(2, 2 + nd)))
-    J = torch.stack(grads, dim=2)
-    J = J + torch.eye(nd, dtype=disp.dtype, device=disp.device).view(1, nd, nd, *([1] * nd))
-    J = J.movedim((1, 2), (-2, -1))
-    if nd == 2:
-        return J[..., 0, 0] * J[..., 1, 1] - J[..., 0, 1] * J[..., 1, 0]
-    return (J[..., 0, 0] * (J[..., 1, 1] * J[..., 2, 2] - J[..., 1, 2] * J[..., 2, 1])
-            - J[..., 0, 1] * (J[..., 1, 0] * J[..., 2, 2] - J[..., 1, 2] * J[..., 2, 0])
-            + J[..., 0, 2] * (J[..., 1, 0] * J[..., 2, 1] - J[..., 1, 1] * J[..., 2, 0]))
+    maps = [as_tensor(m, f"label_maps[{i}]").flatten() for i, m in enumerate(label_maps)]
+    return [int(v) for v in torch.unique(torch.cat(maps)).tolist() if v != 0]
 
 
 def folding_stats(disp, mask=None) -> dict[str, float]:
@@ -188,8 +174,232 @@ def fire_auc(errors, thresholds=FIRE_THRESHOLDS) -> float:
     """Area under the FIRE success curve, normalised to [0, 1] (the mean of the
     curve over thresholds 1..25 px).
 
-    >>> fire_auc([[0.5], [10.5], None])
-    0.5333333333333333
+    >>> round(fire_auc([[0.5], [10.5], None]), 4)   # (25 + 15 + 0) / (3 * 25)
+    0.5333
     """
     _, success = fire_success_curve(errors, thresholds)
     return float(success.mean())
+
+
+# ------------------------------------------------------------ inverse consistency
+
+def _spacing_vector(spacing, nd: int, *, dtype=torch.float64) -> torch.Tensor:
+    spacing = torch.as_tensor(spacing, dtype=dtype).reshape(-1)
+    if spacing.numel() not in (1, nd) or not bool(torch.isfinite(spacing).all()) \
+            or bool((spacing <= 0).any()):
+        raise ValueError(f"spacing: expected one positive number or {nd} (one per axis), "
+                         f"got {spacing.tolist()}")
+    return spacing.expand(nd)
+
+
+def inverse_consistency_map(u_ab, u_ba, *, spacing=1.0) -> torch.Tensor:
+    """Per voxel ``|phi_ab o phi_ba (x) - x|``, the inverse-consistency error map.
+
+    Parameters
+    ----------
+    u_ab : Tensor, shape (B, ndim, *spatial)
+        The field that registers image a (moving) to b (fixed); it lives on b's grid.
+    u_ba : Tensor, shape (B, ndim, *spatial)
+        The field of the reverse registration, b (moving) to a (fixed), on a's grid.
+    spacing : float or sequence of float
+        Voxel size per axis; the error is in these units (1: voxels).
+
+    Returns
+    -------
+    Tensor, shape (B, *spatial), on a's grid: the length of ``compose(u_ab, u_ba)``
+    (going a -> b -> a should come back; 0 is perfect, lower is better).
+
+    Convention: docs/conventions.md, "Conventions" (``compose``, voxels).
+
+    >>> u = torch.zeros(1, 2, 4, 5); u[:, 0] = 1.0
+    >>> float(inverse_consistency_map(u, -u).max()), float(inverse_consistency_map(u, u).max())
+    (0.0, 2.0)
+    """
+    u_ab, u_ba = as_tensor(u_ab, "u_ab"), as_tensor(u_ba, "u_ba")
+    check_field(u_ab, "u_ab")
+    check_field(u_ba, "u_ba", spatial=tuple(u_ab.shape[2:]))
+    nd = u_ab.shape[1]
+    scale = _spacing_vector(spacing, nd, dtype=u_ab.dtype).to(u_ab.device).view(1, nd, *([1] * nd))
+    return (compose(u_ab, u_ba) * scale).norm(dim=1)
+
+
+def inverse_consistency_error(u_ab, u_ba, *, mask=None, spacing=1.0) -> dict[str, float]:
+    """Inverse-consistency error of a pair of registrations, both ways round.
+
+    The mean and max of :func:`inverse_consistency_map` over ``compose(u_ab, u_ba)``
+    (a -> b -> a, on a's grid) and ``compose(u_ba, u_ab)`` (b -> a -> b, on b's
+    grid) pooled. Registering a to b and b to a separately rarely gives inverse
+    maps; a symmetric or ICON-trained method should score near 0. Lower is better.
+
+    Parameters
+    ----------
+    u_ab, u_ba : Tensor, shape (B, ndim, *spatial)
+        As in :func:`inverse_consistency_map`.
+    mask : bool array, shape (*spatial) or (B, *spatial), optional
+        Voxels to count in both maps (e.g. the brain); default all.
+    spacing : float or sequence of float
+        Voxel size per axis; the error is in its units (1: voxels).
+
+    Returns
+    -------
+    dict with ``"ice_mean"`` and ``"ice_max"`` (floats).
+
+    Convention: docs/conventions.md, "Conventions".
+
+    >>> u = torch.zeros(1, 2, 4, 5); u[:, 0], u[:, 1] = 1.0, 2.0
+    >>> inverse_consistency_error(u, -u)
+    {'ice_mean': 0.0, 'ice_max': 0.0}
+    >>> round(inverse_consistency_error(u, u)["ice_mean"], 4)   # |2 (1, 2)| = sqrt(20)
+    4.4721
+    """
+    maps = torch.stack([inverse_consistency_map(u_ab, u_ba, spacing=spacing),
+                        inverse_consistency_map(u_ba, u_ab, spacing=spacing)])
+    if mask is not None:
+        mask = as_tensor(mask, "mask").to(device=maps.device, dtype=torch.bool)
+        if tuple(mask.shape[-(maps.dim() - 2):]) != tuple(maps.shape[2:]) or mask.dim() > maps.dim() - 1:
+            raise ValueError(f"mask: expected spatial size {tuple(maps.shape[2:])} (optionally with "
+                             f"a batch axis), got shape {tuple(mask.shape)}")
+        values = maps[mask.expand(maps.shape)]
+        if values.numel() == 0:
+            raise ValueError("mask: selects no voxel")
+    else:
+        values = maps.flatten()
+    values = values.detach().double()
+    return {"ice_mean": float(values.mean()), "ice_max": float(values.max())}
+
+
+# ------------------------------------------------------------ surface distances
+
+@dataclass(frozen=True)
+class SurfaceResult:
+    """A surface distance per label (``per_label[i]`` belongs to ``labels[i]``), with mean and std.
+
+    ``units`` are those of the spacing (``"voxels"`` for spacing 1). ``missing``
+    lists the labels present in exactly one of the two maps: no surface to
+    compare with, so their distance is the ``missing`` value asked for (NaN by
+    default, left out of mean and std like a label absent from both maps).
+    """
+    labels: np.ndarray
+    per_label: np.ndarray
+    mean: float
+    std: float
+    missing: tuple = ()
+    units: str = "voxels"
+
+    def as_dict(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in zip(self.labels, self.per_label)}
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    # Boundary voxels: in the structure, with a face neighbour outside it; outside
+    # the image counts as outside (border_value=0), so a structure cut by the
+    # image border has a surface there.
+    from scipy.ndimage import binary_erosion, generate_binary_structure
+    return mask & ~binary_erosion(mask, generate_binary_structure(mask.ndim, 1), border_value=0)
+
+
+def _directed_distances(a: np.ndarray, b: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from each surface voxel of ``a`` to the surface of ``b``, and back."""
+    from scipy.ndimage import distance_transform_edt
+    # Both surfaces lie in the bounding box of a | b: crop to it (one voxel wider,
+    # so the erosion sees the outside) and the distance transforms cost the
+    # structure's size, not the image's.
+    idx = np.nonzero(a | b)
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in idx)
+    sa, sb = _surface(a[box]), _surface(b[box])
+    to_b = distance_transform_edt(~sb, sampling=spacing)
+    to_a = distance_transform_edt(~sa, sampling=spacing)
+    return to_b[sa], to_a[sb]
+
+
+def _surface_metric(a, b, labels, spacing, missing, reduce) -> SurfaceResult:
+    a, b = _label_array(a, "a"), _label_array(b, "b")
+    check_same_shape(a, b, ("a", "b"))
+    labels = np.asarray([v for v in check_label_list(labels) if v != 0], dtype=np.int64)
+    if labels.size == 0:
+        raise ValueError("labels: expected at least one non-background label, got none")
+    sp = _spacing_vector(spacing, a.ndim).tolist()
+    if not (isinstance(missing, (int, float)) and not isinstance(missing, bool)):
+        raise ValueError(f"missing: expected a number (NaN, inf or a distance), got {missing!r}")
+    scores, lost = np.full(len(labels), np.nan), []
+    for i, lab in enumerate(labels):
+        in_a, in_b = a == lab, b == lab
+        has_a, has_b = bool(in_a.any()), bool(in_b.any())
+        if has_a and has_b:
+            scores[i] = reduce(*_directed_distances(in_a, in_b, sp))
+        elif has_a or has_b:
+            scores[i] = missing
+            lost.append(int(lab))
+    counted = scores[~np.isnan(scores)]
+    mean = float(counted.mean()) if counted.size else float("nan")
+    std = float(counted.std()) if counted.size else float("nan")
+    units = "voxels" if all(s == 1 for s in sp) else "spacing units"
+    return SurfaceResult(labels, scores, mean, std, tuple(lost), units)
+
+
+def hausdorff95(a, b, labels, *, spacing=1.0, percentile: float = 95.0,
+                missing: float = float("nan")) -> SurfaceResult:
+    """Symmetric 95th-percentile Hausdorff distance between the surfaces of each label.
+
+    For each label, the distances from every surface voxel of ``a`` to the
+    nearest surface voxel of ``b`` (``d_ab``) and back (``d_ba``);
+    HD95 = ``max(P95(d_ab), P95(d_ba))``, as MedPy's ``hd95`` and DeepMind's
+    ``surface-distance`` compute it. The 95th percentile ignores the worst 5 %
+    of the surface, where a single stray voxel would set the full Hausdorff
+    distance (``percentile=100``). Lower is better; 0 for identical maps.
+
+    Parameters
+    ----------
+    a, b : array or Tensor of integer labels, same shape, 2D or 3D
+        E.g. the fixed segmentation and the warped moving one.
+    labels : sequence of int
+        The structures to score (background 0 is never counted), as for :func:`dice`.
+    spacing : float or sequence of float
+        Voxel size per axis (mm); distances are in its units (1: voxels).
+    percentile : float
+        In (0, 100]; 100 gives the Hausdorff distance.
+    missing : float
+        The value for a label present in one map only (its ``SurfaceResult.missing``);
+        NaN (default) leaves it out of the mean. Some challenges use a large
+        number, e.g. the image diagonal, to penalise a lost structure.
+
+    Returns
+    -------
+    SurfaceResult
+        A label absent from both maps gives NaN, left out of mean and std.
+
+    Convention: surfaces are the boundary voxels (voxels of the structure with
+    a face neighbour outside it; the image border counts as outside), distances
+    are Euclidean between voxel centres (``scipy.ndimage.distance_transform_edt``
+    with ``sampling=spacing``); tensor-axis order, as docs/conventions.md, "Conventions".
+
+    >>> a = np.zeros((12, 12), int); a[2:8, 2:8] = 1
+    >>> b = np.roll(a, 3, axis=0)                     # the square moved 3 rows down
+    >>> hausdorff95(a, b, [1]).per_label.tolist()
+    [3.0]
+    >>> hausdorff95(a, b, [1], spacing=(2.0, 1.0)).mean   # rows are 2 mm apart
+    6.0
+    """
+    if not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
+        raise ValueError(f"percentile: expected a number in (0, 100], got {percentile!r}")
+    return _surface_metric(a, b, labels, spacing, missing,
+                           lambda ab, ba: max(np.percentile(ab, percentile), np.percentile(ba, percentile)))
+
+
+def average_surface_distance(a, b, labels, *, spacing=1.0,
+                             missing: float = float("nan")) -> SurfaceResult:
+    """Average symmetric surface distance (ASSD) between the surfaces of each label.
+
+    The mean over both surfaces of the distance to the other one,
+    ``(sum d_ab + sum d_ba) / (|S_a| + |S_b|)`` (Heimann et al., IEEE TMI 28(8),
+    2009); arguments, result and convention as :func:`hausdorff95`. Lower is better.
+
+    >>> a = np.zeros((12, 12), int); a[2:8, 2:8] = 1
+    >>> average_surface_distance(a, np.roll(a, 3, axis=0), [1]).mean
+    1.5
+
+    (By hand: of the 20 surface pixels of each square, the 6 of the far edge
+    are 3 away from the other surface, the rest 0, 1 or 2: 30 / 20 = 1.5.)
+    """
+    return _surface_metric(a, b, labels, spacing, missing,
+                           lambda ab, ba: float((ab.sum() + ba.sum()) / (ab.size + ba.size)))

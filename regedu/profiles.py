@@ -30,6 +30,8 @@ class Profile:
     n_train_pairs: int          # pairs drawn for training
     n_test_pairs: int           # pairs held out for evaluation
     amp: bool                   # mixed precision (CUDA only)
+    train_spacing_mm: float     # voxel size the notebooks' 3D networks train at (their checkpoints': 4 mm)
+    paper_scale: bool           # the papers' network widths and learning rate (else half widths, 1e-3)
     device: str = "cpu"
 
     @property
@@ -39,9 +41,9 @@ class Profile:
 
 
 PROFILES = {
-    "ci": Profile("ci", 128, (40, 48, 56), 4.0, 150, 40, 8, 4, False),
-    "cpu": Profile("cpu", 256, (80, 96, 112), 2.0, 1500, 400, 40, 10, False),
-    "gpu": Profile("gpu", 512, (160, 192, 224), 1.0, 6000, 6000, 200, 20, True),
+    "ci": Profile("ci", 128, (40, 48, 56), 4.0, 150, 40, 8, 4, False, 4.0, False),
+    "cpu": Profile("cpu", 256, (80, 96, 112), 2.0, 1500, 400, 40, 10, False, 4.0, False),
+    "gpu": Profile("gpu", 512, (160, 192, 224), 1.0, 6000, 6000, 200, 20, True, 1.0, True),
 }
 
 _override: str | None = None

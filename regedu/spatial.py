@@ -13,34 +13,29 @@ Convention (the one every function of regedu follows):
   value is 0 (``padding="zeros"``) or the nearest edge value (``"border"``).
 * ``compose(u1, u2)`` is the displacement of ``phi1 o phi2``: warping by it
   equals warping by ``phi1`` first and then by ``phi2``.
+
+Every function takes tensors or numpy arrays (wrapped without copying) and
+returns tensors.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_field, check_finite, check_positive, check_shape, check_tensor
+from ._checks import (as_tensor, check_choice, check_field, check_finite, check_image, check_positive,
+                      check_shape, check_tensor)
 
 __all__ = ["warp", "SpatialTransformer", "identity_grid", "affine_to_displacement",
-           "compose", "integrate_velocity", "IntegrateVelocity", "resize_field", "warp_points",
-           "gaussian_blur"]
+           "compose", "integrate_velocity", "IntegrateVelocity", "invert_field", "jacobian_determinant",
+           "resize_field", "warp_points", "gaussian_blur", "random_field", "diffusion_fit"]
 
 _MODES = ("bilinear", "nearest")
 _PADDINGS = ("zeros", "border")
-
-
-def _check_image(image, name: str) -> tuple[int, ...]:
-    check_tensor(image, name)
-    spatial = check_shape(image, "B C *S", name)["S"]
-    if len(spatial) not in (2, 3):
-        hint = f"; add batch and channel axes with {name}[None, None]" if image.dim() in (2, 3) else ""
-        raise ValueError(f"{name}: expected (B, C, H, W) or (B, C, D, H, W), got shape "
-                         f"{tuple(image.shape)}{hint}")
-    check_finite(image, name)
-    return spatial
 
 
 @functools.lru_cache(maxsize=16)
@@ -146,7 +141,8 @@ def warp(image: torch.Tensor, disp: torch.Tensor, *, mode: str | None = None,
     >>> warp(img, u)
     tensor([[[[1., 2., 3., 0.]]]])
     """
-    spatial = _check_image(image, "image")
+    image, disp = as_tensor(image, "image"), as_tensor(disp, "disp")
+    spatial = check_image(image, "image", floating=False)
     check_field(disp, "disp", spatial=spatial)
     check_choice(padding, _PADDINGS, "padding")
     labels = not image.is_floating_point()
@@ -204,10 +200,10 @@ def affine_to_displacement(matrix: torch.Tensor, shape, *, center: str = "origin
     Tensor, shape (B, ndim, *shape): ``u(x) = A (x - c) + c + t - x``.
 
     >>> m = torch.tensor([[[1., 0., 2.], [0., 1., -1.]]])
-    >>> affine_to_displacement(m, (3, 4))[0, :, 0, 0]
-    tensor([ 2., -1.])
+    >>> affine_to_displacement(m, (3, 4))[0, :, 0, 0].tolist()
+    [2.0, -1.0]
     """
-    check_tensor(matrix, "matrix", floating=True)
+    matrix = check_tensor(as_tensor(matrix, "matrix"), "matrix", floating=True)
     check_choice(center, ("origin", "image"), "center")
     shape = tuple(int(n) for n in shape)
     nd = len(shape)
@@ -236,6 +232,7 @@ def compose(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
     field ``compose(u1, u2)``. Fields are extended at the border (``padding=
     "border"``) rather than by zero, which keeps motion near the edges.
     """
+    u1, u2 = as_tensor(u1, "u1"), as_tensor(u2, "u2")
     check_field(u1, "u1")
     check_field(u2, "u2", spatial=tuple(u1.shape[2:]))
     return u2 + warp(u1, u2, mode="bilinear", padding="border")
@@ -248,7 +245,7 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     approximates ``exp(v)``, a diffeomorphism when ``v`` is smooth enough.
     ``steps=0`` returns ``v`` itself (a plain displacement).
     """
-    check_field(velocity, "velocity")
+    velocity = check_field(as_tensor(velocity, "velocity"), "velocity")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
     u = velocity / (2 ** steps)
@@ -268,6 +265,109 @@ class IntegrateVelocity(nn.Module):
         return integrate_velocity(velocity, self.steps)
 
 
+def jacobian_determinant(disp) -> torch.Tensor:
+    """Determinant of the Jacobian of ``phi = id + u``, ``(B, *spatial)``.
+
+    A property of the transform, so it lives here; :mod:`regedu.metrics`
+    offers it among the measures (``metrics.jacobian_determinant``).
+
+    Derivatives by central differences (one-sided at the borders, as
+    ``np.gradient``). det = 1: volume kept; > 1: expansion; <= 0: folding.
+
+    >>> jacobian_determinant(torch.zeros(1, 2, 4, 5)).unique()
+    tensor([1.])
+    """
+    disp = as_tensor(disp, "disp")
+    check_field(disp, "disp")
+    nd = disp.shape[1]
+    if min(disp.shape[2:]) < 2:
+        raise ValueError(f"disp: need at least 2 voxels along each axis for derivatives, got "
+                         f"shape {tuple(disp.shape)}")
+    # J[:, i, j] = d phi_i / d x_j = delta_ij + d u_i / d x_j
+    grads = torch.gradient(disp, dim=tuple(range(2, 2 + nd)))
+    J = torch.stack(grads, dim=2)
+    J = J + torch.eye(nd, dtype=disp.dtype, device=disp.device).view(1, nd, nd, *([1] * nd))
+    J = J.movedim((1, 2), (-2, -1))
+    if nd == 2:
+        return J[..., 0, 0] * J[..., 1, 1] - J[..., 0, 1] * J[..., 1, 0]
+    return (J[..., 0, 0] * (J[..., 1, 1] * J[..., 2, 2] - J[..., 1, 2] * J[..., 2, 1])
+            - J[..., 0, 1] * (J[..., 1, 0] * J[..., 2, 2] - J[..., 1, 2] * J[..., 2, 0])
+            + J[..., 0, 2] * (J[..., 1, 0] * J[..., 2, 1] - J[..., 1, 1] * J[..., 2, 0]))
+
+
+def invert_field(disp: torch.Tensor, *, iterations: int = 50, tol: float = 1e-4,
+                 folding: str = "warn") -> torch.Tensor:
+    """The inverse displacement ``v`` of ``u``, by fixed-point iteration.
+
+    ``phi_u o phi_v = id`` reads ``v(x) + u(x + v(x)) = 0``, i.e. ``v = -warp(u, v)``:
+    start from ``v = -u`` and repeat ``v <- -warp(u, v)`` (Chen et al., Med. Phys.
+    35(1), 2008). Each step shrinks the error by about the largest derivative of
+    ``u``, so it converges quickly for a smooth field with ``|grad u| < 1`` and
+    not at all where the field folds (there no inverse exists).
+
+    Parameters
+    ----------
+    disp : Tensor, shape (B, ndim, *spatial)
+        The displacement ``u`` to invert (voxels, tensor-axis order).
+    iterations : int
+        At most this many steps.
+    tol : float
+        Stop when no voxel of ``v`` changes by more than ``tol`` voxels in a step;
+        the change is also the residual ``|compose(u, v)|`` of the last iterate.
+    folding : {"warn", "raise", "ignore"}
+        What to do when ``det J <= 0`` somewhere (see
+        :func:`regedu.metrics.jacobian_determinant`): the result is then not an inverse.
+
+    Returns
+    -------
+    Tensor, shape (B, ndim, *spatial)
+        ``v`` with ``compose(u, v) ~ 0`` and ``compose(v, u) ~ 0`` away from the
+        borders (``u`` is extended at the border, as in :func:`compose`).
+        Differentiable with respect to ``disp``.
+
+    Warns (RuntimeWarning) when the iteration has not converged to ``tol``.
+
+    Convention: fields pull (docs/conventions.md, "Conventions"); if ``u`` maps
+    fixed to moving coordinates, ``v`` maps moving to fixed, on the moving grid.
+
+    Examples
+    --------
+    A translation inverts to the opposite translation:
+
+    >>> u = torch.zeros(1, 2, 5, 6); u[:, 0] = 1.5; u[:, 1] = -0.5
+    >>> invert_field(u)[0, :, 2, 3].tolist()
+    [-1.5, 0.5]
+    """
+    disp = check_field(as_tensor(disp, "disp"), "disp")
+    check_positive(iterations, "iterations", integer=True)
+    check_positive(tol, "tol")
+    check_choice(folding, ("warn", "raise", "ignore"), "folding")
+    if folding != "ignore":
+        with torch.no_grad():
+            folded = int((jacobian_determinant(disp) <= 0).sum())
+        if folded:
+            message = (f"disp: det J <= 0 at {folded} of {disp[:, 0].numel()} voxels; a folding "
+                       f"field has no inverse there, and the result is not one (smooth or "
+                       f"regularise the field first, or pass folding='ignore')")
+            if folding == "raise":
+                raise ValueError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+    v = -disp
+    change = float("inf")
+    for _ in range(iterations):
+        # compose(u, v) = v + warp(u, v): the new iterate differs from v by exactly
+        # the residual of the old one, so the step size measures convergence.
+        new = -warp(disp, v, mode="bilinear", padding="border")
+        change = float((new - v).detach().abs().max())
+        v = new
+        if change <= tol:
+            return v
+    warnings.warn(f"disp: the inverse did not converge in {iterations} iterations (last change "
+                  f"{change:.3g} voxels > tol={tol:g}); raise iterations, or the field is too "
+                  f"strongly deformed to invert", RuntimeWarning, stacklevel=2)
+    return v
+
+
 def resize_field(disp: torch.Tensor, size) -> torch.Tensor:
     """Resample a displacement to a new spatial ``size``, rescaling its values.
 
@@ -275,7 +375,7 @@ def resize_field(disp: torch.Tensor, size) -> torch.Tensor:
     ``(size[k] - 1) / (n[k] - 1)``, and so does channel ``k`` (a field of one
     voxel at 64^2 is one of ~2 voxels at 128^2).
     """
-    check_field(disp, "disp")
+    disp = check_field(as_tensor(disp, "disp"), "disp")
     old = tuple(disp.shape[2:])
     size = tuple(int(n) for n in size)
     if len(size) != len(old):
@@ -303,8 +403,8 @@ def warp_points(points: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     Tensor of the shape of ``points``: where each point lies in the moving
     image. ``u`` is interpolated linearly and extended at the border.
     """
-    check_tensor(points, "points", floating=True)
-    check_field(disp, "disp")
+    points = check_tensor(as_tensor(points, "points"), "points", floating=True)
+    disp = check_field(as_tensor(disp, "disp"), "disp")
     nd = disp.shape[1]
     squeeze = points.dim() == 2
     pts = points[None] if squeeze else points
@@ -332,6 +432,8 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     >>> round(float(gaussian_blur(x, 1.0).sum()), 4)
     1.0
     """
+    image = check_tensor(as_tensor(image, "image"), "image", floating=True)
+    check_shape(image, "B C *S", "image")
     check_positive(sigma, "sigma")
     radius = max(1, int(round(3 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
@@ -343,3 +445,76 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
         flat = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (radius, radius), mode="replicate")
         out = F.conv1d(flat, g).reshape(moved.shape).movedim(-1, dim)
     return out
+
+
+def random_field(shape, amplitude: float, points=4, *, channels: int | None = None, cubic: bool = False,
+                 seed=0) -> torch.Tensor:
+    """A smooth random field ``(1, channels, *shape)``: Gaussian noise at control points, interpolated.
+
+    Noise of standard deviation ``amplitude`` at ``points`` control points per
+    axis (a number, or one per axis; the corner points sit on the corner
+    voxels) is interpolated to ``shape``: (bi/tri)linearly, or with
+    ``cubic=True`` by cubic convolution along each axis, whose derivatives,
+    and so the Jacobian of a displacement, are continuous too (no creases
+    along the control grid). Fewer points give a smoother field.
+    ``channels`` defaults to ``len(shape)``: a displacement in voxels.
+    ``seed`` is an int or a ``torch.Generator`` to draw from (several fields
+    from one stream, as :func:`regedu.datasets.synth_subject` does).
+
+    >>> u = random_field((32, 40), 2.0, seed=1)
+    >>> tuple(u.shape), bool(torch.equal(u, random_field((32, 40), 2.0, seed=1)))
+    ((1, 2, 32, 40), True)
+    """
+    shape = tuple(int(n) for n in shape)
+    for n in shape:
+        check_positive(n, "shape", integer=True)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"shape: expected 2 or 3 sizes, got {shape}")
+    points = [int(points)] * len(shape) if isinstance(points, (int, float)) else [int(k) for k in points]
+    if len(points) != len(shape) or min(points) < 2:
+        raise ValueError(f"points: expected at least 2 control points along each of the {len(shape)} "
+                         f"axes, got {points}")
+    if not amplitude >= 0:
+        raise ValueError(f"amplitude: expected a non-negative number, got {amplitude}")
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    coarse = torch.randn(1, channels or len(shape), *points, generator=generator) * amplitude
+    if not cubic:
+        return F.interpolate(coarse, size=shape, mode=("bilinear", "trilinear")[len(shape) - 2],
+                             align_corners=True)
+    if len(shape) == 2:
+        return F.interpolate(coarse, size=shape, mode="bicubic", align_corners=True)
+    # torch has no tricubic mode: bicubic over (H, W), then over (D, W) with W at its size,
+    # where the cubic weights at the samples are (0, 1, 0, 0) and leave it as it is.
+    c, (d, h, w), (D, H, W) = coarse.shape[1], points, shape
+    x = F.interpolate(coarse.reshape(c * d, 1, h, w), size=(H, W), mode="bicubic", align_corners=True)
+    x = x.reshape(c, d, H, W).permute(0, 2, 1, 3).reshape(c * H, 1, d, W)
+    x = F.interpolate(x, size=(D, W), mode="bicubic", align_corners=True)
+    return x.reshape(1, c, H, D, W).permute(0, 1, 3, 2, 4).contiguous()
+
+
+def diffusion_fit(disp, weight: float) -> torch.Tensor:
+    """The smoothest field close to ``disp``: diffusion-regularised least squares.
+
+    Solves ``min_v ||v - u||^2 + weight * sum_k ||D_k v||^2`` exactly, ``D_k``
+    the forward difference along axis ``k`` with mirrored borders (the
+    diffusion regulariser of :func:`regedu.losses.diffusion`, as a sum). The
+    normal equations ``(I + weight * L) v = u`` are diagonal in the DCT basis,
+    where the Laplacian ``L`` has eigenvalues ``sum_k 2 - 2 cos(pi j_k / n_k)``.
+    ``weight = 0`` returns ``u``; a large weight leaves only the mean
+    (translation), which no smoothness penalty touches.
+
+    >>> u = random_field((16, 16), 2.0)
+    >>> bool(torch.allclose(diffusion_fit(u, 0.0), u, atol=1e-6))
+    True
+    """
+    from scipy.fft import dctn, idctn
+    u = check_field(as_tensor(disp, "disp").detach().cpu(), "disp")
+    if not weight >= 0:
+        raise ValueError(f"weight: expected a non-negative number, got {weight}")
+    spatial = u.shape[2:]
+    eig = sum((2 - 2 * np.cos(np.pi * np.arange(n) / n)).reshape([-1 if a == k else 1
+                                                                   for a in range(len(spatial))])
+              for k, n in enumerate(spatial))
+    axes = tuple(range(2, u.dim()))
+    coef = dctn(u.double().numpy(), type=2, norm="ortho", axes=axes) / (1.0 + weight * eig)
+    return torch.from_numpy(idctn(coef, type=2, norm="ortho", axes=axes).astype(np.float32))

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from regedu.spatial import random_field
+
 SHARED_DATA = Path(os.environ.get("REGEDU_SHARED_DATA",
                                   Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -36,12 +38,12 @@ def shared_data() -> Path:
 
 
 def smooth_field(shape, amplitude, *, seed=0, sigma_frac=0.15, dtype=torch.float32):
-    """A random smooth displacement (B=1) for tests: Gaussian-smoothed noise."""
-    from scipy.ndimage import gaussian_filter
-    rng = np.random.default_rng(seed)
-    nd = len(shape)
-    comps = []
-    for _ in range(nd):
-        n = gaussian_filter(rng.standard_normal(shape), sigma=[s * sigma_frac for s in shape])
-        comps.append(n / (np.abs(n).max() + 1e-12) * amplitude)
-    return torch.tensor(np.stack(comps)[None], dtype=dtype)
+    """A random smooth displacement (B=1) for tests, from ``regedu.spatial.random_field``.
+
+    Control points about 2.5 sigma apart, sigma = ``sigma_frac`` of each side,
+    interpolated by cubic convolution (smooth derivatives); each component is
+    scaled to a largest absolute value of ``amplitude``.
+    """
+    points = max(2, round(1 / (2.5 * sigma_frac)) + 1)
+    u = random_field(shape, 1.0, points, cubic=True, seed=seed).to(dtype)
+    return u * (amplitude / u.abs().amax(dim=tuple(range(2, u.dim())), keepdim=True))

@@ -9,6 +9,8 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 from regedu import classic, losses
 from regedu.spatial import affine_to_displacement, warp
 
+from conftest import smooth_field
+
 ants = pytest.importorskip("ants")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -21,9 +23,8 @@ def _blobs(shape, seed=0, sigma=3.0):
 
 
 def _smooth_field(shape, amplitude, seed=1, sigma=4.0):
-    rng = np.random.default_rng(seed)
-    d = np.stack([gaussian_filter(rng.standard_normal(shape), sigma) for _ in shape])
-    return (d * amplitude / np.abs(d).max()).astype(np.float64)
+    u = smooth_field(shape, amplitude, seed=seed, sigma_frac=sigma / shape[0], dtype=torch.float64)
+    return u[0].numpy()
 
 
 def _pull(image, disp):
@@ -47,10 +48,18 @@ def _inside(u):
 SMALL = dict(aff_shrink_factors=(2, 1), aff_smoothing_sigmas=(1, 0), aff_iterations=(200, 100),
              aff_random_sampling_rate=1.0)
 
-def test_missing_antspyx_says_how_to_install(monkeypatch):
+def test_missing_antspyx_says_where_it_has_wheels(monkeypatch):
     monkeypatch.setitem(sys.modules, "ants", None)
-    with pytest.raises(ImportError, match=r"pip install regedu\[ants\]"):
-        classic.ants_syn(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32))
+    classic.ants_missing.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"antspyx is not installed here .*wheel"):
+            classic.ants_syn(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32))
+        note = classic.ants_missing()
+        assert note.startswith("ANTs rows skipped: antspyx is not installed here") and "\n" not in note
+    finally:
+        monkeypatch.undo()
+        classic.ants_missing.cache_clear()
+    assert classic.ants_missing() is None  # installed in the test environment
 
 
 def _write(tx, tmp_path, name="tx.mat"):

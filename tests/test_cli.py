@@ -11,7 +11,7 @@ import torch
 
 from regedu import nets
 from regedu.cli import main
-from regedu.train import load_checkpoint, load_model, save_checkpoint
+from regedu.checkpoints import load_checkpoint, load_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,10 +51,14 @@ def checkpoint3d(tmp_path):
 def nifti_pair(tmp_path):
     affine = np.diag([2.0, 1.5, 3.0, 1.0])
     affine[:3, 3] = [-10, 20, 5]
+    # The moving image has the same voxel size but another origin: outputs take the fixed one's.
+    moving_affine = affine.copy()
+    moving_affine[:3, 3] = [3, -4, 0]
     out = {}
     for name, seed in (("fixed", 0), ("moving", 1)):
         img, seg = blob_image((12, 14, 10), seed)
-        nib.save(nib.Nifti1Image(img, affine if name == "fixed" else np.eye(4)), tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(img, affine if name == "fixed" else moving_affine),
+                 tmp_path / f"{name}.nii.gz")
         nib.save(nib.Nifti1Image(seg, affine), tmp_path / f"{name}_seg.nii.gz")
         out[name] = tmp_path / f"{name}.nii.gz"
         out[name + "_seg"] = tmp_path / f"{name}_seg.nii.gz"
@@ -131,7 +135,7 @@ def test_train_on_the_offline_fundus_pairs(tmp_path, capsys, monkeypatch):
     assert state["config"]["encoder"] == [8, 8] and state["step"] == 2
     assert state["history"]["val"]["step"] == [1, 2]  # held-out pairs, every tenth of the run
     code, out, err = run(["train", "--data", "fundus", "--pairs", 3, "--steps", 1, "--out", ckpt,
-                          "--no-progress", "--grad-clip", 1, "--model-arg", "encoder=[8,8]",
+                          "--force", "--no-progress", "--grad-clip", 1, "--model-arg", "encoder=[8,8]",
                           "--model-arg", "decoder=[8,8,8]"], capsys)
     assert code == 0, err
     assert "on 3 pairs of 128x128 from fundus" in out

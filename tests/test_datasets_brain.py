@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from regedu.datasets import (FREESURFER_30, MNI_NOTICE, BrainPairs, SubjectPairs, brain_slice, donor_brain, label_table,
-                             load_vxm_labels, mni_brain, synth_subject, to_freesurfer)
+from regedu.datasets import (FREESURFER_30, MNI_NOTICE, STRUCTURE_NAMES, BrainPairs, SubjectPairs,
+                             brain_slice, donor_brain, label_table, load_vxm_labels, mni_brain,
+                             synth_subject, to_freesurfer)
 
 THIRTY = [2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
-          41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63]  # DESIGN.md 5b, written out independently
+          41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63]  # docs/conventions.md, written out independently
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,7 +37,7 @@ def test_template_shape_range_and_cache(brain, cache):
 
 def test_labels_cover_the_thirty_structures_where_a_source_exists(brain):
     present = set(np.unique(brain.seg)) - {0}
-    assert list(FREESURFER_30) == THIRTY
+    assert list(FREESURFER_30) == THIRTY == list(STRUCTURE_NAMES)  # one vocabulary (datasets.freesurfer)
     missing = set(THIRTY) - present
     assert missing == {28, 31, 60, 63}  # ventral DC and choroid plexus: no source offline
     table = label_table()

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from regedu.cli import main
 from regedu.datasets.fetch import (ChecksumError, DataUnavailableError, DatasetInfo,
-                                   UnsafeArchiveError, fetch, fetch_main, is_cached, safe_extract)
+                                   UnsafeArchiveError, fetch, is_cached, safe_extract)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -213,9 +214,79 @@ def test_7z_extracts_and_refuses_traversal(tmp_path, monkeypatch):
     assert not (tmp_path / "evil.txt").exists()
 
 
-def test_fetch_main_lists_and_fetches(tmp_path, capsys):
-    assert fetch_main(["--cache-dir", str(tmp_path)]) == 0
+def test_regedu_fetch_lists_and_fetches(tmp_path, capsys):
+    # On the main parser: its errors read like every command's, with the same exit status.
+    assert main(["fetch", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "fire" in out and "neurite-oasis-3d" in out and "manual download" in out
-    assert fetch_main(["--cache-dir", str(tmp_path), "learn2reg-oasis"]) == 1
-    assert "by hand" in capsys.readouterr().err
+    assert main(["fetch", "--cache-dir", str(tmp_path), "learn2reg-oasis"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("regedu: error: ") and "by hand" in err
+
+
+def test_a_cached_file_corrupted_after_verification_is_no_longer_cached(tmp_path, monkeypatch):
+    import importlib
+    import os
+    fetch_module = importlib.import_module("regedu.datasets.fetch")
+    src = tmp_path / "src" / "toy.bin"
+    src.parent.mkdir()
+    src.write_bytes(b"abc" * 1000)
+    cache = tmp_path / "cache"
+    info = _info(src)
+    monkeypatch.setitem(fetch_module.REGISTRY, "toy", info)
+    path = fetch("toy", cache_dir=cache)
+    assert is_cached("toy", cache_dir=cache)
+    stat = path.stat()
+    with open(path, "r+b") as f:  # one byte flipped in place: same size...
+        f.write(b"X")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...and the old time stamp
+    assert not is_cached("toy", cache_dir=cache)
+    with pytest.raises(ChecksumError, match="in the cache.*checksum mismatch"):
+        fetch("toy", cache_dir=cache)
+    # Large files are trusted by size and time stamp; a write changes the time stamp.
+    monkeypatch.setattr(fetch_module, "_REHASH_BELOW", 0)
+    path.write_bytes(b"abc" * 1000)
+    fetch_module._write_marker(path, info)
+    assert is_cached("toy", cache_dir=cache)
+    with open(path, "r+b") as f:
+        f.write(b"X")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert not is_cached("toy", cache_dir=cache)
+
+
+def test_an_archive_that_cannot_be_unpacked_loses_its_verified_mark(tmp_path, capsys):
+    src = tmp_path / "src" / "toy.tar"
+    src.parent.mkdir()
+    src.write_bytes(b"not a tar archive " * 100)  # passes its checksum, but is no archive
+    info = _info(src, extract=True)
+    cache = tmp_path / "cache"
+    with pytest.raises(ChecksumError, match="toy.tar: cannot be unpacked.*no longer marked verified"):
+        fetch(info, cache_dir=cache)
+    assert not (cache / "toy.tar.verified").exists()
+    assert not is_cached(info, cache_dir=cache)
+    assert not [p for p in cache.iterdir() if p.name.endswith(".part")]
+
+
+def test_an_unpacked_archive_is_cached_only_with_its_folder(tmp_path):
+    src = tmp_path / "toy.tar"
+    with tarfile.open(src, "w") as t:
+        ti = tarfile.TarInfo("a.txt")
+        ti.size = 1
+        t.addfile(ti, io.BytesIO(b"x"))
+    info = _info(src, extract=True)
+    cache = tmp_path / "cache"
+    folder = fetch(info, cache_dir=cache)
+    assert is_cached(info, cache_dir=cache)
+    (folder / ".extracted").unlink()
+    assert not is_cached(info, cache_dir=cache)
+
+
+def test_a_mirror_that_is_not_a_folder_is_an_error(tmp_path, monkeypatch):
+    src = tmp_path / "toy.bin"
+    src.write_bytes(b"abc")
+    with pytest.raises(ValueError, match=r"mirror: '.*no_such_mirror' is not a folder"):
+        fetch(_info(src), cache_dir=tmp_path / "cache", mirror=tmp_path / "no_such_mirror")
+    monkeypatch.setenv("REGEDU_MIRROR", str(tmp_path / "typo"))
+    with pytest.raises(ValueError, match="REGEDU_MIRROR: .*typo' is not a folder.*unset REGEDU_MIRROR"):
+        fetch(_info(src), cache_dir=tmp_path / "cache")
+    assert main(["fetch", "--cache-dir", str(tmp_path / "cache"), "vxm-labels"]) == 2

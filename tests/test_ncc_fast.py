@@ -1,36 +1,19 @@
 """The fast local NCC (banded-matrix box sums, hand-written backward) against
-references: neurite 0.3.4's ``ncc`` (what voxelmorph 0.3.4 uses), dense
-convolutions with a ones kernel, and autograd through the plain formula."""
+references: the definition (``losses.ncc_reference``: dense convolutions with
+a ones kernel, differentiated by autograd) and neurite 0.3.4's ``ncc`` (what
+voxelmorph 0.3.4 uses)."""
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from regedu import losses
-from regedu.losses import _box_sum, _LocalNCCMap
+from regedu.losses import _box_sum, _box_sum_by_definition as _dense_box, _LocalNCCMap
+from regedu.losses import _local_cc_by_definition as _plain_ncc_map
 from regedu.spatial import warp
 
 from conftest import smooth_field
 
 ne = pytest.importorskip("neurite")
-
-
-def _dense_box(x, window):
-    # The textbook box sum: one dense window**ndim convolution with ones.
-    B, C, *spatial = x.shape
-    conv = (F.conv2d, F.conv3d)[len(spatial) - 2]
-    kernel = x.new_ones(1, 1, *([window] * len(spatial)))
-    return conv(x.reshape(B * C, 1, *spatial), kernel, padding=window // 2).reshape(x.shape)
-
-
-def _plain_ncc_map(I, J, window, eps=1e-5):
-    # The formula written plainly, for autograd to differentiate.
-    n = window ** (I.dim() - 2)
-    S_I, S_J = _dense_box(I, window), _dense_box(J, window)
-    S_II, S_JJ, S_IJ = _dense_box(I * I, window), _dense_box(J * J, window), _dense_box(I * J, window)
-    cross = S_IJ - S_I * S_J / n
-    var_I, var_J = S_II - S_I * S_I / n, S_JJ - S_J * S_J / n
-    return cross * cross / (var_I * var_J + eps)
 
 
 @pytest.mark.parametrize("shape, window", [
@@ -47,6 +30,17 @@ def test_box_sum_overwrite_gives_the_same_sums():
     x = torch.rand(2, 3, 10, 11, 12)
     expected = _box_sum(x, 5)
     assert torch.equal(_box_sum(x.clone(), 5, overwrite=True), expected)
+
+
+@pytest.mark.parametrize("shape, window", [((2, 1, 23, 31), 9), ((1, 2, 11, 14, 17), 5),
+                                           ((1, 1, 3, 70, 9), 9)])
+def test_the_fast_path_equals_the_definition(shape, window):
+    a = torch.rand(shape, dtype=torch.float64)
+    b = 0.5 * a + 0.5 * torch.rand(shape, dtype=torch.float64)
+    fast = losses.ncc_local(a, b, window=window, reduction="none")
+    assert torch.allclose(fast, losses.ncc_reference(a, b, window=window, reduction="none"),
+                          rtol=0, atol=1e-12)
+    assert float(losses.ncc_reference(a, a, window=window)) < -0.99  # a perfect match is about -1
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 23, 31), (1, 3, 80, 67), (2, 2, 11, 14, 17), (1, 1, 19, 70, 23)])
@@ -84,7 +78,8 @@ def test_gradient_equals_autograd_through_the_plain_formula(shape, window):
     J = 0.4 * I + 0.6 * torch.rand(shape, dtype=torch.float64)
     weights = torch.rand(shape, dtype=torch.float64)  # a non-uniform upstream gradient
     grads = []
-    for fn in (lambda x, y: _LocalNCCMap.apply(x, y, window, 1e-5), lambda x, y: _plain_ncc_map(x, y, window)):
+    for fn in (lambda x, y: _LocalNCCMap.apply(x, y, window, 1e-5),
+               lambda x, y: _plain_ncc_map(x, y, window, 1e-5)):
         x, y = I.clone().requires_grad_(True), J.clone().requires_grad_(True)
         (fn(x, y) * weights).sum().backward()
         grads.append((x.grad, y.grad))

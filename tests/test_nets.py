@@ -411,3 +411,26 @@ def test_rescaled_round_trips_through_its_config_and_checks_sizes():
     cascade = nets.create("cascade", spatial_dims=3, n_stages=2, shared=True, stage="rescaled",
                           stage_kwargs={"model": small("unet", 3).config, "factor": 2})
     assert cascade(x, x).disp.shape == (1, 3, 16, 20, 24)
+
+
+@pytest.mark.parametrize("stride, size, kernel", [(1, (9, 11, 13), 3), (2, (9, 11, 13), 3), (2, (10, 12, 14), 3),
+                                                  (1, (6, 7, 16), 5), (1, (8, 8, 3), 3)])
+def test_conv3d_for_one_volume_equals_nn_conv3d(stride, size, kernel):
+    """The batch-of-one path (two overlapping halves as a batch of two) gives nn.Conv3d's result and gradients."""
+    from regedu.nets._base import Conv3d, _takes_native_path
+    torch.manual_seed(0)
+    ref = torch.nn.Conv3d(4, 6, kernel, stride=stride, padding=kernel // 2)
+    ours = Conv3d(4, 6, kernel, stride=stride, padding=kernel // 2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 4, *size, requires_grad=True)
+    assert _takes_native_path(x, ours), "the test must exercise the split path"
+    a, b = ref(x), ours(x)
+    assert a.shape == b.shape
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(a.square().sum(), [x, ref.weight, ref.bias])
+    gb = torch.autograd.grad(b.square().sum(), [x, ours.weight, ours.bias])
+    for g_ours, g_ref in zip(gb, ga):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-4 * float(g_ref.abs().max()))
+    big = torch.randn(2, 4, *size)
+    assert not _takes_native_path(big, ours)  # a real batch keeps PyTorch's own path
+    torch.testing.assert_close(ours(big), ref(big))

@@ -1,4 +1,4 @@
-"""The conventions of DESIGN.md section 1, as executable checks."""
+"""The conventions of docs/conventions.md ("Conventions"), as executable checks."""
 import numpy as np
 import pytest
 import torch

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from regedu import losses, nets, train
+from regedu import checkpoints, losses, nets, train
 from regedu.nets import RegistrationOutput
 from regedu.spatial import warp
 
@@ -72,6 +72,48 @@ class ShiftPairs(Dataset):
         return {"moving": moving, "fixed": fixed, "moving_seg": seg(moving), "fixed_seg": seg(fixed)}
 
 
+def test_fit_is_a_loop_of_train_step():
+    # The algorithm has one home: fit's history and weights are those of a plain
+    # loop of train_step over the same shuffled batches, to the bit.
+    objective = {"ncc": 1.0, "diffusion": 0.5, "dice": 0.2}
+    data = ShiftPairs(n=3, noise=0.05)
+    torch.manual_seed(0)
+    fitted = TinyNet(deep=True, dropout=0.3)
+    history = train.fit(fitted, data, losses=objective, steps=5, lr=1e-3, batch_size=2, seed=7,
+                        grad_clip=1.0, progress=False, device="cpu")
+    torch.manual_seed(0)
+    looped = TinyNet(deep=True, dropout=0.3).train()
+    optimizer = torch.optim.Adam(looped.parameters(), lr=1e-3)
+    train.seed_everything(7)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, shuffle=True)
+    losses_by_step = []
+    while len(losses_by_step) < 5:
+        for batch in loader:
+            values = train.train_step(looped, batch, optimizer, losses=objective, grad_clip=1.0)
+            losses_by_step.append(float(values["loss"]))
+            if len(losses_by_step) == 5:
+                break
+    assert history["train"]["loss"] == losses_by_step
+    assert all(torch.equal(a, b) for a, b in zip(fitted.state_dict().values(), looped.state_dict().values()))
+
+
+def test_a_supervised_field_term_learns_the_true_displacement():
+    # Notebook 05's RegNet-style training: the label is the field itself.
+    class KnownFields(ShiftPairs):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            item["disp"] = torch.tensor(self.shift).view(2, 1, 1).expand(2, *item["moving"].shape[1:])
+            return item
+
+    model = TinyNet()
+    history = train.fit(model, KnownFields(), losses={"field": 1.0}, steps=30, lr=1e-2, progress=False,
+                        device="cpu")
+    loss = history["train"]["field"]
+    assert loss[-1] < 0.1 * loss[0]
+    with pytest.raises(ValueError, match=r"losses\['field'\]: the batch holds no true displacement"):
+        train.fit(TinyNet(), ShiftPairs(), losses={"field": 1.0}, steps=1, progress=False, device="cpu")
+
+
 def test_a_regedu_unet_learns_a_known_translation(tmp_path):
     torch.manual_seed(0)
     model = nets.create("unet", spatial_dims=2, encoder=(8, 16), decoder=(16, 8, 8))
@@ -89,17 +131,17 @@ def test_a_regedu_unet_learns_a_known_translation(tmp_path):
     mean = disp[0, :, 8:-8, 8:-8].mean(dim=(1, 2))
     assert torch.allclose(mean, torch.tensor([2.0, -1.0]), atol=0.3), mean
     # The checkpoint rebuilds the same network from its config.
-    rebuilt = train.load_model(ckpt)
+    rebuilt = checkpoints.load_model(ckpt)
     with torch.no_grad():
         assert torch.equal(rebuilt(moving, fixed).disp, model.eval()(moving, fixed).disp)
     # factor=2: the same network on the pair at twice the resolution finds twice the shift.
     fine = [F.interpolate(x, scale_factor=2, mode="nearest") for x in (moving, fixed)]
     with torch.no_grad():
-        disp2 = train.load_model(ckpt, factor=2)(*fine).disp
+        disp2 = checkpoints.load_model(ckpt, factor=2)(*fine).disp
     mean2 = disp2[0, :, 16:-16, 16:-16].mean(dim=(1, 2))
     assert torch.allclose(mean2, torch.tensor([4.0, -2.0]), atol=0.6), mean2
     ckpt.with_suffix(".txt").write_text("regedu train --steps 40\n")
-    note = train.checkpoint_note(ckpt)
+    note = checkpoints.checkpoint_note(ckpt)
     assert "LOADED" in note and "step 40" in note and "regedu train --steps 40" in note, note
 
 
@@ -110,7 +152,7 @@ def test_a_diffeomorphic_model_regularises_its_velocity():
     item = ShiftPairs()[0]
     moving, fixed = item["moving"][None], item["fixed"][None]
     output = model(moving, fixed)
-    terms = train.loss_terms(output, moving, fixed, losses={"ncc": 1.0, "diffusion": 2.0})
+    terms = losses.loss_terms(output, moving, fixed, losses={"ncc": 1.0, "diffusion": 2.0})
     assert torch.allclose(terms["diffusion"], 2.0 * losses.diffusion(output.velocity))
     assert not torch.allclose(terms["diffusion"], 2.0 * losses.diffusion(output.disp))
 
@@ -130,14 +172,14 @@ def test_deep_supervision_terms_are_present_and_trained():
     model = TinyNet(deep=True)
     item = ShiftPairs()[0]
     moving, fixed = item["moving"][None], item["fixed"][None]
-    terms = train.loss_terms(model(moving, fixed), moving, fixed, losses={"mse": 1.0, "diffusion": 0.1})
+    terms = losses.loss_terms(model(moving, fixed), moving, fixed, losses={"mse": 1.0, "diffusion": 0.1})
     assert "deep" in terms
     terms["loss"].backward()
     # The deep head only reaches the loss through deep supervision.
     assert model.deep_flow.bias.grad is not None and model.deep_flow.bias.grad.abs().sum() > 0
 
     model.zero_grad(set_to_none=True)
-    terms = train.loss_terms(model(moving, fixed), moving, fixed, losses={"mse": 1.0}, deep_weight=0)
+    terms = losses.loss_terms(model(moving, fixed), moving, fixed, losses={"mse": 1.0}, deep_weight=0)
     assert "deep" not in terms
     terms["loss"].backward()
     assert model.deep_flow.bias.grad is None
@@ -204,7 +246,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_exactly(tmp_path):
     ckpt = tmp_path / "b.pt"
     with pytest.raises(KeyboardInterrupt):  # killed while drawing step 5's batch (items 8, 9)
         train.fit(TinyNet(dropout=0.3), CrashingPairs(8, n=5, noise=0.05), checkpoint=ckpt, **kwargs)
-    assert train.load_checkpoint(ckpt)["step"] == 4
+    assert checkpoints.load_checkpoint(ckpt)["step"] == 4
     resumed = train.fit(TinyNet(dropout=0.3), ShiftPairs(n=5, noise=0.05), checkpoint=ckpt,
                         resume=True, **kwargs)
     assert straight["train"] == resumed["train"]
@@ -226,7 +268,7 @@ def test_checkpoint_holds_config_and_loads_with_weights_only(tmp_path):
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "model.pt"
-    train.save_checkpoint(path, {"step": 1, "w": torch.arange(3)})
+    checkpoints.save_checkpoint(path, {"step": 1, "w": torch.arange(3)})
     before = path.read_bytes()
 
     def crash(obj, f, *args, **kwargs):
@@ -235,10 +277,10 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"step": 2, "w": torch.arange(4)})
+        checkpoints.save_checkpoint(path, {"step": 2, "w": torch.arange(4)})
     monkeypatch.undo()
     assert path.read_bytes() == before
-    assert train.load_checkpoint(path)["step"] == 1
+    assert checkpoints.load_checkpoint(path)["step"] == 1
     assert list(tmp_path.iterdir()) == [path], "no temporary file left behind"
 
 
@@ -293,9 +335,9 @@ def test_load_checkpoint_rejects_other_files(tmp_path):
     bad = tmp_path / "notes.pt"
     bad.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a regedu checkpoint"):
-        train.load_checkpoint(bad)
+        checkpoints.load_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="no file"):
-        train.load_checkpoint(tmp_path / "missing.pt")
+        checkpoints.load_checkpoint(tmp_path / "missing.pt")
 
 
 def test_grad_clip_bounds_the_norm_the_optimiser_sees(tmp_path):
@@ -317,6 +359,245 @@ def test_grad_clip_bounds_the_norm_the_optimiser_sees(tmp_path):
     unclipped, clipped = seen[:3], seen[3:]
     assert min(unclipped) > 1e-4, unclipped  # so that the clip below binds
     assert all(n <= 1e-4 * (1 + 1e-4) for n in clipped), clipped
-    assert train.load_checkpoint(tmp_path / "clip0.0001.pt")["train_config"]["grad_clip"] == 1e-4
+    assert checkpoints.load_checkpoint(tmp_path / "clip0.0001.pt")["train_config"]["grad_clip"] == 1e-4
     with pytest.raises(ValueError, match="grad_clip"):
         train.fit(TinyNet(), ShiftPairs(), losses={"mse": 1.0}, steps=1, progress=False, grad_clip=-1.0)
+
+
+# ---------------------------------------------------------------- nothing lost, nothing silently wrong
+
+class CountingPairs(ShiftPairs):
+    """Counts the items drawn; ``on_item`` (index of the draw -> action) can act on a draw."""
+
+    def __init__(self, on_item=None, **kwargs):
+        super().__init__(**kwargs)
+        self.drawn, self.on_item = 0, on_item or {}
+
+    def __getitem__(self, i):
+        self.drawn += 1
+        action = self.on_item.get(self.drawn)
+        if action is not None:
+            action()
+        return super().__getitem__(i)
+
+
+def test_an_existing_checkpoint_is_not_replaced_without_resume_or_overwrite(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    train.fit(TinyNet(), ShiftPairs(), losses={"mse": 1.0}, steps=2, checkpoint=ckpt, progress=False,
+              device="cpu")
+    before = ckpt.read_bytes()
+    data = CountingPairs()
+    with pytest.raises(FileExistsError, match=r"checkpoint: '.*m.pt' already exists \(a tiny "
+                                              r"checkpoint at step 2\); continue it with resume=True"):
+        train.fit(TinyNet(), data, losses={"mse": 1.0}, steps=2, checkpoint=ckpt, progress=False,
+                  device="cpu")
+    assert data.drawn == 0 and ckpt.read_bytes() == before
+    train.fit(TinyNet(), ShiftPairs(), losses={"mse": 1.0}, steps=1, checkpoint=ckpt, progress=False,
+              device="cpu", overwrite=True)
+    assert checkpoints.load_checkpoint(ckpt)["step"] == 1
+
+
+@pytest.mark.parametrize("where", ["folder", "parent is a file", "read-only folder"])
+def test_an_unwritable_checkpoint_path_fails_before_training(tmp_path, where):
+    import os
+    if where == "folder":
+        ckpt, message = tmp_path, "is a folder"
+    elif where == "parent is a file":
+        (tmp_path / "file").write_text("x")
+        ckpt, message = tmp_path / "file" / "m.pt", "is a file, not a folder"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        ckpt, message = locked / "m.pt", "not writable"
+    data = CountingPairs()
+    with pytest.raises(ValueError, match=f"checkpoint: .*{message}"):
+        train.fit(TinyNet(), data, losses={"mse": 1.0}, steps=2, checkpoint=ckpt, progress=False,
+                  device="cpu")
+    assert data.drawn == 0
+
+
+def test_sigint_saves_at_the_end_of_the_step_and_resumes_exactly(tmp_path, capsys):
+    import os
+    import signal
+    kwargs = dict(losses={"ncc": 1.0, "diffusion": 0.1}, batch_size=2, lr=1e-2, seed=3,
+                  progress=False, device="cpu", steps=7, checkpoint_every=100, checkpoint_minutes=None)
+    torch.manual_seed(0)
+    straight = train.fit(TinyNet(dropout=0.3), ShiftPairs(n=5, noise=0.05),
+                         checkpoint=tmp_path / "a.pt", **kwargs)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "b.pt"
+    # Ctrl-C while step 3's batch is being drawn (items 5 and 6): step 3 finishes, then it saves.
+    ctrl_c = CountingPairs({5: lambda: os.kill(os.getpid(), signal.SIGINT)}, n=5, noise=0.05)
+    with pytest.raises(train.TrainingInterrupted) as stopped:
+        train.fit(TinyNet(dropout=0.3), ctrl_c, checkpoint=ckpt, **kwargs)
+    assert stopped.value.step == 3 and stopped.value.checkpoint == ckpt
+    assert "SIGINT: finishing this step, then saving" in capsys.readouterr().err
+    assert checkpoints.load_checkpoint(ckpt)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handler restored"
+    resumed = train.fit(TinyNet(dropout=0.3), ShiftPairs(n=5, noise=0.05), checkpoint=ckpt,
+                        resume=True, **kwargs)
+    assert straight["train"] == resumed["train"]
+    assert "resuming from step 3 of 7" in capsys.readouterr().out
+
+
+def test_checkpoints_are_periodic_by_default(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    with pytest.raises(KeyboardInterrupt):  # killed while drawing the 8th step's batch
+        train.fit(TinyNet(), CrashingPairs(8, n=1), losses={"mse": 1.0}, steps=20, checkpoint=ckpt,
+                  progress=False, device="cpu")
+    assert checkpoints.load_checkpoint(ckpt)["step"] == 6  # every tenth of the run: 2, 4, 6
+
+
+def test_resume_skips_used_batches_without_loading_them(tmp_path):
+    kwargs = dict(losses={"mse": 1.0}, batch_size=2, progress=False, device="cpu",
+                  checkpoint=tmp_path / "m.pt")
+    train.fit(TinyNet(), ShiftPairs(n=6), steps=2, **kwargs)  # 3 batches an epoch: stops mid-epoch
+    data = CountingPairs(n=6)
+    train.fit(TinyNet(), data, steps=3, resume=True, **kwargs)
+    assert data.drawn == 2  # only the third batch is drawn; the first two are skipped unread
+
+
+def test_resume_applies_a_new_learning_rate_and_records_it(tmp_path, capsys):
+    ckpt = tmp_path / "m.pt"
+    kwargs = dict(losses={"mse": 1.0}, progress=False, device="cpu", checkpoint=ckpt)
+    train.fit(TinyNet(), ShiftPairs(), steps=2, lr=1e-3, **kwargs)
+    train.fit(TinyNet(), ShiftPairs(), steps=4, lr=1e-4, resume=True, **kwargs)
+    state = checkpoints.load_checkpoint(ckpt)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-4
+    assert state["train_config"]["lr"] == 1e-4
+    assert state["train_config"]["changes"] == [{"step": 2, "lr": [1e-3, 1e-4]}]
+    assert "lr 0.001 -> 0.0001 from here on" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(losses={"ncc": 1.0}), r"other settings \(losses: \{'mse': 1.0\} in the checkpoint, "
+                                r"\{'ncc': 1.0\} here\)"),
+    (dict(batch_size=2), "other settings.*batch_size: 1 in the checkpoint, 2 here"),
+    (dict(model=TinyNet(deep=True)), "another model than this run builds.*deep: False in the checkpoint, True here"),
+    (dict(spacing=2.0), "spacing: \\[1.0\\] in the checkpoint, \\[2.0\\] here"),
+])
+def test_resume_refuses_another_model_or_objective(tmp_path, change, message):
+    ckpt = tmp_path / "m.pt"
+    train.fit(TinyNet(), ShiftPairs(), steps=1, losses={"mse": 1.0}, progress=False, device="cpu",
+              checkpoint=ckpt, spacing=1.0)
+    kwargs = dict(steps=2, losses={"mse": 1.0}, progress=False, device="cpu", checkpoint=ckpt,
+                  resume=True, spacing=1.0)
+    model = change.pop("model", TinyNet())
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message) as err:
+        train.fit(model, ShiftPairs(), **kwargs)
+    assert "\n" not in str(err.value)
+    assert checkpoints.load_checkpoint(ckpt)["step"] == 1
+
+
+def test_resume_of_a_weights_only_checkpoint_says_what_is_missing(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    train.fit(TinyNet(), ShiftPairs(), steps=1, losses={"mse": 1.0}, progress=False, device="cpu",
+              checkpoint=ckpt)
+    state = checkpoints.load_checkpoint(ckpt)
+    for k in ("optimizer", "scaler", "rng", "rng_epoch_start"):
+        state.pop(k)
+    checkpoints.save_checkpoint(ckpt, state)
+    with pytest.raises(ValueError, match=r"resume: .* holds weights only \(no 'optimizer', 'rng', "
+                                         r"'rng_epoch_start'\).*--init-from"):
+        train.fit(TinyNet(), ShiftPairs(), steps=2, losses={"mse": 1.0}, progress=False,
+                  device="cpu", checkpoint=ckpt, resume=True)
+
+
+def test_resume_without_a_file_says_it_starts_a_new_run(tmp_path, capsys):
+    train.fit(TinyNet(), ShiftPairs(), steps=1, losses={"mse": 1.0}, progress=False, device="cpu",
+              checkpoint=tmp_path / "new.pt", resume=True)
+    assert "no checkpoint at" in capsys.readouterr().out
+
+
+def test_nan_images_and_fractional_labels_are_refused():
+    nan_image = [{"moving": torch.full((1, 32, 32), float("nan")), "fixed": torch.zeros(1, 32, 32)}]
+    with pytest.raises(ValueError, match="moving: expected finite values, got 1024 NaN"):
+        train.fit(TinyNet(), nan_image, steps=1, losses={"mse": 1.0}, progress=False, device="cpu")
+    item = ShiftPairs()[0]
+    item["moving_seg"] = item["moving"] * 2.5  # an intensity image given as labels
+    with pytest.raises(ValueError, match="moving_seg: expected a label map of whole numbers"):
+        train.fit(TinyNet(), [item], steps=1, losses={"mse": 1.0, "dice": 1.0}, progress=False,
+                  device="cpu")
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    calls = []
+
+    def mse_then_nan(fixed, warped):
+        calls.append(1)
+        value = losses.mse(fixed, warped)
+        return value * float("nan") if len(calls) == 4 else value
+
+    ckpt = tmp_path / "m.pt"
+    model = TinyNet()
+    with pytest.raises(ValueError, match=r"loss: not finite at step 4 .*the model was not updated "
+                                         r"by it and the checkpoint .* \(step 3\) is kept"):
+        train.fit(model, ShiftPairs(), losses={"mse": (mse_then_nan, 1.0)}, steps=6, lr=1e-3,
+                  checkpoint=ckpt, checkpoint_every=1, progress=False, device="cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert checkpoints.load_checkpoint(ckpt)["step"] == 3
+
+
+def test_nan_weights_are_neither_saved_nor_loaded(tmp_path):
+    model = TinyNet()
+    with torch.no_grad():
+        model.flow.bias.fill_(float("nan"))
+    ckpt = tmp_path / "m.pt"
+    checkpoints.save_checkpoint(ckpt, {"model": model.state_dict(),
+                                       "config": {"name": "unet", "spatial_dims": 2}})
+    with pytest.raises(ValueError, match="1 weight tensors hold NaN"):
+        checkpoints.load_model(ckpt)
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf")])
+def test_loss_weights_must_be_finite_and_non_negative(weight):
+    with pytest.raises(ValueError, match=r"losses\['diffusion'\]: expected a finite weight >= 0"):
+        train.fit(TinyNet(), ShiftPairs(), steps=1, losses={"mse": 1.0, "diffusion": weight},
+                  progress=False, device="cpu")
+
+
+def test_stale_temporary_files_of_killed_saves_are_removed(tmp_path):
+    import os
+    ckpt = tmp_path / "m.pt"
+    dead = tmp_path / ".m.pt.999999999.abcd.tmp"  # no such pid
+    alive = tmp_path / f".m.pt.{os.getppid()}.abcd.tmp"  # a live process may still be writing it
+    dead.write_bytes(b"x" * 1000)
+    alive.write_bytes(b"x")
+    checkpoints.save_checkpoint(ckpt, {"step": 1})
+    assert not dead.exists() and alive.exists()
+
+
+def test_validation_shows_its_progress(capsys):
+    train.fit(TinyNet(), ShiftPairs(), val_data=ShiftPairs(n=3), losses={"mse": 1.0}, steps=1,
+              progress=True, device="cpu")
+    assert "validating" in capsys.readouterr().err
+
+
+def test_spacing_and_shape_are_recorded_and_pick_the_factor(tmp_path):
+    from regedu import nets
+    ckpt = tmp_path / "m.pt"
+    model = nets.create("unet", spatial_dims=2, encoder=(4, 4), decoder=(4, 4, 4))
+    train.fit(model, ShiftPairs(), steps=1, losses={"mse": 1.0}, progress=False, device="cpu",
+              checkpoint=ckpt, spacing=4.0)
+    state = checkpoints.load_checkpoint(ckpt)
+    assert state["train_config"]["spacing"] == [4.0] and state["train_config"]["shape"] == [32, 32]
+    assert checkpoints.trained_spacing(state) == (4.0,)
+    assert isinstance(checkpoints.load_model(ckpt, spacing=(1.0, 1.0)), nets.Rescaled)
+    assert checkpoints.load_model(ckpt, spacing=(1.0, 1.0)).factor == 4
+    assert not isinstance(checkpoints.load_model(ckpt, spacing=4.0), nets.Rescaled)
+
+
+@pytest.mark.parametrize("trained, spacing, factor_or_message", [
+    (4.0, (1.0, 1.0, 1.0), 4), ([2.0, 2.0, 2.0], 1.0, 2), (1.0, 1.0, 1),
+    (4.0, 1.5, "the ratio 2.67 is not one whole number"),
+    (4.0, (1.0, 1.0, 2.0), "the ratio 4x4x2 is not one whole number"),
+    (1.0, 4.0, "the images are coarser than the model's grid")])
+def test_choose_factor(trained, spacing, factor_or_message):
+    if isinstance(factor_or_message, int):
+        assert checkpoints.choose_factor(trained, spacing) == factor_or_message
+    else:
+        with pytest.raises(ValueError, match=factor_or_message):
+            checkpoints.choose_factor(trained, spacing)

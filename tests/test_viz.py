@@ -4,7 +4,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from regedu import metrics, viz
+from regedu import metrics, spatial, viz
 from regedu.spatial import warp
 from regedu.viz import _render as R
 
@@ -293,9 +293,9 @@ def test_panels_encode_as_jpeg_or_png():
 # --- playground -----------------------------------------------------------------------------
 
 def test_diffusion_fit_solves_the_normal_equations():
-    u = viz.smooth_random_field((12, 10), 3.0, 1.5, seed=1)
+    u = spatial.random_field((12, 10), 3.0, 6, seed=1)
     lam = 4.0
-    v = viz.diffusion_fit(u, lam).double()
+    v = spatial.diffusion_fit(u, lam).double()
     # (I + lam * L) v = u with L = sum_k D_k^T D_k (forward differences, mirrored border).
     # D^T d for d = D v along an axis: d[i - 1] - d[i], with d = 0 outside (Neumann border).
     F = torch.nn.functional
@@ -305,7 +305,7 @@ def test_diffusion_fit_solves_the_normal_equations():
         Lv += F.pad(d, before) - F.pad(d, after)
     np.testing.assert_allclose((v + lam * Lv).numpy(), u.double().numpy(), atol=1e-5)
     const = torch.ones(1, 2, 6, 6) * 2.5
-    np.testing.assert_allclose(viz.diffusion_fit(const, 100.0).numpy(), const.numpy(), atol=1e-5)
+    np.testing.assert_allclose(spatial.diffusion_fit(const, 100.0).numpy(), const.numpy(), atol=1e-5)
 
 
 def test_playground_regularisation_removes_folds(img):

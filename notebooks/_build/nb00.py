@@ -147,7 +147,7 @@ warp stop behaving as this page says.
 code(r"""
 assert sys.version_info >= (3, 10), f"regedu needs Python >= 3.10, this is {platform.python_version()}"
 assert int(torch.__version__.split(".")[0]) >= 2, f"regedu needs torch >= 2, found {torch.__version__}"
-assert profile.name in ("ci", "cpu", "gpu"), f"unknown profile {profile.name}"
+assert profile.name in PROFILES, f"unknown profile {profile.name}"
 assert profile.device == ("cuda" if torch.cuda.is_available() else "cpu"), "the profile picked the wrong device"
 assert green.shape == (size, size) and 0 <= green.min() and green.max() <= 1, "the retina image should be in [0, 1]"
 assert torch.equal(warped[0, 0, : size - 20], moving[0, 0, 20:]), \

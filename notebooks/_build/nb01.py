@@ -240,8 +240,8 @@ shows the warped retina, the **deformed grid** (a regular grid drawn on the
 moving image and carried along by the warp exactly like the image, i.e. the
 curves where a coordinate of $\varphi(x) = x + u(x)$ is constant) and the Jacobian
 determinant (notebook 02). Move the sliders: `amplitude` scales the field (in
-pixels), `smoothness` is the width of the Gaussian that smooths random noise
-into a field (small: wiggly). Switch the interpolation to `nearest` and zoom in
+pixels), `smoothness` is the spacing of the random vectors that are
+interpolated into a field (`regedu.spatial.random_field`; small: wiggly). Switch the interpolation to `nearest` and zoom in
 on the vessels to see the staircase it makes. Look for the amplitude at which
 grid lines start to cross: that is *folding*, the subject of notebook 02.
 
@@ -250,7 +250,7 @@ grid lines start to cross: that is *folding*, the subject of notebook 02.
 code(r"""
 from regedu.viz import DeformationPlayground
 
-DeformationPlayground(retina, amplitude=size / 16, smoothness=size / 24)
+DeformationPlayground(retina, amplitude=size / 16, smoothness=size / 10)
 """),
 md(r"""
 ## 8. The sampler is differentiable: learn a translation

@@ -31,7 +31,7 @@ import torch
 import matplotlib.pyplot as plt
 import ipywidgets as widgets
 
-from regedu import losses, metrics, viz
+from regedu import losses, metrics, spatial, viz
 from regedu.classic import instance_optimisation
 from regedu.datasets import retina_green
 from regedu.spatial import warp, integrate_velocity
@@ -126,7 +126,8 @@ pass) for several values of $\lambda$. Because we know $u^*$ we can measure the
 **field error** $\|u - u^*\|$, which a real application never sees.
 """),
 code(r"""
-u_true = viz.smooth_random_field((size, size), amplitude=size / 10, smoothness=size / 16, seed=1)
+u_true = spatial.random_field((size, size), 1.0, points=8, cubic=True, seed=1)   # control points size/7 apart
+u_true *= (size / 10) / u_true.norm(dim=1).max()      # the largest displacement: size / 10 pixels
 noise = torch.Generator().manual_seed(0)
 fixed = warp(image, u_true) + 0.03 * torch.randn(image.shape, generator=noise)   # F = M o phi*
 moving = image + 0.03 * torch.randn(image.shape, generator=noise)
@@ -188,7 +189,7 @@ The playground below (from `regedu.viz`) shows the same trade-off on a random
 field: raise the amplitude until the Jacobian turns yellow, then raise λ.
 """),
 code(r"""
-viz.DeformationPlayground(retina, amplitude=size / 12, smoothness=size / 32)
+viz.DeformationPlayground(retina, amplitude=size / 12, smoothness=size / 13)
 """),
 md(r"""
 ## 3. Dice: on label maps, never on images

@@ -73,30 +73,21 @@ viz.plot_grid(item["disp"][None], item["fixed"][0]);
 md(r"""
 ## 2. Supervised training (RegNet style)
 
-The loss compares fields, not images. `regedu.train.fit` trains with image
-losses, so the supervised loop is written out here; it is the whole algorithm:
+The loss compares fields, not images: the `"field"` term of `regedu.losses`
+(`field_mse`, the mean squared difference $\|u_\theta(M, F) - u^*\|^2$) reads the
+true field that every pair carries (`batch["disp"]`). Everything else is the
+training of notebook 04: `fit` loops over `regedu.train.train_step`, which
+registers the batch, adds the weighted loss terms, backpropagates and steps
+the optimiser (read it: it is one screen). Only the term changes.
 """),
 code(r"""
-def train_supervised(model, data, steps, lr=1e-3, batch_size=4):
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    history, step = [], 0
-    while step < steps:
-        for batch in loader:
-            out = model(batch["moving"], batch["fixed"])
-            loss = (out.disp - batch["disp"]).square().mean()    # the field is the label
-            optimiser.zero_grad(); loss.backward(); optimiser.step()
-            history.append(loss.item()); step += 1
-            if step == steps:
-                break
-    return history
-
-
 models, seconds, curves = {}, {}, {}
 models["supervised"] = new_unet()
 start = time.perf_counter()
-curves["supervised"] = train_supervised(models["supervised"], train_pairs, steps)
+history = fit(models["supervised"], train_pairs, losses={"field": 1.0}, steps=steps, lr=1e-3, batch_size=4,
+              seed=0, progress=False)                    # the field is the label
 seconds["supervised"] = time.perf_counter() - start
+curves["supervised"] = history["train"]["loss"]
 """),
 md(r"""
 ## 3. Unsupervised training, with and without integration
@@ -173,7 +164,8 @@ the real retina than the unsupervised ones.
    the field error?
 2. Add a `"dice"` or `"mse"` term to the unsupervised loss; does TRE change?
 3. Use `integrate_steps=3`: is folding still zero?
-4. Combine both: supervised pre-training, then unsupervised fine-tuning with `fit`.
+4. Combine both: supervised pre-training, then unsupervised fine-tuning, or one run with
+   `losses={"field": 1.0, "ncc": 1.0, "diffusion": 1.0}`.
 
 ## Checks
 """),

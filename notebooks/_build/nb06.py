@@ -39,7 +39,7 @@ md(r"""
 `mni_brain()` returns the template at the profile's grid (160x192x224 at 1 mm in
 the `gpu` profile, 80x96x112 at 2 mm in `cpu`, 40x48x56 at 4 mm in `ci`),
 oriented like FreeSurfer's conformed volumes, with a label map in FreeSurfer
-numbers. Of the 30 structures of DESIGN.md (section 5b), the offline brain has
+numbers. Of the 30 structures of docs/conventions.md ("The 30 evaluation structures"), the offline brain has
 every one except the ventral DC and the choroid plexus, which its sources do not
 label; we score the rest.
 """),
@@ -52,14 +52,14 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 
-from regedu import datasets, evaluate, losses, metrics, nets, train, viz
+from regedu import checkpoints, datasets, evaluate, losses, metrics, nets, train, viz
 from regedu.spatial import warp
 
 torch.manual_seed(0)
 atlas = datasets.mni_brain()
 table = datasets.label_table()
 labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
-names = {k: viz.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
+names = {k: datasets.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
 print(f"atlas {atlas.name}: image {atlas.image.shape}, {atlas.spacing_mm:g} mm voxels")
 print(f"{len(labels)} of the 30 structures are labelled:", ", ".join(names[k] for k in labels[:8]), "...")
 fig = viz.plot_slices({"atlas": atlas.image[0]}, index=profile.slices)
@@ -84,7 +84,7 @@ code(r"""
 donors = [datasets.donor_brain(d) for d in datasets.DONORS]
 test_donors = donors[4:]                                # test on anatomy never seen in training
 # The short training runs of the ci and cpu profiles use the 4 mm grid (section 2 says why).
-train_spacing = atlas.spacing_mm if profile.name == "gpu" else 4
+train_spacing = profile.train_spacing_mm
 atlas_train = datasets.mni_brain(train_spacing)
 train_donors = [datasets.donor_brain(d, train_spacing) for d in datasets.DONORS[:4]]
 
@@ -142,12 +142,12 @@ averages both images down by 2 and upsamples the field back. The `gpu` profile
 trains the full model on the full grid for the profile's steps.
 """),
 code(r"""
-full_size = profile.name == "gpu"
+full_size = profile.paper_scale
 width = {} if full_size else dict(encoder=(8, 16, 16, 16), decoder=(16, 16, 16, 16, 16, 8, 8))
 steps = profile.steps_3d if full_size else {"ci": 25, "cpu": 50}[profile.name]
 lr = 1e-4 if full_size else 1e-3
 unsupervised = {"ncc": 1.0, "diffusion": 1.0}
-grid = int(round(train_spacing / atlas.spacing_mm))   # 2 in cpu: trained at 4 mm, used at 2 mm
+grid = checkpoints.choose_factor(train_spacing, atlas.spacing_mm)   # 2 in cpu: trained at 4 mm, used at 2 mm
 
 
 def train_voxelmorph(objective):
@@ -192,9 +192,9 @@ plus the folding statistics of the field and the seconds per pair. "identity"
 """),
 code(r"""
 checkpoint = Path("checkpoints/brain_unet_4mm.pt")
-factor = int(round(4 / atlas.spacing_mm))              # 1 in ci (4 mm), 2 in cpu, 4 in gpu
-pretrained = train.load_model(checkpoint, factor=factor)
-print(train.checkpoint_note(checkpoint))
+factor = checkpoints.choose_factor(4, atlas.spacing_mm)   # the checkpoint's 4 mm: 1 in ci, 2 in cpu, 4 in gpu
+pretrained = checkpoints.load_model(checkpoint, factor=factor)
+print(checkpoints.checkpoint_note(checkpoint))
 print(f"runs at 4 mm on this {atlas.spacing_mm:g} mm grid (factor {factor})" if factor > 1 else "")
 """),
 code(r"""
@@ -324,7 +324,7 @@ assert mean_dice["VoxelMorph + Dice loss"] > mean_dice["identity"] - tolerance, 
 assert mean_dice["VoxelMorph (pre-trained)"] > mean_dice["identity"] + PRE_ALL, f"the pre-trained VoxelMorph should raise the mean Dice by more than {PRE_ALL}: {mean_dice}"
 assert synthetic_dice["VoxelMorph (pre-trained)"] > synthetic_dice["identity"] + PRE_SYN, f"on the synthetic subjects (its training distribution) the pre-trained VoxelMorph should raise Dice by more than {PRE_SYN}: {synthetic_dice}"
 assert all(f < 1.0 for f in folds.values()), f"folding should stay below 1% of the voxels: {folds}"
-assert set(names) <= set(viz.STRUCTURE_NAMES), "every scored structure should be one of the 30 named ones"
+assert set(names) <= set(datasets.STRUCTURE_NAMES), "every scored structure should be one of the 30 named ones"
 assert tuple(out.disp.shape) == (1, 3, *atlas.image.shape[1:]), f"the field should be (1, 3, D, H, W), got {tuple(out.disp.shape)}"
 print("all checks passed")
 print(f"peak memory of this kernel: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

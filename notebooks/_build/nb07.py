@@ -50,13 +50,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from regedu import datasets, evaluate, nets, train, viz
+from regedu import checkpoints, datasets, evaluate, nets, train, viz
+from regedu.losses import loss_terms
 from regedu.spatial import affine_to_displacement, warp
 
 atlas = datasets.mni_brain()
 table = datasets.label_table()
 labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
-names = {k: viz.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
+names = {k: datasets.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
 shape = atlas.image.shape[1:]
 
 
@@ -90,7 +91,7 @@ class Misaligned(torch.utils.data.Dataset):
 donors = [datasets.donor_brain(d) for d in datasets.DONORS]
 # Fine-tuning runs on the 4 mm grid in every profile but gpu (the grid of the checkpoint; a step costs
 # an eighth of a 2 mm step); the test pairs are on this profile's grid.
-train_spacing = atlas.spacing_mm if profile.name == "gpu" else 4
+train_spacing = profile.train_spacing_mm
 atlas_train = datasets.mni_brain(train_spacing)
 train_pairs = Misaligned(datasets.BrainPairs(profile.n_train_pairs, atlas=atlas_train, seed=0, subjects=[atlas_train] + [
     datasets.donor_brain(d, train_spacing) for d in datasets.DONORS[:4]]), seed=1)
@@ -118,10 +119,10 @@ own grid, for the profile's steps.
 """),
 code(r"""
 checkpoint = Path("checkpoints/brain_unet_4mm.pt")
-print(train.checkpoint_note(checkpoint))
-unet_4mm = train.load_model(checkpoint)
-factor = int(round(4 / atlas.spacing_mm))              # test grid -> the checkpoint's 4 mm grid
-train_factor = int(round(4 / train_spacing))           # 1 except in the gpu profile
+print(checkpoints.checkpoint_note(checkpoint))
+unet_4mm = checkpoints.load_model(checkpoint)
+factor = checkpoints.choose_factor(4, atlas.spacing_mm)        # test grid -> the checkpoint's 4 mm grid
+train_factor = checkpoints.choose_factor(4, train_spacing)      # 1 except in the gpu profile
 steps = {"ci": 10, "cpu": 20}.get(profile.name, profile.steps_3d)
 lr = 1e-4
 losses = {"ncc": 1.0, "diffusion": 1.0, "dice": 1.0}
@@ -253,7 +254,7 @@ def training_loss(model, n=3):
     # The loss on the first n training pairs, the same pairs every time (the logged training
     # loss changes with the pair drawn at each step, too noisy over a few steps).
     with torch.no_grad():
-        return float(np.mean([float(train.loss_terms(model(p["moving"][None], p["fixed"][None]), p["moving"][None],
+        return float(np.mean([float(loss_terms(model(p["moving"][None], p["fixed"][None]), p["moving"][None],
                                                      p["fixed"][None], losses=losses, moving_seg=p["moving_seg"][None],
                                                      fixed_seg=p["fixed_seg"][None], labels=labels)["loss"])
                               for p in (train_pairs[i] for i in range(n))]))

@@ -6,7 +6,7 @@ md(r"""
 # 08 · VV-Net
 
 VV-Net (seed 000, *VV-Net based 3D medical image registration*; English summary
-in DESIGN.md section 6) registers brain MRI with **three V-Nets**: V-Net 1 finds a
+in docs/conventions.md, "VV-Net, from the paper") registers brain MRI with **three V-Nets**: V-Net 1 finds a
 coarse field, V-Net 2 refines it on the warped image, and V-Net 3, a deeper
 network grown out of V-Net 1's bottleneck, feeds large-scale context into V-Net
 2. Stage-wise predictions are fused and **deeply supervised**. On four datasets
@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from regedu import datasets, evaluate, losses, nets, train, viz
+from regedu import checkpoints, datasets, evaluate, losses, nets, train, viz
 from regedu.spatial import warp
 
 paper = nets.VVNet(spatial_dims=3)                     # the paper's widths
@@ -106,10 +106,10 @@ code(r"""
 atlas = datasets.mni_brain()
 table = datasets.label_table()
 labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
-names = {k: viz.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
+names = {k: datasets.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
 donors = [datasets.donor_brain(d) for d in datasets.DONORS]
 # The short runs of the ci and cpu profiles train on the 4 mm grid (as in notebook 06).
-train_spacing = atlas.spacing_mm if profile.name == "gpu" else 4
+train_spacing = profile.train_spacing_mm
 atlas_train = datasets.mni_brain(train_spacing)
 train_pairs = datasets.BrainPairs(profile.n_train_pairs, atlas=atlas_train, seed=0, cache=True,
                                   subjects=[atlas_train] + [datasets.donor_brain(d, train_spacing) for d in datasets.DONORS[:4]])
@@ -119,12 +119,12 @@ for name, subjects, seed in (("synthetic", None, 100), ("donors", donors[4:], 10
     source = datasets.BrainPairs(n_test, atlas=atlas, subjects=subjects, seed=seed)
     test_pairs += [{**source[i], "meta": {"dataset": name, "id": f"{name}-{i}"}} for i in range(n_test)]
 
-small = profile.name != "gpu"
+small = not profile.paper_scale
 width = dict(features=(8, 16, 32), deep_features=(16, 16, 16)) if small else {}
 steps = {"ci": 20, "cpu": 25}.get(profile.name, profile.steps_3d)
 lr = 1e-3 if small else 1e-4
 objective = {"ncc": 1.0, "diffusion": 1.0}
-grid = int(round(train_spacing / atlas.spacing_mm))     # 2 in cpu: trained at 4 mm, used at 2 mm
+grid = checkpoints.choose_factor(train_spacing, atlas.spacing_mm)     # 2 in cpu: trained at 4 mm, used at 2 mm
 
 
 def train_vvnet(deep_weight):
@@ -162,8 +162,8 @@ pair = test_pairs[0]
 moving, fixed = pair["moving"][None], pair["fixed"][None]
 with torch.no_grad():
     out = vvnet(moving, fixed)
-    terms_ds = train.loss_terms(out, moving, fixed, losses=objective, deep_weight=1.0)
-    terms_no = train.loss_terms(out, moving, fixed, losses=objective, deep_weight=0.0)
+    terms_ds = losses.loss_terms(out, moving, fixed, losses=objective, deep_weight=1.0)
+    terms_no = losses.loss_terms(out, moving, fixed, losses=objective, deep_weight=0.0)
 print("same output, deep_weight=1:", {k: round(float(v), 4) for k, v in terms_ds.items()})
 print("same output, deep_weight=0:", {k: round(float(v), 4) for k, v in terms_no.items()})
 """),
@@ -177,8 +177,8 @@ def coarse(model):
 
 
 checkpoint = Path("checkpoints/brain_vvnet_4mm.pt")
-print(train.checkpoint_note(checkpoint))
-pretrained = train.load_model(checkpoint, factor=int(round(4 / atlas.spacing_mm)))
+print(checkpoints.checkpoint_note(checkpoint))
+pretrained = checkpoints.load_model(checkpoint, factor=checkpoints.choose_factor(4, atlas.spacing_mm))
 methods = {"identity": evaluate.identity, "VV-Net": vvnet, "VV-Net, no deep supervision": vvnet_no_ds,
            "phi1 of VV-Net": coarse(vvnet), "phi1 without deep supervision": coarse(vvnet_no_ds),
            "VV-Net (pre-trained)": pretrained, "phi1 of VV-Net (pre-trained)": coarse(pretrained)}

@@ -38,7 +38,7 @@ from IPython.display import HTML, display
 from regedu import datasets, evaluate, losses, nets, train, viz
 
 cuda = torch.cuda.is_available()
-full = cuda and profile.name == "gpu"
+full = cuda and profile.paper_scale
 if full:
     print(f"GPU: {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 else:
@@ -91,7 +91,7 @@ shape = paper_size if full else tuple(profile.brain_shape)
 atlas = datasets.mni_brain(1 if full else None)
 table = datasets.label_table()
 labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
-names = {k: viz.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
+names = {k: datasets.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
 train_pairs = datasets.BrainPairs(profile.n_train_pairs, atlas=atlas, seed=0, cache=True)
 test_source = datasets.BrainPairs(2, atlas=atlas, seed=100)
 test_pairs = [test_source[i] for i in range(2)]

@@ -33,8 +33,9 @@ import pandas as pd
 import torch
 import matplotlib.pyplot as plt
 
-from regedu import nets, train, viz
-from regedu.classic import ants_affine, ants_syn
+from regedu import nets, viz
+from regedu.checkpoints import checkpoint_note, choose_factor, load_model
+from regedu.classic import ants_affine, ants_missing, ants_syn
 from regedu.datasets import BrainPairs, label_table, mni_brain
 from regedu.evaluate import compare, summary
 from regedu.spatial import warp
@@ -55,7 +56,7 @@ with a bias field, a gamma change and noise (`regedu.datasets.BrainPairs`), so
 their labels are exact. Training and test subjects come from different seeds:
 no test subject is ever seen in training.
 
-Dice is computed over the structures of the papers' list of 30 (DESIGN.md 5b)
+Dice is computed over the structures of the papers' list of 30 (docs/conventions.md, "The 30 evaluation structures")
 that the offline label map has (ventral DC and choroid plexus have no source
 there), with background excluded.
 """),
@@ -107,8 +108,8 @@ loss_weights = {"ncc": 1.0, "diffusion": 1.0, "dice": 1.0}
 def trained(name):
     checkpoint = Path(f"checkpoints/brain_{name}_4mm.pt")
     if profile.name != "gpu":
-        print(train.checkpoint_note(checkpoint))
-        return train.load_model(checkpoint, factor=int(round(4 / spacing))), None
+        print(checkpoint_note(checkpoint))
+        return load_model(checkpoint, factor=choose_factor(4, spacing)), None
     model = nets.create(name, spatial_dims=3)
     start = time.perf_counter()
     history = fit(model, train_data, losses=loss_weights, steps=steps, lr=1e-4, labels=list(structures),
@@ -146,6 +147,9 @@ def syn(moving, fixed):
 
 
 methods = {"Affine": affine, "SyN": syn, "VoxelMorph": voxelmorph, "VV-Net": vvnet}
+if ants_missing():
+    print(ants_missing())
+    methods = {k: v for k, v in methods.items() if k not in ("Affine", "SyN")}
 evaluations = compare(methods, test_pairs, labels=structures, warmup=False, progress=False)
 ours = summary(evaluations, metrics=("dice", "dice_before", "percent_folding", "seconds"), by=None)
 ours
@@ -178,7 +182,7 @@ below is generated, so it can never claim an ordering the table does not show):
 code(r"""
 dice_mean = ours.mean["Dice"]
 order = list(dice_mean.sort_values(ascending=False).index)
-paper_order = ["VV-Net", "VoxelMorph", "SyN", "Affine"]
+paper_order = [m for m in ["VV-Net", "VoxelMorph", "SyN", "Affine"] if m in methods]
 before = float(ours.mean["Dice before"].mean())
 pooled_std = float(ours.std["Dice"].mean())
 
@@ -193,10 +197,9 @@ def pairwise(a, b):
 
 lines = [f"Our ordering by mean Dice: {' > '.join(f'{m} ({dice_mean[m]:.3f})' for m in order)}; "
          f"before registration {before:.3f}.",
-         "The paper's ordering: VV-Net > VoxelMorph > SyN > Affine. "
+         f"The paper's ordering of these methods: {' > '.join(paper_order)}. "
          + ("Ours is the same." if order == paper_order else "Ours differs."),
-         pairwise("VV-Net", "VoxelMorph") + "; " + pairwise("VoxelMorph", "SyN") + "; "
-         + pairwise("SyN", "Affine") + ".",
+         "; ".join(pairwise(a, b) for a, b in zip(paper_order, paper_order[1:])) + ".",
          f"The std over structures is about {pooled_std:.2f}: differences smaller than that between "
          f"methods, on {n_test} test subjects, are not evidence of a real ranking."]
 print("\n".join(lines))
@@ -316,16 +319,17 @@ md(r"""
 code(r"""
 rows = {ev.name: ev.table() for ev in evaluations}
 assert all(len(t) == n_test for t in rows.values()), "every method must register every test pair"
-assert set(ours.mean.index) == {"Affine", "SyN", "VoxelMorph", "VV-Net"}, ours.mean.index
+assert set(ours.mean.index) == set(methods), ours.mean.index
 assert np.isfinite(ours.mean.to_numpy(dtype=float)).all(), "every cell of the table should be a number"
-assert abs(before - float(np.mean([r["dice_before"] for r in rows["SyN"].to_dict("records")]))) < 1e-9, \
+assert abs(before - float(np.mean([r["dice_before"] for r in rows["VV-Net"].to_dict("records")]))) < 1e-9, \
     "every method must be scored on the same pairs (same Dice before registration)"
-if profile.name != "ci":
+if profile.name != "ci" and "SyN" in methods:
     # At 4 mm with ci's short schedule (40, 20, 0) SyN loses Dice here (measured 0.649 vs 0.667).
     assert dice_mean["SyN"] > before, f"SyN should improve Dice over no registration: {dice_mean['SyN']:.3f} vs {before:.3f}"
 for name in ("VoxelMorph", "VV-Net"):
     assert dice_mean[name] > before + 0.02, f"{name} (trained) should improve Dice by more than 0.02: {dice_mean[name]:.3f} vs {before:.3f}"
-assert ours.mean.loc["SyN", "% det J <= 0"] < 0.1, "SyN's fields should not fold"
+if "SyN" in methods:
+    assert ours.mean.loc["SyN", "% det J <= 0"] < 0.1, "SyN's fields should not fold"
 assert all(k in " ".join(lines) for k in order), "the generated sentence must name every method"
 print("all checks passed")
 """),

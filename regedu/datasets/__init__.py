@@ -21,33 +21,41 @@ Real datasets: :class:`FIRE`, :class:`NeuriteOASIS`, :class:`Learn2RegOASIS`,
 
 Pair samplers (torch Datasets): :class:`FundusPairs`, :class:`BrainPairs`,
 :class:`SubjectPairs`, :class:`FIREPairs`, :class:`RealisticPairs` (pre-aligned
-realistic subjects, pooled on disk).
+realistic subjects, pooled on disk); the command line's :class:`PairFolder`
+(a folder of image files) and :class:`OfflinePairs`.
+
+Image files (NIfTI, ``.npy``, ``.npz``): :func:`read_image`, :func:`write_image`,
+:func:`write_displacement` (:mod:`regedu.datasets.files`).
 """
 from ._image import resize_image, resize_labels, scale_points
-from .brain import (BRAIN_SHAPES, DONORS, FREESURFER_30, MNI_NOTICE, Brain, donor_brain, donor_dice, label_table,
-                    mni_brain, synth_subject, to_freesurfer)
+from .brain import (BRAIN_SHAPES, DONORS, MNI_NOTICE, Brain, donor_brain, donor_dice, label_table, mni_brain,
+                    synth_subject, to_freesurfer)
 from .fetch import (REGISTRY, ChecksumError, DatasetInfo, DataUnavailableError, UnsafeArchiveError,
-                    data_dir, fetch, fetch_main, is_cached, mirror_dir, safe_extract, verify_file)
+                    cache_status, data_dir, fetch, is_cached, mirror_dir, safe_extract, verify_file)
 from .fundus import (CATEGORIES, FIRE_SIZE, FundusPair, fire_lines, make_fire_pair, parse_fire_lines,
                      retina_green, synthetic_fundus, vessel_contrast)
+from .files import read_image, write_displacement, write_image
+from .freesurfer import FREESURFER_30, FREESURFER_NAMES, STRUCTURE_NAMES
 from .prealign import Preprocessed, normalise_intensity, preprocess
 from .subjects import (ANATOMIES, HELD_OUT_ANATOMY, TRAIN_ANATOMY, RealisticPairs, anatomy, anatomy_split,
                        complete_donor, random_pose, realistic_subject, vxm_subject)
-from .readers import (FIRE, FREESURFER_NAMES, Learn2RegOASIS, NeuriteOASIS, load_vxm_labels,
+from .readers import (FIRE, Learn2RegOASIS, NeuriteOASIS, load_vxm_labels,
                       load_vxm_scan, read_label_table)
-from .samplers import BrainPairs, FIREPairs, FundusPairs, SubjectPairs, brain_slice
+from .samplers import BrainPairs, FIREPairs, FundusPairs, OfflinePairs, PairFolder, SubjectPairs, brain_slice
 
 __all__ = [
     "resize_image", "resize_labels", "scale_points",
-    "BRAIN_SHAPES", "DONORS", "FREESURFER_30", "MNI_NOTICE", "Brain", "donor_brain", "donor_dice", "label_table",
+    "BRAIN_SHAPES", "DONORS", "MNI_NOTICE", "Brain", "donor_brain", "donor_dice", "label_table",
     "mni_brain", "synth_subject", "to_freesurfer",
     "REGISTRY", "ChecksumError", "DatasetInfo", "DataUnavailableError", "UnsafeArchiveError",
-    "data_dir", "fetch", "fetch_main", "is_cached", "mirror_dir", "safe_extract", "verify_file",
+    "cache_status", "data_dir", "fetch", "is_cached", "mirror_dir", "safe_extract", "verify_file",
     "CATEGORIES", "FIRE_SIZE", "FundusPair", "fire_lines", "make_fire_pair", "parse_fire_lines",
     "retina_green", "synthetic_fundus", "vessel_contrast",
-    "FIRE", "FREESURFER_NAMES", "Learn2RegOASIS", "NeuriteOASIS", "load_vxm_labels", "load_vxm_scan",
+    "FREESURFER_30", "FREESURFER_NAMES", "STRUCTURE_NAMES",
+    "FIRE", "Learn2RegOASIS", "NeuriteOASIS", "load_vxm_labels", "load_vxm_scan",
     "read_label_table",
-    "BrainPairs", "FIREPairs", "FundusPairs", "SubjectPairs", "brain_slice",
+    "read_image", "write_image", "write_displacement",
+    "BrainPairs", "FIREPairs", "FundusPairs", "OfflinePairs", "PairFolder", "SubjectPairs", "brain_slice",
     "Preprocessed", "normalise_intensity", "preprocess",
     "ANATOMIES", "HELD_OUT_ANATOMY", "TRAIN_ANATOMY", "anatomy", "anatomy_split", "complete_donor",
     "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs",

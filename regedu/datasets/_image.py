@@ -11,13 +11,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_labels
+
 __all__ = ["resize_image", "resize_labels", "scale_points", "to_unit_range"]
 
 
 def resize_image(image, size) -> np.ndarray:
     """Resize a 2D ``(H, W)`` or 3D ``(D, H, W)`` float array to ``size`` (float32)."""
     arr = np.asarray(image, dtype=np.float32)
-    size = tuple(int(s) for s in size)
+    size = _check_size(size, arr, "image")
     if arr.shape == size:
         return arr.copy()
     t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
@@ -33,10 +35,19 @@ def resize_image(image, size) -> np.ndarray:
     return out[0, 0].numpy()
 
 
+def _check_size(size, arr: np.ndarray, name: str) -> tuple[int, ...]:
+    size = tuple(int(s) for s in size)
+    if len(size) != arr.ndim or min(size) < 1:
+        raise ValueError(f"size: expected {arr.ndim} positive sizes for the {arr.ndim}D {name} of "
+                         f"shape {arr.shape}, got {size}")
+    return size
+
+
 def resize_labels(labels, size) -> np.ndarray:
     """Resize a label map with nearest neighbour (same voxel-centre convention)."""
     arr = np.asarray(labels)
-    size = tuple(int(s) for s in size)
+    check_labels(arr, "labels")
+    size = _check_size(size, arr, "label map")
     idx = [np.rint(np.arange(s) * (n - 1) / max(s - 1, 1)).astype(np.int64)
            for s, n in zip(size, arr.shape)]
     return arr[np.ix_(*idx)]

@@ -16,7 +16,7 @@ that are neither GM nor WM, split by position), cerebellar cortex and white
 matter (the unlabelled tissue below the tentorium, found as the large
 component far from every DK label). :func:`label_table` names every label and
 gives its FreeSurfer number where one of the 30 evaluation structures
-(DESIGN.md 5b) matches; ventral DC and choroid plexus have no source here.
+(docs/conventions.md, "The 30 evaluation structures") matches; ventral DC and choroid plexus have no source here.
 
 Volumes are reoriented to FreeSurfer's conformed orientation (array axes
 pointing Left, Inferior, Anterior: the orientation of voxelmorph's
@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +43,10 @@ from scipy import ndimage
 
 from .._checks import check_choice, check_positive
 from ..metrics import dice
+from .._files import write_atomic
 from ..spatial import integrate_velocity, resize_field, warp
 from .fetch import data_dir
-from .readers import FREESURFER_NAMES
+from .freesurfer import FREESURFER_30, FREESURFER_NAMES
 
 __all__ = ["Brain", "MNI_NOTICE", "DONORS", "BRAIN_SHAPES", "label_table", "mni_brain",
            "donor_brain", "synth_subject", "to_freesurfer", "donor_dice"]
@@ -79,9 +78,6 @@ _EXTRA = {101: ("Left-Cerebral-White-Matter", "L", 2), 102: ("Right-Cerebral-Whi
           105: ("3rd-Ventricle", "B", 14), 106: ("4th-Ventricle", "B", 15), 107: ("CSF", "B", 24),
           108: ("Left-Cerebellum-White-Matter", "L", 7), 109: ("Left-Cerebellum-Cortex", "L", 8),
           110: ("Right-Cerebellum-White-Matter", "R", 46), 111: ("Right-Cerebellum-Cortex", "R", 47)}
-#: The 30 FreeSurfer structures of the VoxelMorph and VV-Net evaluations (DESIGN.md 5b).
-FREESURFER_30 = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
-           41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
 # T1 intensity of each FreeSurfer class, from the template's medians (WM 0.84,
 # GM 0.66, CSF 0.30) and the usual ordering of deep grey nuclei.
 _T1 = {2: 0.84, 41: 0.84, 3: 0.66, 42: 0.66, 4: 0.3, 43: 0.3, 14: 0.3, 15: 0.3, 24: 0.3,
@@ -284,14 +280,7 @@ def _downsample_output(t1: np.ndarray, parcels: np.ndarray, spacing: int):
 
 
 def _save_atomic(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
     notice = path.parent / "MNI152_NOTICE.txt"
     if not notice.is_file():
         notice.write_text(MNI_NOTICE)

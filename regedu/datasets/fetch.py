@@ -3,10 +3,12 @@
 The rules, in the order ``fetch`` applies them:
 
 1. A verified copy in the cache (``REGEDU_DATA``, default ``~/.cache/regedu``)
-   is used as it is.
+   is used as it is, while it is still the file that was verified: the same
+   size and modification time, and for files under 64 MiB the same checksum
+   (hashed again on every use). A copy changed since is verified again.
 2. A local mirror folder (``REGEDU_MIRROR`` or ``mirror=``) holding a file of
    the same name is copied instead of downloading (CI points it at
-   ``../shared/data``).
+   ``../shared/data``). A mirror that is not a folder is an error.
 3. Otherwise the file is downloaded with ``urllib``.
 
 Every copy is written to a temporary name in the cache folder and renamed only
@@ -14,15 +16,15 @@ once its size and checksum match, so an interrupted run leaves nothing
 half-written and the next call starts cleanly. An HTML page saved under an
 archive's name (hosts answer error or login pages with status 200) is named as
 such. Archives are unpacked into a temporary folder, refusing any member whose
-path would leave it, then renamed into place.
+path would leave it, then renamed into place; an archive that cannot be
+unpacked loses its verified mark.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
+import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -30,9 +32,10 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from .._files import write_atomic
 from ._registry import REGISTRY, DatasetInfo
 
-__all__ = ["fetch", "fetch_main", "data_dir", "mirror_dir", "verify_file", "safe_extract",
+__all__ = ["fetch", "cache_status", "data_dir", "mirror_dir", "verify_file", "safe_extract",
            "is_cached", "DataUnavailableError", "ChecksumError", "UnsafeArchiveError",
            "REGISTRY", "DatasetInfo"]
 
@@ -68,9 +71,22 @@ def data_dir(cache_dir=None) -> Path:
 
 
 def mirror_dir(mirror=None) -> Path | None:
-    """The local mirror folder: ``mirror``, else ``$REGEDU_MIRROR``, else None."""
+    """The local mirror folder: ``mirror``, else ``$REGEDU_MIRROR``, else None.
+
+    A mirror that is not a folder raises ``ValueError``: a mistyped path would
+    otherwise quietly fall back to the network (or to an offline failure that
+    never mentions the mirror).
+    """
+    source = "mirror" if mirror is not None else "REGEDU_MIRROR"
     mirror = mirror if mirror is not None else os.environ.get("REGEDU_MIRROR")
-    return Path(mirror).expanduser() if mirror else None
+    if not mirror:
+        return None
+    path = Path(mirror).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{source}: {str(path)!r} is not a folder; give the folder that holds the "
+                         f"dataset files"
+                         + (", or unset REGEDU_MIRROR" if source == "REGEDU_MIRROR" else ""))
+    return path
 
 
 def _lookup(dataset) -> DatasetInfo:
@@ -142,28 +158,78 @@ def _marker(target: Path) -> Path:
     return target.with_name(target.name + ".verified")
 
 
-def is_cached(dataset, *, cache_dir=None) -> bool:
-    """Whether a verified copy of ``dataset`` sits in the cache."""
-    info = _lookup(dataset)
-    target = data_dir(cache_dir) / info.filename
+# Files up to this size are hashed again whenever they are used (a fraction of
+# a second); larger ones are trusted while their size and modification time
+# are those recorded when they were verified.
+_REHASH_BELOW = 64 * 2**20
+
+
+def _write_marker(target: Path, info: DatasetInfo) -> None:
+    stat = target.stat()
+    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if info.checksum is not None:
+        record[info.checksum[0]] = info.checksum[1]
+    _marker(target).write_text(json.dumps(record))
+
+
+def _verified(target: Path, info: DatasetInfo) -> bool:
+    """Whether ``target`` is still the file that was verified (see :data:`_REHASH_BELOW`)."""
     marker = _marker(target)
-    return target.is_file() and marker.is_file() and \
-        marker.read_text().strip() == str(target.stat().st_size)
+    if not (target.is_file() and marker.is_file()):
+        return False
+    try:
+        record = json.loads(marker.read_text())
+    except ValueError:
+        return False  # an older marker (a bare size): verify once more
+    stat = target.stat()
+    if not isinstance(record, dict) or record.get("size") != stat.st_size \
+            or record.get("mtime_ns") != stat.st_mtime_ns:
+        return False
+    if info.checksum is not None:
+        algorithm, expected = info.checksum
+        if record.get(algorithm) != expected:
+            return False
+        if stat.st_size < _REHASH_BELOW and _hash(target, algorithm) != expected:
+            return False
+    return True
+
+
+def cache_status(dataset, *, cache_dir=None) -> str:
+    """What the cache holds of ``dataset`` (``regedu fetch`` lists it): ``"cached"``,
+    ``"not unpacked"`` (a verified archive), ``"unverified"`` (a file put there or
+    changed since), ``"manual download"`` or ``"not fetched"``."""
+    info = _lookup(dataset)
+    cache = data_dir(cache_dir)
+    target = cache / info.filename
+    if is_cached(info, cache_dir=cache):
+        return "cached"
+    if _verified(target, info):
+        return "not unpacked"
+    if target.is_file():
+        return "unverified"
+    return "manual download" if info.manual else "not fetched"
+
+
+def is_cached(dataset, *, cache_dir=None) -> bool:
+    """Whether a verified copy of ``dataset`` sits in the cache (and, for an
+    archive to unpack, its unpacked folder)."""
+    info = _lookup(dataset)
+    cache = data_dir(cache_dir)
+    target = cache / info.filename
+    if not _verified(target, info):
+        return False
+    return not info.extract or _extracted(target, cache / info.name)
 
 
 def _install(source_writer, target: Path, info: DatasetInfo) -> None:
-    """Write via ``source_writer(tmp_path)``, verify, then rename to ``target``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
+    """Write via ``source_writer(tmp_path)``, verify, then rename to ``target`` (atomically)."""
+    def write(tmp: Path) -> None:
         source_writer(tmp)
         verify_file(tmp, info)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    # The marker records the verified size, so later calls skip re-hashing GBs.
-    _marker(target).write_text(str(target.stat().st_size))
+        _marker(target).unlink(missing_ok=True)  # never a marker of the old file over the new one
+
+    write_atomic(target, write, suffix=".part")
+    _write_marker(target, info)
 
 
 def _download(url: str, dest: Path, *, progress: bool, total: int | None) -> None:
@@ -227,8 +293,7 @@ def fetch(dataset, *, cache_dir=None, mirror=None, extract: bool | None = None,
     info = _lookup(dataset)
     cache = data_dir(cache_dir)
     target = cache / info.filename
-    if not (target.is_file() and _marker(target).is_file()
-            and _marker(target).read_text().strip() == str(target.stat().st_size)):
+    if not _verified(target, info):
         if target.is_file():
             # Put there by hand, or verified by an older run: check it once.
             try:
@@ -266,13 +331,28 @@ def _obtain(info: DatasetInfo, target: Path, mirror: Path | None, progress: bool
             f"host may be down: " + _where_to_put(info, target)) from None
 
 
-def _extract_once(archive: Path, folder: Path) -> Path:
+def _extracted(archive: Path, folder: Path) -> bool:
     done = folder / ".extracted"
-    if done.is_file() and done.read_text().strip() == archive.name:
+    return done.is_file() and done.read_text().strip() == archive.name
+
+
+def _extract_once(archive: Path, folder: Path) -> Path:
+    if _extracted(archive, folder):
         return folder
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
     try:
-        safe_extract(archive, tmp)
+        try:
+            safe_extract(archive, tmp)
+        except ImportError:
+            raise  # a missing unpacker says nothing about the archive
+        except Exception as err:
+            # The archive is not usable as it is: it must not stay marked verified.
+            _marker(archive).unlink(missing_ok=True)
+            if isinstance(err, UnsafeArchiveError):
+                raise
+            raise ChecksumError(f"{archive.name}: cannot be unpacked ({type(err).__name__}: "
+                                f"{err}); it is no longer marked verified. Delete {archive} and "
+                                f"fetch it again") from None
         (tmp / ".extracted").write_text(archive.name)
         if folder.exists():
             shutil.rmtree(folder)
@@ -327,34 +407,3 @@ def safe_extract(archive, dest) -> Path:
     else:
         raise ValueError(f"archive: {archive} is not a tar, zip or 7z archive")
     return dest
-
-
-def fetch_main(argv=None) -> int:
-    """``regedu fetch``: list the datasets and their status, or fetch some by name."""
-    parser = argparse.ArgumentParser(prog="regedu fetch", description=(
-        "Download and verify datasets into the regedu cache (REGEDU_DATA). "
-        "Without a name, list the datasets and whether they are cached."))
-    parser.add_argument("names", nargs="*", help="datasets to fetch (see the list)")
-    parser.add_argument("--cache-dir", help="cache folder (default: $REGEDU_DATA or ~/.cache/regedu)")
-    parser.add_argument("--mirror", help="folder tried before the network ($REGEDU_MIRROR)")
-    parser.add_argument("--no-extract", action="store_true", help="keep archives packed")
-    args = parser.parse_args(argv)
-    cache = data_dir(args.cache_dir)
-    if not args.names:
-        print(f"cache: {cache}")
-        for info in REGISTRY.values():
-            state = "cached" if is_cached(info, cache_dir=cache) else (
-                "manual download" if info.manual else "not fetched")
-            print(f"  {info.name:18s} {info.approx_size:>8s}  {state:15s} {info.license}")
-        return 0
-    status = 0
-    for name in args.names:
-        try:
-            path = fetch(name, cache_dir=cache, mirror=args.mirror,
-                         extract=False if args.no_extract else None, progress=True)
-        except (DataUnavailableError, ChecksumError, UnsafeArchiveError, ValueError) as err:
-            print(f"regedu fetch: {err}", file=sys.stderr)
-            status = 1
-            continue
-        print(f"{name}: {path}")
-    return status

@@ -24,28 +24,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._checks import as_labels
 from ._image import resize_image, resize_labels, to_unit_range
 from .fetch import fetch
+from .freesurfer import FREESURFER_NAMES
 from .fundus import parse_fire_lines
 
 __all__ = ["FIRE", "NeuriteOASIS", "Learn2RegOASIS", "load_vxm_scan", "load_vxm_labels",
-           "read_label_table", "FREESURFER_NAMES"]
+           "read_label_table"]
 
-# FreeSurfer's LUT names of the labels regedu evaluates (DESIGN.md 5b) and a few neighbours.
-FREESURFER_NAMES = {
-    0: "Unknown", 2: "Left-Cerebral-White-Matter", 3: "Left-Cerebral-Cortex",
-    4: "Left-Lateral-Ventricle", 5: "Left-Inf-Lat-Vent", 7: "Left-Cerebellum-White-Matter",
-    8: "Left-Cerebellum-Cortex", 10: "Left-Thalamus", 11: "Left-Caudate", 12: "Left-Putamen",
-    13: "Left-Pallidum", 14: "3rd-Ventricle", 15: "4th-Ventricle", 16: "Brain-Stem",
-    17: "Left-Hippocampus", 18: "Left-Amygdala", 24: "CSF", 26: "Left-Accumbens-area",
-    28: "Left-VentralDC", 30: "Left-vessel", 31: "Left-choroid-plexus",
-    41: "Right-Cerebral-White-Matter", 42: "Right-Cerebral-Cortex",
-    43: "Right-Lateral-Ventricle", 44: "Right-Inf-Lat-Vent", 46: "Right-Cerebellum-White-Matter",
-    47: "Right-Cerebellum-Cortex", 49: "Right-Thalamus", 50: "Right-Caudate", 51: "Right-Putamen",
-    52: "Right-Pallidum", 53: "Right-Hippocampus", 54: "Right-Amygdala",
-    58: "Right-Accumbens-area", 60: "Right-VentralDC", 62: "Right-vessel",
-    63: "Right-choroid-plexus", 77: "WM-hypointensities", 85: "Optic-Chiasm",
-}
 _BY_NAME = {v.lower().replace("-proper", ""): k for k, v in FREESURFER_NAMES.items()}
 
 
@@ -250,7 +237,8 @@ class NeuriteOASIS:
         name = self.subjects[subject] if isinstance(subject, (int, np.integer)) else subject
         folder = self.root / name
         image = _squeeze_to(_load_nifti(folder / self._image_name).astype(np.float32), self.ndim)
-        seg = _squeeze_to(_load_nifti(folder / self._seg_name), self.ndim).astype(np.int64)
+        seg = as_labels(_squeeze_to(_load_nifti(folder / self._seg_name), self.ndim),
+                        str(folder / self._seg_name))
         return dict(image=to_unit_range(image, percentile=100)[None], seg=seg, name=name)
 
 
@@ -299,7 +287,7 @@ class Learn2RegOASIS:
             raise _missing(path, f"case {case}", "learn2reg-oasis")
         image = to_unit_range(_load_nifti(path).astype(np.float32), percentile=100)
         label = self.root / "labelsTr" / f"{case}.nii.gz"
-        seg = _load_nifti(label).astype(np.int64) if label.is_file() else None
+        seg = as_labels(_load_nifti(label), str(label)) if label.is_file() else None
         return dict(image=image[None], seg=seg, name=case)
 
 
@@ -324,7 +312,7 @@ def load_vxm_scan(path=None, *, shape=None) -> dict:
     with np.load(path) as data:
         if "vol" not in data or "seg" not in data:
             raise ValueError(f"{path}: expected keys 'vol' and 'seg', got {list(data.keys())}")
-        image, seg = data["vol"].astype(np.float32), data["seg"].astype(np.int64)
+        image, seg = data["vol"].astype(np.float32), as_labels(data["seg"], f"{path}: seg")
     if shape is not None:
         image, seg = resize_image(image, shape), resize_labels(seg, shape)
     return dict(image=image[None], seg=seg, name=path.stem)

@@ -15,18 +15,28 @@ Generated pairs are drawn from ``numpy/torch`` generators seeded with
 ``(seed, index)``: item ``i`` is the same in every epoch, in every worker of a
 ``DataLoader`` and on every machine. With ``cache=True`` an item is kept in
 memory once made.
+
+The command line's pairs live here too: :class:`PairFolder` (every pair of a
+folder of image files, with the file names instead of ``meta``) and
+:class:`OfflinePairs` (``regedu train --data fundus`` or ``brain``, drawn
+from the seeds the shipped checkpoints were trained on).
 """
 from __future__ import annotations
 
 import itertools
+import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
-from .._checks import check_choice, check_positive
+from .._checks import as_labels, available_memory, check_choice, check_memory, check_positive, format_spacing
+from .files import image_files, min_max, read_image_file, read_seg, spacings_agree
 
-__all__ = ["FundusPairs", "BrainPairs", "SubjectPairs", "FIREPairs", "brain_slice"]
+__all__ = ["FundusPairs", "BrainPairs", "SubjectPairs", "FIREPairs", "PairFolder", "OfflinePairs",
+           "brain_slice"]
 
 
 def _item_seed(seed: int, index: int) -> int:
@@ -40,9 +50,11 @@ def _tensor(x, dtype) -> torch.Tensor:
 
 
 class _Cached(Dataset):
-    def __init__(self, n: int, cache: bool):
+    """``n`` pairs made on demand by ``_make(index)``; ``keep`` of them kept once made."""
+
+    def __init__(self, n: int, keep: int):
         check_positive(n, "n", integer=True)
-        self.n, self.cache = n, cache
+        self.n, self.keep = n, keep
         self._items: dict[int, dict] = {}
 
     def __len__(self):
@@ -54,7 +66,7 @@ class _Cached(Dataset):
         if index in self._items:
             return self._items[index]
         item = self._make(index)
-        if self.cache:
+        if len(self._items) < self.keep:
             self._items[index] = item
         return item
 
@@ -96,7 +108,7 @@ class FundusPairs(_Cached):
     def __init__(self, n: int, size: int | None = None, *, categories=("S", "P", "A"),
                  source: str = "retina", seed: int = 0, cache: bool = False, pool: int = 16,
                  contrast: str = "raw"):
-        super().__init__(n, cache)
+        super().__init__(n, n if cache else 0)
         check_positive(pool, "pool", integer=True)
         check_choice(contrast, ("raw", "vessels"), "contrast")
         self.contrast = contrast
@@ -180,7 +192,7 @@ class BrainPairs(_Cached):
 
     def __init__(self, n: int, *, atlas=None, mode: str = "atlas", ndim: int = 3, subjects=None,
                  seed: int = 0, cache: bool = False, **synth_kwargs):
-        super().__init__(n, cache)
+        super().__init__(n, n if cache else 0)
         check_choice(mode, ("atlas", "subject"), "mode")
         check_choice(ndim, (2, 3), "ndim")
         if atlas is None:
@@ -197,7 +209,7 @@ class BrainPairs(_Cached):
         if np.asarray(src["image"]).ndim == 4 and ndim == 2:
             src = brain_slice(src)
         return dict(image=torch.as_tensor(np.asarray(src["image"]), dtype=torch.float32),
-                    seg=torch.as_tensor(np.asarray(src["seg"]), dtype=torch.int64),
+                    seg=torch.from_numpy(as_labels(src["seg"], "seg")),
                     name=src.get("name", "brain"))
 
     def _subject(self, g: torch.Generator) -> tuple[dict, str]:
@@ -257,8 +269,10 @@ class SubjectPairs(Dataset):
                     meta=dict(moving=str(moving.get("name", moving_key)),
                               fixed=str(fixed.get("name", fixed_key)), index=index))
         if moving.get("seg") is not None and fixed.get("seg") is not None:
-            item["moving_seg"] = _tensor(moving["seg"], torch.int64).reshape(1, *item["moving"].shape[1:])
-            item["fixed_seg"] = _tensor(fixed["seg"], torch.int64).reshape(1, *item["fixed"].shape[1:])
+            item["moving_seg"] = torch.from_numpy(as_labels(moving["seg"], f"{moving_key}: seg")).reshape(
+                1, *item["moving"].shape[1:])
+            item["fixed_seg"] = torch.from_numpy(as_labels(fixed["seg"], f"{fixed_key}: seg")).reshape(
+                1, *item["fixed"].shape[1:])
         return item
 
 
@@ -291,3 +305,150 @@ class FIREPairs(Dataset):
             for key in ("moving", "fixed"):
                 out[key] = vessel_contrast(out[key], out.get(f"{key}_mask"))
         return out
+
+
+class PairFolder(Dataset):
+    """(moving, fixed) pairs from a folder of image files, normalised to [0, 1] (``--data FOLDER``).
+
+    Every ordered pair of different images, or each image against ``atlas``.
+    Items are dicts with ``moving``, ``fixed`` ``(1, *spatial)`` and, when every
+    image has labels, ``moving_seg``, ``fixed_seg``; plus the file names.
+    ``spacing`` is the voxel size every image shares (mm), or None when no
+    file says. Images with NaN, no contrast, other shapes or other voxel sizes
+    are refused, and so are label maps that are not whole numbers
+    (:mod:`regedu.datasets.files`).
+    """
+
+    def __init__(self, folder, atlas=None, *, what: str = "data", progress: bool = False):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{what}: no folder {str(folder)!r}")
+        files = image_files(folder)
+        atlas = Path(atlas) if atlas else None
+        if atlas is not None and not atlas.is_file():
+            raise FileNotFoundError(f"--atlas: no file {str(atlas)!r}")
+        files = [f for f in files if atlas is None or f.resolve() != atlas.resolve()]
+        if len(files) < (1 if atlas else 2):
+            raise ValueError(f"{what}: {str(folder)!r} holds {len(files)} image files; need at least "
+                           f"{'one' if atlas else 'two'} (.nii.gz, .nii, .npz or .npy)")
+        paths = files + ([atlas] if atlas else [])
+        self.images, spacings = {}, {}
+        for p in tqdm(paths, desc=f"reading {what}", disable=not progress, leave=False):
+            image = read_image_file(p, "--atlas" if p == atlas else what)
+            self.images[p] = min_max(image.array, "--atlas" if p == atlas else what, p)
+            spacings[p] = image.spacing
+            self._check_memory(len(paths))
+        shapes = {p.name: a.shape for p, a in self.images.items()}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"{what}: all images must have the same shape (resample them to one grid "
+                           f"first), got {shapes}")
+        known = {p.name: s for p, s in spacings.items() if s is not None}
+        if any(not spacings_agree(s, next(iter(known.values()))) for s in known.values()):
+            raise ValueError(f"{what}: all images must have the same voxel size (resample them to "
+                           f"one grid first), got {dict((k, format_spacing(v)) for k, v in known.items())}")
+        self.spacing = next(iter(known.values())) if len(known) == len(spacings) else None
+        segs = {p: read_seg(p, what) for p in self.images}
+        for p, seg in segs.items():
+            if seg is not None and seg.shape != self.images[p].shape:
+                raise ValueError(f"{what}: the labels of {p.name} have shape {seg.shape}, the image "
+                               f"{self.images[p].shape}; expected the same grid")
+        self.segs = segs if all(s is not None for s in segs.values()) else None
+        self.pairs = ([(f, atlas) for f in files] if atlas else
+                      [(m, f) for m in files for f in files if m != f])
+
+    def _check_memory(self, n_files: int) -> None:
+        # After the first image: every image is kept, as float32, and its labels as int64.
+        if len(self.images) == 1:
+            voxels = next(iter(self.images.values())).size
+            check_memory((n_files - 1) * voxels * 12, f"holding {n_files} images of "
+                         f"{voxels:,} voxels with their labels", "use fewer images, or coarser ones")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return next(iter(self.images.values())).shape
+
+    def labels_present(self) -> set[int]:
+        """Every label of the fixed images' maps (empty without labels)."""
+        if self.segs is None:
+            return set()
+        fixed = {f for _, f in self.pairs}
+        return set().union(*(np.unique(self.segs[f]).tolist() for f in fixed)) - {0}
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        moving, fixed = self.pairs[i]
+        item = {"moving": torch.from_numpy(self.images[moving])[None],
+                "fixed": torch.from_numpy(self.images[fixed])[None],
+                "moving_name": moving.name, "fixed_name": fixed.name}
+        if self.segs is not None:
+            item["moving_seg"] = torch.from_numpy(self.segs[moving])[None]
+            item["fixed_seg"] = torch.from_numpy(self.segs[fixed])[None]
+        return item
+
+
+class OfflinePairs(_Cached):
+    """The pairs of ``regedu train --data fundus`` and ``--data brain``: offline data sized by the profile.
+
+    ``"fundus"``: FIRE-like pairs (categories S, P, A in turn;
+    :func:`regedu.datasets.make_fire_pair`) of *procedural* retinas, so that the
+    real photograph ``skimage.data.retina()`` stays held out for testing, as
+    vessel contrast (:func:`regedu.datasets.vessel_contrast`): a model trained on
+    them registers images prepared the same way. ``"brain"``: synthetic
+    subjects (the MNI template under random diffeomorphisms and intensity
+    changes, :func:`regedu.datasets.synth_subject`) as moving images, the template
+    as the fixed one (atlas-based, as VV-Net), with labels. ``spacing``: the
+    brain's voxel size (mm), None for the fundus pixels.
+
+    Pair ``i`` is drawn from seed ``first_seed + i``: the pairs the shipped
+    checkpoints were trained on, which their commands reproduce (the other
+    samplers mix ``(seed, index)`` instead). Up to 256 pairs are kept once made,
+    fewer when they would take more than a quarter of the available memory
+    (the rest are made again when needed).
+    """
+
+    def __init__(self, source: str, n: int, *, first_seed: int = 0):
+        from ..profiles import get_profile
+        if source not in ("fundus", "brain"):
+            raise ValueError(f"data: expected 'fundus', 'brain' or a folder, got {source!r}")
+        self.source, self.first_seed = source, first_seed
+        self.profile = get_profile()
+        shape = ((self.profile.fundus_size,) * 2 if source == "fundus" else
+                 tuple(self.profile.brain_shape))
+        # moving and fixed as float32, labels as int64 (brain).
+        item_bytes = math.prod(shape) * (8 if source == "fundus" else 12)
+        # torch's RandomSampler shuffles all n at once, as an int64 permutation turned
+        # into a Python list: 8 bytes, plus a pointer and an int object per pair.
+        check_memory(48 * n, f"--pairs {n}: shuffling {n:,} pairs",
+                     "ask for fewer pairs: a run only sees steps x batch-size of them")
+        keep = 0 if n > 256 else max(0, min(256, int(available_memory() * 0.25 // item_bytes)))
+        super().__init__(n, keep)
+        if source == "brain":
+            from .brain import mni_brain
+            self.atlas = mni_brain()
+        else:
+            self.atlas = None
+        self.spacing = ((float(self.profile.brain_spacing_mm),) * 3 if source == "brain" else None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self[0]["fixed"].shape[1:])
+
+    def labels_present(self) -> set[int]:
+        """Every label of the fixed image's map (the atlas; empty for the fundus)."""
+        return set(np.unique(self.atlas.seg).tolist()) - {0} if self.atlas is not None else set()
+
+    def _make(self, index: int) -> dict:
+        seed = self.first_seed + index
+        if self.source == "fundus":
+            from .fundus import make_fire_pair, vessel_contrast
+            pair = make_fire_pair("SPA"[index % 3], size=self.profile.fundus_size, seed=seed,
+                                  source="procedural")
+            return {"moving": vessel_contrast(pair.moving, pair.moving_mask),
+                    "fixed": vessel_contrast(pair.fixed, pair.fixed_mask)}
+        from .brain import synth_subject
+        subject = synth_subject(self.atlas, seed=seed)
+        return {"moving": subject["image"], "moving_seg": subject["seg"],
+                "fixed": torch.as_tensor(self.atlas.image),
+                "fixed_seg": torch.as_tensor(self.atlas.seg)[None]}

@@ -17,11 +17,12 @@ from .affine import AffineNet, AffineThenDeformable
 from .cascade import Cascade
 from .pyramid import PyramidNet
 from .rescaled import Rescaled
-from .summary import Summary, summary
+from .summary import Summary, inference_bytes, summary
 from .unet import UNet, VoxelMorph
 from .vnet import VNet, VNetRegistration
 from .vvnet import VVNet
 
 __all__ = ["RegistrationOutput", "Registration", "create", "from_config", "available_models",
            "UNet", "VoxelMorph", "VNet", "VNetRegistration", "VVNet", "AffineNet",
-           "AffineThenDeformable", "Cascade", "PyramidNet", "Rescaled", "summary", "Summary"]
+           "AffineThenDeformable", "Cascade", "PyramidNet", "Rescaled", "summary", "Summary",
+           "inference_bytes"]

@@ -10,7 +10,7 @@ import torch.nn as nn
 from .._checks import check_positive
 from ._base import RegistrationOutput
 
-__all__ = ["Summary", "summary"]
+__all__ = ["Summary", "summary", "inference_bytes"]
 
 
 def _shape(obj):
@@ -230,3 +230,93 @@ def summary(model: nn.Module, input_size, *, batch: int = 1, in_channels: int | 
                    param_bytes=sum(p.numel() * 4 for p in params),
                    activation_bytes=sum(r["activation_bytes"] for r in rows),
                    rows=rows, outputs=outputs, amp=amp, scale=scale)
+
+
+def inference_bytes(model: nn.Module, input_size, *, batch: int = 1, in_channels: int | None = None,
+                    max_voxels: int = 2**18) -> int:
+    """Peak memory of the tensors one ``torch.no_grad()`` forward pass creates, in bytes.
+
+    What registering one pair of ``input_size`` needs beyond the weights and
+    the two images. Measured on random images (halved per axis until at most
+    ``max_voxels``, then scaled by the voxel ratio, as :func:`summary` does) by
+    following every tensor an operation returns until it is freed.
+
+    >>> from regedu.nets import VoxelMorph
+    >>> small, large = (inference_bytes(VoxelMorph(spatial_dims=2), s) for s in ((64, 64), (128, 128)))
+    >>> 3.5 < large / small < 4.5
+    True
+    """
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    input_size = tuple(int(n) for n in input_size)
+    for n in input_size:
+        check_positive(n, "input_size", integer=True)
+    config = getattr(model, "config", {}) or {}
+    channels = in_channels or config.get("in_channels", 1)
+    measured = input_size
+    while math.prod(measured) > max_voxels and min(measured) > 8:
+        measured = tuple(-(-n // 2) for n in measured)
+    multiple = max(getattr(m, "multiple", 1) for m in model.modules())
+    factor = max(getattr(m, "factor", 1) for m in model.modules())
+    step = multiple * factor
+    padded = lambda size: math.prod(-(-n // step) * step for n in size)  # noqa: E731
+    # Rescaled needs sizes that its factor divides: measure on the nearest such size.
+    measured = tuple(max(step, -(-n // step) * step) for n in measured)
+
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    own = {p.untyped_storage().data_ptr() for p in params}
+    own |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+
+    class Live(TorchDispatchMode):
+        # Storages by address, with how many live tensors use each: a storage
+        # is freed when the last tensor viewing it is.
+        def __init__(self):
+            super().__init__()
+            self.users: dict[int, list] = {}
+            self.now = self.peak = 0
+
+        def _free(self, ptr):
+            entry = self.users.get(ptr)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    self.now -= entry[0]
+                    del self.users[ptr]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and not getattr(t, "_regedu_seen", False):
+                    storage = t.untyped_storage()
+                    ptr = storage.data_ptr()
+                    if ptr in own or storage.nbytes() == 0:
+                        continue
+                    try:
+                        t._regedu_seen = True
+                    except (AttributeError, RuntimeError):
+                        continue
+                    if ptr in self.users:
+                        self.users[ptr][1] += 1
+                    else:
+                        self.users[ptr] = [storage.nbytes(), 1]
+                        self.now += storage.nbytes()
+                        self.peak = max(self.peak, self.now)
+                    weakref.finalize(t, self._free, ptr)
+            return out
+
+    moving = torch.rand(batch, channels, *measured, device=device)
+    fixed = torch.rand(batch, channels, *measured, device=device)
+    was_training = model.training
+    model.eval()
+    tracker = Live()
+    try:
+        with torch.no_grad(), tracker:
+            out = model(moving, fixed)
+        del out
+    finally:
+        model.train(was_training)
+    return int(tracker.peak * padded(input_size) / padded(measured))

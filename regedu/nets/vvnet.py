@@ -1,7 +1,7 @@
 """VV-Net: three V-Nets, coarse-to-fine registration with a deeper helper network.
 
 Reference: the VV-Net paper (seed 000, "VV-Net based 3D medical image
-registration"); DESIGN.md section 6 is its English summary.
+registration"); docs/conventions.md ("VV-Net, from the paper") is our English reading of it.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ shown on one slice, the centre by default):
 - :func:`plot_landmarks`: landmarks and TRE arrows;
 - :func:`plot_dice`, :func:`plot_history`, :func:`plot_fire_curves`,
   :func:`plot_slices`: results (per-structure Dice bars, training curves,
-  FIRE success curves, the three orthogonal slices at [80, 96, 112]).
+  FIRE success curves, the three orthogonal slices at [80, 96, 112]);
+- :func:`plot_fusion`: the best single atlas and a fused segmentation, side by side.
 
 Viewers (ipywidgets only; display them, or call ``.show()``):
 
@@ -23,17 +24,15 @@ Without a widget front end (nbval, nbconvert, a script) the viewers fall back
 to a static picture of their current view; see :mod:`regedu.viz._viewers`.
 
 Convention: arrays are shown as stored (rows down, columns right, no flips);
-displacements follow DESIGN.md (voxels, tensor-axis channels, pull warping).
+displacements follow docs/conventions.md (voxels, tensor-axis channels, pull warping).
 """
-from ._figures import (STRUCTURE_NAMES, plot_checkerboard, plot_dice, plot_difference, plot_field,
+from ._figures import (plot_checkerboard, plot_dice, plot_difference, plot_field,
                        plot_fire_curves, plot_grid, plot_history, plot_jacobian, plot_landmarks,
-                       plot_overlay, plot_pair, plot_slices)
+                       plot_fusion, plot_overlay, plot_pair, plot_slices)
 from ._render import default_index
-from ._viewers import (LAYERS, DeformationPlayground, SliceViewer, diffusion_fit,
-                       smooth_random_field)
+from ._viewers import LAYERS, DeformationPlayground, SliceViewer
 
 __all__ = ["plot_pair", "plot_overlay", "plot_checkerboard", "plot_difference", "plot_grid",
            "plot_field", "plot_jacobian", "plot_landmarks", "plot_dice", "plot_history",
-           "plot_fire_curves", "plot_slices", "STRUCTURE_NAMES", "default_index",
-           "SliceViewer", "DeformationPlayground", "LAYERS", "smooth_random_field",
-           "diffusion_fit"]
+           "plot_fire_curves", "plot_slices", "plot_fusion", "default_index",
+           "SliceViewer", "DeformationPlayground", "LAYERS"]

@@ -19,18 +19,7 @@ from . import _render as R
 
 __all__ = ["plot_pair", "plot_overlay", "plot_checkerboard", "plot_difference", "plot_grid",
            "plot_field", "plot_jacobian", "plot_landmarks", "plot_dice", "plot_history",
-           "plot_fire_curves", "plot_slices", "STRUCTURE_NAMES"]
-
-#: Short names of the 30 FreeSurfer structures of the VV-Net/VoxelMorph evaluation.
-STRUCTURE_NAMES = {
-    2: "L cerebral WM", 3: "L cerebral cortex", 4: "L lateral ventricle", 7: "L cerebellum WM",
-    8: "L cerebellum cortex", 10: "L thalamus", 11: "L caudate", 12: "L putamen", 13: "L pallidum",
-    14: "3rd ventricle", 15: "4th ventricle", 16: "brainstem", 17: "L hippocampus",
-    18: "L amygdala", 24: "CSF", 28: "L ventral DC", 31: "L choroid plexus", 41: "R cerebral WM",
-    42: "R cerebral cortex", 43: "R lateral ventricle", 46: "R cerebellum WM",
-    47: "R cerebellum cortex", 49: "R thalamus", 50: "R caudate", 51: "R putamen", 52: "R pallidum",
-    53: "R hippocampus", 54: "R amygdala", 60: "R ventral DC", 63: "R choroid plexus",
-}
+           "plot_fire_curves", "plot_slices", "plot_fusion"]
 
 
 def _subplots(nrows: int, ncols: int, *, size: tuple[float, float] = (3.4, 3.4), **kw):
@@ -165,7 +154,7 @@ def plot_grid(disp, image=None, *, step: int | None = None, axis: int = 0, index
     Parameters
     ----------
     disp : array or Tensor, shape (1, ndim, *spatial) or (ndim, *spatial)
-        Displacement in voxels, DESIGN convention (pulls the moving image).
+        Displacement in voxels, docs/conventions.md (pulls the moving image).
     image : array or Tensor, optional
         Background image of the same spatial size (fixed space).
     step : int, optional
@@ -338,11 +327,15 @@ def plot_dice(results: Mapping, labels=None, *, names: Mapping[int, str] | None 
     labels : list of int, optional
         Needed for plain arrays; DiceResults carry their own.
     names : dict, optional
-        Label -> structure name (default: the 30 FreeSurfer structures).
+        Label -> structure name (default: the 30 FreeSurfer structures,
+        :data:`regedu.datasets.STRUCTURE_NAMES`).
     """
     if not isinstance(results, Mapping) or not results:
         raise ValueError("results: expected a non-empty dict of method name -> Dice results")
-    names = dict(STRUCTURE_NAMES if names is None else names)
+    if names is None:
+        from ..datasets.freesurfer import STRUCTURE_NAMES
+        names = STRUCTURE_NAMES
+    names = dict(names)
     tables = {k: _dice_table(v, labels) for k, v in results.items()}
     order = list(next(iter(tables.values()))[1])
     fig, axes = _subplots(1, 1, size=(min(16.0, max(6.0, 0.11 * len(order) * len(tables) + 2)), 4.2))
@@ -519,4 +512,90 @@ def plot_slices(volumes, index: Sequence[int] | None = None, *, titles: Sequence
             _image_axes(ax, f"axis {k} = {idx[k]}" if row == 0 else None)
             if k == 0:
                 ax.set_ylabel(t)
+    return fig
+
+
+_FIXED_RGB = np.array([40, 200, 80], dtype=np.uint8)     # fusion right where the single atlas was wrong
+_BROKEN_RGB = np.array([230, 40, 40], dtype=np.uint8)    # fusion wrong where the single atlas was right
+
+
+def plot_fusion(target_image, target_labels, best_single, fused, labels=None, *, axis: int = 0,
+                index: int | None = None, names: Sequence[str] = ("best single atlas", "fused"),
+                alpha: float = 0.45):
+    """The best single atlas and the fused segmentation side by side, against the target's labels.
+
+    Four panels on the target image: its own labels (the reference), the best
+    single atlas's propagated labels, the fused labels (both with the
+    reference's outlines in white), and where they differ: green where the
+    fusion is right and the single atlas wrong, red the other way round.
+    Titles carry the Dice of each against the reference (mean over
+    ``labels``, computed on the whole image or volume, not the slice shown) and
+    the voxel counts of the last panel.
+
+    Parameters
+    ----------
+    target_image : array or Tensor, shape (H, W), (D, H, W) or with leading (1, 1) axes
+    target_labels, best_single, fused : label maps of that shape
+    labels : sequence of int, optional
+        Structures to score (default: every non-zero label of ``target_labels``).
+    axis, index : int
+        For volumes, the slice shown (default: the centre).
+    names : (str, str)
+        Titles of the two candidates.
+    alpha : float
+        Opacity of the label colours.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Convention: arrays shown as stored (rows down); all maps in the target's
+    space (labels warped with nearest neighbour, docs/conventions.md, "Conventions").
+    """
+    from ..metrics import dice
+
+    img = R.spatial_array(target_image, "target_image")
+    shape = img.shape
+    ref = R.label_array(target_labels, "target_labels", shape=shape)
+    single = R.label_array(best_single, "best_single", shape=shape)
+    fuse = R.label_array(fused, "fused", shape=shape)
+    if len(names) != 2:
+        raise ValueError(f"names: expected two titles (single, fused), got {names!r}")
+    if labels is None:
+        labels = [int(v) for v in np.unique(ref) if v != 0]
+        if not labels:
+            raise ValueError("target_labels: no structure (only background); pass labels=[...]")
+    scores = [dice(ref, m, labels) for m in (single, fuse)]
+    # "Right" means the voxel's label agrees with the reference, counting unscored labels as background.
+    keep = np.asarray(labels)
+    as_scored = [np.where(np.isin(m, keep), m, 0) for m in (ref, single, fuse)]
+    right_single, right_fused = as_scored[1] == as_scored[0], as_scored[2] == as_scored[0]
+    repaired, broken = right_fused & ~right_single, right_single & ~right_fused
+
+    k = R.check_axis_index(shape, axis, index) if img.ndim == 3 else None
+    cut = (lambda a: R.plane(a, axis, k)) if k is not None else (lambda a: a)
+    where = f" (axis {axis} = {k})" if k is not None else ""
+    lo, hi = R.intensity_window(img)
+    grey = R.colorize(cut(img).astype(np.float32), lo, hi)
+    colours = R.LabelColours(ref, single, fuse)
+    outline = R.label_edges(cut(ref))
+
+    def labelled(m, edges: bool):
+        m2 = cut(m)
+        rgb = R.blend(grey, (m2 != 0).astype(np.float32), colours.rgb(m2), alpha)
+        if edges:
+            rgb[outline] = 255
+        return rgb
+
+    diff = R.blend(R.blend(grey, cut(repaired).astype(np.float32), _FIXED_RGB, 0.8),
+                   cut(broken).astype(np.float32), _BROKEN_RGB, 0.8)
+    panels = [(labelled(ref, False), f"target labels (reference){where}"),
+              (labelled(single, True), f"{names[0]}: Dice {scores[0].mean:.3f}"),
+              (labelled(fuse, True), f"{names[1]}: Dice {scores[1].mean:.3f}"),
+              (diff, f"{names[1]} vs {names[0]}\ngreen: repaired {int(repaired.sum())}, "
+                     f"red: broken {int(broken.sum())} voxels")]
+    fig, axes = _subplots(1, 4)
+    for ax, (rgb, title) in zip(axes[0], panels):
+        ax.imshow(rgb)
+        _image_axes(ax, title)
     return fig

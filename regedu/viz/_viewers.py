@@ -25,7 +25,7 @@ import torch
 from .._checks import check_choice, check_positive
 from . import _render as R
 
-__all__ = ["SliceViewer", "DeformationPlayground", "smooth_random_field", "diffusion_fit", "LAYERS"]
+__all__ = ["SliceViewer", "DeformationPlayground", "LAYERS"]
 
 #: Layers the 3D viewer can show in each row.
 LAYERS = ("fixed", "moving", "warped", "difference", "checkerboard", "labels", "grid", "jacobian")
@@ -79,7 +79,7 @@ class SliceViewer(_Viewer):
     fixed, moving, warped : array or Tensor, shape (D, H, W) or (1, 1, D, H, W)
         ``moving`` and ``warped`` are optional.
     disp : array or Tensor, shape (1, 3, D, H, W) or (3, D, H, W), optional
-        Displacement in voxels (DESIGN convention); enables "grid" and "jacobian".
+        Displacement in voxels (docs/conventions.md); enables "grid" and "jacobian".
     fixed_labels, warped_labels : label maps (D, H, W), optional
         Enable "labels": the fixed image with the warped labels filled in
         (the fixed labels when no warped ones) and, given both, the fixed
@@ -305,56 +305,6 @@ class SliceViewer(_Viewer):
         return fig
 
 
-def smooth_random_field(shape, amplitude: float, smoothness: float, *, seed: int = 0) -> torch.Tensor:
-    """A random smooth displacement ``(1, ndim, *shape)`` with largest length ``amplitude``.
-
-    White noise per channel, Gaussian-smoothed with ``sigma = smoothness``
-    voxels, then scaled so that ``max |u| = amplitude`` voxels.
-
-    >>> u = smooth_random_field((32, 32), 3.0, 4.0)
-    >>> tuple(u.shape), round(float(u.norm(dim=1).max()), 4)
-    ((1, 2, 32, 32), 3.0)
-    """
-    from scipy.ndimage import gaussian_filter
-    shape = tuple(int(n) for n in shape)
-    check_positive(smoothness, "smoothness")
-    if amplitude < 0:
-        raise ValueError(f"amplitude: expected a non-negative number of voxels, got {amplitude}")
-    rng = np.random.default_rng(seed)
-    u = np.stack([gaussian_filter(rng.standard_normal(shape), smoothness, mode="reflect")
-                  for _ in shape])
-    top = np.sqrt((u ** 2).sum(0)).max()
-    return torch.from_numpy((u * (amplitude / top if top > 0 else 0.0))[None].astype(np.float32))
-
-
-def diffusion_fit(disp, weight: float) -> torch.Tensor:
-    """The smoothest field close to ``disp``: diffusion-regularised least squares.
-
-    Solves ``min_v ||v - u||^2 + weight * sum_k ||D_k v||^2`` exactly, ``D_k``
-    the forward difference along axis ``k`` with mirrored borders (the
-    diffusion regulariser of :func:`regedu.losses.diffusion`, as a sum). The
-    normal equations ``(I + weight * L) v = u`` are diagonal in the DCT basis,
-    where the Laplacian ``L`` has eigenvalues ``sum_k 2 - 2 cos(pi j_k / n_k)``.
-    ``weight = 0`` returns ``u``; a large weight leaves only the mean
-    (translation), which no smoothness penalty touches.
-
-    >>> u = smooth_random_field((16, 16), 2.0, 2.0)
-    >>> bool(torch.allclose(diffusion_fit(u, 0.0), u, atol=1e-6))
-    True
-    """
-    from scipy.fft import dctn, idctn
-    u = R.field_tensor(disp)
-    if not weight >= 0:
-        raise ValueError(f"weight: expected a non-negative number, got {weight}")
-    spatial = u.shape[2:]
-    eig = sum((2 - 2 * np.cos(np.pi * np.arange(n) / n)).reshape([-1 if a == k else 1
-                                                                   for a in range(len(spatial))])
-              for k, n in enumerate(spatial))
-    axes = tuple(range(1, len(spatial) + 1))
-    coef = dctn(u[0].double().numpy(), type=2, norm="ortho", axes=axes) / (1.0 + weight * eig)
-    return torch.from_numpy(idctn(coef, type=2, norm="ortho", axes=axes)[None].astype(np.float32))
-
-
 def _default_image(size: int) -> np.ndarray:
     from skimage.data import retina
     from skimage.transform import resize
@@ -368,9 +318,11 @@ def _default_image(size: int) -> np.ndarray:
 class DeformationPlayground(_Viewer):
     """2D deformation playground: how amplitude, smoothness and regularisation shape a warp.
 
-    A random field (``smooth_random_field``: amplitude in voxels, smoothness
-    as the Gaussian sigma) is regularised by :func:`diffusion_fit` with the
-    chosen weight, then warps the image (bilinear or nearest). The panels
+    A random field (:func:`regedu.spatial.random_field`, interpolated
+    bicubically from control points ``smoothness`` pixels apart, scaled so
+    that its largest displacement is ``amplitude`` pixels) is regularised by
+    :func:`regedu.spatial.diffusion_fit` with the chosen weight, then warps
+    the image (bilinear or nearest). The panels
     show the warped image, the deformation grid and the Jacobian determinant
     (yellow: folds); a line reports max |u|, % folded pixels, SDlogJ and how
     far the regularised field moved from the raw one. Large amplitude with
@@ -393,7 +345,7 @@ class DeformationPlayground(_Viewer):
     """
 
     def __init__(self, image=None, *, size: int = 256, amplitude: float = 8.0,
-                 smoothness: float = 6.0, weight: float = 0.0, interpolation: str = "bilinear",
+                 smoothness: float = 16.0, weight: float = 0.0, interpolation: str = "bilinear",
                  seed: int = 0, grid_step: int | None = None, display_size: int = 320,
                  image_format: str = "jpeg"):
         if image is None:
@@ -428,14 +380,16 @@ class DeformationPlayground(_Viewer):
 
     def _compute(self) -> None:
         from .. import metrics
-        from ..spatial import warp
+        from ..spatial import diffusion_fit, random_field, warp
         p = self.params
         check_choice(p["interpolation"], ("bilinear", "nearest"), "interpolation")
         # Both steps are linear in the amplitude: cache them at amplitude 1 and scale, so the
         # amplitude and interpolation controls skip the filtering and the fit.
         key = (p["smoothness"], p["seed"], p["weight"])
         if self._unit_key != key:
-            unit = smooth_random_field(self.image.shape, 1.0, p["smoothness"], seed=p["seed"])
+            points = [max(2, round((n - 1) / p["smoothness"]) + 1) for n in self.image.shape]
+            unit = random_field(self.image.shape, 1.0, points, cubic=True, seed=p["seed"])
+            unit /= unit.norm(dim=1).max()  # the amplitude slider sets the largest displacement
             self._unit = (unit, diffusion_fit(unit, p["weight"]) if p["weight"] > 0 else unit)
             self._unit_key = key
         raw, self.disp = (f * p["amplitude"] for f in self._unit)
@@ -468,8 +422,8 @@ class DeformationPlayground(_Viewer):
         controls = {
             "amplitude": W.FloatSlider(value=p["amplitude"], min=0, max=30, step=0.5, style=style,
                                        description="amplitude (px)", layout=lay),
-            "smoothness": W.FloatSlider(value=p["smoothness"], min=1, max=40, step=0.5, style=style,
-                                        description="smoothness (σ)", layout=lay),
+            "smoothness": W.FloatSlider(value=p["smoothness"], min=2, max=64, step=1, style=style,
+                                        description="smoothness (px)", layout=lay),
             "weight": W.FloatLogSlider(value=max(p["weight"], 1e-2), min=-2, max=4, step=0.1,
                                        base=10, style=style, description="regularisation λ",
                                        layout=lay),
