@@ -202,6 +202,7 @@ def test_vxm_subject_is_on_the_template_grid(shared_data, tmp_path, atlas):
 def test_vxm_subject_without_the_scan_says_so(tmp_path, monkeypatch):
     monkeypatch.delenv("REGEDU_MIRROR", raising=False)
     empty = tmp_path / "empty"
+    empty.mkdir()
     assert vxm_subject(4, cache_dir=tmp_path / "cache", mirror=empty) is None
     with pytest.raises(DataUnavailableError, match="regedu fetch vxm-test-scan"):
         vxm_subject(4, cache_dir=tmp_path / "cache", mirror=empty, missing="raise")

@@ -41,10 +41,12 @@ import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
 
 from .._checks import check_choice, check_positive
+from .._files import write_atomic
 from ..metrics import dice
 from ..spatial import affine_to_displacement, compose, warp
 from . import brain as _brain
-from .brain import BRAIN_SHAPES, DONORS, FREESURFER_30, Brain, mni_brain, to_freesurfer
+from .brain import BRAIN_SHAPES, DONORS, Brain, mni_brain, to_freesurfer
+from .freesurfer import FREESURFER_30
 
 __all__ = ["TRAIN_ANATOMY", "HELD_OUT_ANATOMY", "ANATOMIES", "anatomy_split", "anatomy",
            "complete_donor", "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs"]
@@ -568,14 +570,5 @@ class RealisticPairs(torch.utils.data.Dataset):
 
 
 def _save_atomic(path, arrays: dict) -> None:
-    import os
-    import tempfile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)  # uncompressed: loading must cost less than a training step
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # Uncompressed: loading a pooled pair must cost far less than a training step.
+    write_atomic(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
