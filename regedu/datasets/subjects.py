@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from .._checks import check_choice, check_positive
@@ -95,7 +96,6 @@ def _label_contrast(seg_fs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     # driven by every boundary, not only by the grey/white contrast of a T1.
     lut = np.zeros(int(max(labels.max(), seg_fs.max())) + 1, np.float32)
     lut[labels] = 0.2 + 0.8 * np.mod(np.arange(1, len(labels) + 1) * 0.6180339887, 1.0)
-    from scipy import ndimage
     return ndimage.gaussian_filter(lut[seg_fs], 0.7).astype(np.float32)
 
 
@@ -152,7 +152,6 @@ def _fill_interior(parcels: np.ndarray) -> int:
     encloses takes the white matter of the side of its
     nearest label (the side of the grid's middle for midline labels).
     """
-    from scipy import ndimage
     # The donor's own labels with the carried ones (CSF, ventricles), not the
     # carried template's extent: where the template's cortex reaches past the
     # donor's, that is outside the donor's brain.
