@@ -234,6 +234,18 @@ def test_displacement_to_affine_inverts_affine_to_displacement():
         classic.displacement_to_affine(u.expand(2, -1, -1, -1, -1))
 
 
+def test_ants_syn_with_cc_gets_a_small_window(monkeypatch):
+    # antspyx's syn_sampling default (32) is a bin count for MI but a radius for
+    # CC: a 65^3 window that made CC SyN take minutes on a 4 mm brain.
+    seen = []
+    monkeypatch.setattr(classic, "ants_register", lambda m, f, t, **kw: seen.append((t, kw)))
+    classic.ants_syn(None, None, syn_metric="CC")
+    classic.ants_syn(None, None, syn_metric="CC", syn_sampling=4)
+    classic.ants_syn(None, None)
+    assert seen == [("SyN", {"syn_metric": "CC", "syn_sampling": 2}),
+                    ("SyN", {"syn_metric": "CC", "syn_sampling": 4}), ("SyN", {})]
+
+
 def test_ants_syn_batches_and_improves_the_match():
     shape = (40, 44)
     fixed = np.stack([_blobs(shape, seed=s) for s in (0, 1)])[:, None]

@@ -1,6 +1,6 @@
 """Preprocessing as the VV-Net paper does it before learning: affine pre-alignment and normalisation.
 
-The paper (docs/conventions.md, "VV-Net, from the paper") resamples every scan to 1 mm, skull-strips it, crops
+The VV-Net paper (seed 000, section 1.3) resamples every scan to 1 mm, skull-strips it, crops
 it to 160x192x224, divides by the maximum (255) and affinely aligns it to the
 atlas with ANTs; learning only has to model what remains. Our subjects are
 skull-stripped already (:func:`regedu.datasets.realistic_subject`,

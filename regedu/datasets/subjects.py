@@ -38,13 +38,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from .._checks import check_choice, check_positive
+from .._files import write_atomic
 from ..metrics import dice
 from ..spatial import affine_to_displacement, compose, warp
 from . import brain as _brain
-from .brain import BRAIN_SHAPES, DONORS, FREESURFER_30, Brain, mni_brain, to_freesurfer
+from .brain import BRAIN_SHAPES, DONORS, Brain, mni_brain, to_freesurfer
+from .freesurfer import FREESURFER_30
 
 __all__ = ["TRAIN_ANATOMY", "HELD_OUT_ANATOMY", "ANATOMIES", "anatomy_split", "anatomy",
            "complete_donor", "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs"]
@@ -59,7 +62,7 @@ ANATOMIES = TRAIN_ANATOMY + HELD_OUT_ANATOMY
 # regedu parcel numbers the donor maps lack (brainstem, ventricles, CSF,
 # cerebellum): they come from the template, carried onto the donor.
 _FILL = (83, 103, 104, 105, 106, 107, 108, 109, 110, 111)
-_COMPLETE_VERSION = 1  # bump when the completion changes: cached donors are rebuilt
+_COMPLETE_VERSION = 4  # bump when the completion changes: cached donors are rebuilt
 
 
 def anatomy_split() -> dict[str, tuple[str, ...]]:
@@ -93,7 +96,6 @@ def _label_contrast(seg_fs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     # driven by every boundary, not only by the grey/white contrast of a T1.
     lut = np.zeros(int(max(labels.max(), seg_fs.max())) + 1, np.float32)
     lut[labels] = 0.2 + 0.8 * np.mod(np.arange(1, len(labels) + 1) * 0.6180339887, 1.0)
-    from scipy import ndimage
     return ndimage.gaussian_filter(lut[seg_fs], 0.7).astype(np.float32)
 
 
@@ -126,7 +128,44 @@ def _complete_donor_1mm(donor: str) -> dict:
     parcels = donor_lia.copy()
     put = np.isin(donor_lia, (0, 101, 102)) & np.isin(carried, _FILL)
     parcels[put] = carried[put]
-    return dict(parcels=parcels.astype(np.int16), rms=np.array(rms), fit_dice=np.array(fit))
+    holes = _fill_interior(parcels)
+    return dict(parcels=parcels.astype(np.int16), rms=np.array(rms), fit_dice=np.array(fit),
+                holes=np.array(holes))
+
+
+_LEFT = np.zeros(112, bool)
+_LEFT[1:42] = True                      # DK left cortex and deep nuclei (42-82 are right, 83 the brainstem)
+_LEFT[[101, 103, 108, 109]] = True      # regedu's left structures
+_RIGHT = np.zeros(112, bool)
+_RIGHT[42:83] = True
+_RIGHT[[102, 104, 110, 111]] = True
+
+
+def _fill_interior(parcels: np.ndarray) -> int:
+    """Label, in place, the unlabelled voxels inside the brain as white matter; return how many.
+
+    :func:`donor_brain` fills the inside of each donor's labelled hull with
+    white matter, but where the hull does not close (donor 15697: 28,000
+    voxels at 2 mm around the ventricles) the inside stays 0 and the
+    synthesised image has black holes in the deep brain. The brain here is
+    the donor's labels with the carried structures; each unlabelled voxel it
+    encloses takes the white matter of the side of its
+    nearest label (the side of the grid's middle for midline labels).
+    """
+    # The donor's own labels with the carried ones (CSF, ventricles), not the
+    # carried template's extent: where the template's cortex reaches past the
+    # donor's, that is outside the donor's brain.
+    brain = ndimage.binary_fill_holes(parcels > 0)  # enclosed voxels only: no closing, sulci stay open
+    inside = brain & (parcels == 0)
+    if not inside.any():
+        return 0
+    idx = ndimage.distance_transform_edt(parcels == 0, return_distances=False, return_indices=True)
+    nearest = parcels[tuple(i[inside] for i in idx)].astype(np.int64)
+    # Array axis 0 points Left (LIA): the upper half of the grid is the left side.
+    by_position = np.argwhere(inside)[:, 0] >= (parcels.shape[0] - 1) / 2
+    left = np.where(_LEFT[nearest], True, np.where(_RIGHT[nearest], False, by_position))
+    parcels[inside] = np.where(left, 101, 102)
+    return int(inside.sum())
 
 
 def complete_donor(donor: str, spacing_mm: int | None = None, *, cache_dir=None, seed: int = 0) -> Brain:
@@ -150,12 +189,15 @@ def complete_donor(donor: str, spacing_mm: int | None = None, *, cache_dir=None,
     seed : int
         Seed of the synthesised image's noise.
 
+    Unlabelled voxels left inside the brain (where a donor's hull did not
+    close) become white matter.
+
     Returns
     -------
     Brain, ``meta``: ``affine_rms_mm`` (centroid fit), ``fit_dice`` (mean Dice
     of the template with the donor over their shared structures at 1 mm,
-    before and after the fit) and ``dice`` (with the template, over the 30
-    structures both have).
+    before and after the fit), ``filled_voxels`` (1 mm voxels made white
+    matter) and ``dice`` (with the template, over the 30 structures both have).
 
     The first call per donor builds the completion (about 25 s, needs
     antspyx) and caches it; later calls load it.
@@ -180,7 +222,7 @@ def complete_donor(donor: str, spacing_mm: int | None = None, *, cache_dir=None,
     return Brain(image=data["image"][None], seg=seg, parcels=parcels, spacing_mm=float(spacing),
                  name=f"donor{donor}_complete_{spacing}mm",
                  meta=dict(affine_rms_mm=float(full["rms"]), fit_dice=tuple(float(v) for v in full["fit_dice"]),
-                           dice=dice(template.seg, seg, thirty).mean))
+                           filled_voxels=int(full["holes"]), dice=dice(template.seg, seg, thirty).mean))
 
 
 def anatomy(name: str, spacing_mm: int | None = None, *, cache_dir=None) -> Brain:
@@ -429,6 +471,9 @@ class RealisticPairs(torch.utils.data.Dataset):
         (``offline/pool/...``, written atomically) and load it next time:
         pre-aligning costs seconds per subject, far more than a training step.
     cache_dir : path, optional
+        The data cache (anatomies; the pool's default home).
+    pool_dir : path, optional
+        Where the pool lives instead of ``<cache>/offline/pool``.
     **subject_kwargs
         Passed to :func:`realistic_subject` (ranges of pose, deformation,
         intensity). They are part of the pool's key.
@@ -440,7 +485,8 @@ class RealisticPairs(torch.utils.data.Dataset):
     """
 
     def __init__(self, n: int, *, anatomy="train", spacing_mm: int | None = None, seed: int = 0,
-                 prealign: str | None = "ants", pool: bool = True, cache_dir=None, **subject_kwargs):
+                 prealign: str | None = "ants", pool: bool = True, cache_dir=None, pool_dir=None,
+                 **subject_kwargs):
         check_positive(n, "n", integer=True)
         if isinstance(anatomy, str) and anatomy in ("train", "held_out"):
             names = anatomy_split()[anatomy]
@@ -450,7 +496,7 @@ class RealisticPairs(torch.utils.data.Dataset):
             check_choice(prealign, ("ants", "regedu"), "prealign")
         self.n, self.names, self.seed, self.prealign = n, names, int(seed), prealign
         self.spacing = _brain._default_spacing(spacing_mm)
-        self.pool, self.cache_dir, self.subject_kwargs = pool, cache_dir, subject_kwargs
+        self.pool, self.cache_dir, self.pool_dir, self.subject_kwargs = pool, cache_dir, pool_dir, subject_kwargs
         self.atlas = mni_brain(self.spacing, cache_dir=cache_dir)
         self._anatomy: dict[str, Brain] = {}
 
@@ -473,6 +519,7 @@ class RealisticPairs(torch.utils.data.Dataset):
     def _pool_path(self, name: str, index: int):
         import hashlib
         import json
+        from pathlib import Path
         from .fetch import data_dir
         key = json.dumps(dict(v=_POOL_VERSION, complete=_COMPLETE_VERSION, brain=_brain._VERSION,
                               spacing=self.spacing, seed=self.seed, prealign=self.prealign,
@@ -481,7 +528,8 @@ class RealisticPairs(torch.utils.data.Dataset):
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         # An item is named by its anatomy as well as its index: a pool is never
         # read for another split, and two splits share the items they have in common.
-        return data_dir(self.cache_dir) / "offline" / "pool" / f"{self.spacing}mm_{digest}" / f"{name}_{index:06d}.npz"
+        root = Path(self.pool_dir) if self.pool_dir is not None else data_dir(self.cache_dir) / "offline" / "pool"
+        return root / f"{self.spacing}mm_{digest}" / f"{name}_{index:06d}.npz"
 
     def _make(self, index: int, name: str, item_seed: int) -> dict:
         from .prealign import preprocess
@@ -530,14 +578,5 @@ class RealisticPairs(torch.utils.data.Dataset):
 
 
 def _save_atomic(path, arrays: dict) -> None:
-    import os
-    import tempfile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)  # uncompressed: loading must cost less than a training step
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # Uncompressed: loading a pooled pair must cost far less than a training step.
+    write_atomic(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
