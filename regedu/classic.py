@@ -47,6 +47,11 @@ def _no_ants_here() -> str:
 
 
 def _import_ants():
+    # ITK reads its thread count once, before its first multi-threaded step.
+    # Several threads split ANTs' sums differently from run to run, so the same
+    # call gave fields differing by hundredths of a voxel (a Dice in the third
+    # decimal): one thread, unless the user chose otherwise, gives one answer.
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     try:
         import ants
     except ImportError as err:
@@ -180,8 +185,10 @@ def ants_register(moving, fixed, transform: str = "SyN", *, spacing=1.0, seed: i
         If the images are not single-channel 2D/3D of one shape.
 
     Convention: the field pulls ``moving`` into ``fixed`` space
-    (``warp(moving, u)``); voxel units; tensor-axis order. ANTs' threads follow
-    ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` (all cores by default).
+    (``warp(moving, u)``); voxel units; tensor-axis order. ANTs runs on one
+    thread, so that the same call gives the same field every time, unless
+    ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` was set before regedu first
+    called ANTs.
     """
     ants = _import_ants()
     movings, fixeds = _as_volumes(moving, "moving"), _as_volumes(fixed, "fixed")
