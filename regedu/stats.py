@@ -85,16 +85,19 @@ class PairedBootstrap:
     metric: str = ""
     higher_is_better: bool = True
 
-    def _sentence(self, digits: int, test: str) -> str:
+    def _sentence(self, digits: int, test: str, agrees: bool = True) -> str:
         a, b = self.names
         d, lo, hi = self.mean_difference, self.ci_low, self.ci_high
         unit = f" {self.metric}" if self.metric else ""
-        interval = (f"{self.ci * 100:g} % CI {_fmt(lo, digits)} to {_fmt(hi, digits)}, "
-                    f"{self.n} pairs; {test}")
-        if lo > 0 or hi < 0:          # the interval excludes 0: a winner
+        if (lo > 0 or hi < 0) and agrees:       # the interval excludes 0 (and the test agrees): a winner
             b_better = (d > 0) == self.higher_is_better
             winner, loser = (b, a) if b_better else (a, b)
+            # The interval of the winner's advantage, so that it reads beside "beats ... by".
+            lo, hi = sorted((abs(lo), abs(hi)))
+            interval = (f"{self.ci * 100:g} % CI {_fmt(lo, digits)} to {_fmt(hi, digits)}, "
+                        f"{self.n} pairs; {test}")
             return f"{winner} beats {loser} by {_fmt(abs(d), digits)}{unit} ({interval})"
+        interval = f"{self.ci * 100:g} % CI {_fmt(lo, digits)} to {_fmt(hi, digits)}, {self.n} pairs; {test}"
         return (f"{b} and {a} do not differ clearly: {b} - {a} = {_fmt(d, digits)}{unit} "
                 f"({interval})")
 
@@ -188,8 +191,16 @@ class PairedTest:
 
     def summary(self, digits: int = 3) -> str:
         """One sentence, e.g. ``"B beats A by 0.012 Dice (95 % CI 0.004 to 0.020, 30 pairs;
-        Wilcoxon p = 0.003)"``: the bootstrap interval and the Wilcoxon p-value."""
-        return self.bootstrap._sentence(digits, f"Wilcoxon p {_p(self.wilcoxon_p)}")
+        Wilcoxon p = 0.003)"``: the bootstrap interval and the Wilcoxon p-value.
+
+        A method "beats" the other only when both say so: the interval excludes
+        0 *and* the Wilcoxon p-value is below ``1 - ci``. With few pairs the
+        bootstrap interval is too narrow (3 pairs of one sign give an interval
+        that excludes 0, while no test on 3 pairs can reach p < 0.25); the
+        sentence then says "do not differ clearly".
+        """
+        agrees = self.wilcoxon_p < 1 - self.bootstrap.ci
+        return self.bootstrap._sentence(digits, f"Wilcoxon p {_p(self.wilcoxon_p)}", agrees)
 
 
 def paired_test(a, b, *, n_boot: int = 10000, seed: int = 0, ci: float = 0.95,

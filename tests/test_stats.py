@@ -81,3 +81,22 @@ def test_bad_input_is_refused_clearly():
         stats.paired_bootstrap(np.zeros((3, 2)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"ci: expected a level in \(0, 1\)"):
         stats.paired_bootstrap(np.zeros(3), np.ones(3), ci=95)
+
+
+def test_a_verdict_needs_the_test_to_agree_with_the_interval():
+    # Three differences of one sign: the bootstrap interval excludes 0, but the exact
+    # Wilcoxon p on 3 pairs is 0.25: no winner.
+    a = np.array([0.60, 0.70, 0.65])
+    r = stats.paired_test(a, a + [0.010, 0.012, 0.011], metric="Dice")
+    assert r.bootstrap.ci_low > 0 and r.wilcoxon_p == pytest.approx(0.25)
+    assert r.bootstrap.summary().startswith("B beats A")
+    assert r.summary().startswith("B and A do not differ clearly: B - A = 0.011 Dice")
+
+
+def test_the_winners_interval_is_its_advantage():
+    a, b = _scores()
+    r = stats.paired_test(b, a, names=("VoxelMorph", "SyN"), metric="Dice")   # SyN = a is worse
+    lo, hi = -r.bootstrap.ci_high, -r.bootstrap.ci_low
+    assert lo > 0
+    assert r.summary().startswith(f"VoxelMorph beats SyN by {abs(r.mean_difference):.3f} Dice "
+                                  f"(95 % CI {lo:.3f} to {hi:.3f}, 30 pairs")
