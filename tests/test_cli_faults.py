@@ -297,7 +297,10 @@ def test_a_signal_during_training_saves_the_checkpoint(folder2d, tmp_path, sig, 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "regedu", "train", "--data", str(folder2d),
                              "--steps", "100000", "--out", str(ckpt)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # A terminal's SIGINT, even when this run's parent ignores it (a job
+                            # started in the background inherits SIG_IGN, and Python keeps it).
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # Wait for the progress bar to pass step 2: training has started, and the first
         # periodic save (a tenth of 100000 steps) is far away.

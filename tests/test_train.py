@@ -418,7 +418,17 @@ def test_an_unwritable_checkpoint_path_fails_before_training(tmp_path, where):
     assert data.drawn == 0
 
 
-def test_sigint_saves_at_the_end_of_the_step_and_resumes_exactly(tmp_path, capsys):
+@pytest.fixture
+def terminal_sigint():
+    """Python's own SIGINT handler during the test, as under a terminal, even when the run's parent
+    ignores SIGINT (a background job inherits SIG_IGN, and fit rightly leaves an ignored signal alone)."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_saves_at_the_end_of_the_step_and_resumes_exactly(tmp_path, capsys, terminal_sigint):
     import os
     import signal
     kwargs = dict(losses={"ncc": 1.0, "diffusion": 0.1}, batch_size=2, lr=1e-2, seed=3,
