@@ -45,7 +45,7 @@ from regedu.datasets.brain import _donor_image  # noqa: E402
 from regedu.metrics import dice, folding_stats  # noqa: E402
 from regedu.spatial import warp  # noqa: E402
 
-SYN = {2: {}, 4: dict(syn_metric="CC", reg_iterations=(40, 20, 10))}
+SYN = classic.SYN_SETTINGS
 CANDIDATES = {"mi100": dict(reg_iterations=(100, 70, 50)),
               "cc40": dict(syn_metric="CC", reg_iterations=(40, 20, 10)),
               "cc40_total1": dict(syn_metric="CC", reg_iterations=(40, 20, 10), total_sigma=1),

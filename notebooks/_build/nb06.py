@@ -131,54 +131,69 @@ $$\mathcal{L} = -\mathrm{NCC}_{9^3}(F, M \circ \varphi) + \lambda\, \frac{1}{N}\
 local normalised cross-correlation in 9x9x9 windows (robust to the bias field and
 gamma change) plus the diffusion regulariser (notebook 02).
 
-**Budget.** On two CPU cores a full VoxelMorph step at 80x96x112 takes several
-seconds, so the `ci` and `cpu` profiles train a half-width VoxelMorph (a quarter
-of the parameters) for a few dozen steps with a learning rate of $10^{-3}$
-instead of the paper's $10^{-4}$: enough to see it learn, far from converged.
-It trains on the 4 mm grid in both (the same kinds of subjects, drawn on the
-coarser grid: a step costs an eighth of a 2 mm step), and in the `cpu` profile
-it is evaluated on the 2 mm test pairs through `nets.Rescaled(model, 2)`, which
-averages both images down by 2 and upsamples the field back. The `gpu` profile
-trains the full model on the full grid for the profile's steps.
+**Budget.** On two CPU cores a VoxelMorph step takes about a second even at
+4 mm, and a network needs hundreds to thousands of steps before its Dice
+clearly leaves the identity's: a few dozen steps from scratch teach nothing
+measurable. So the `ci` and `cpu` profiles **fine-tune**: they start from the
+VoxelMorph the project trained with its own command (`checkpoints/brain_unet_4mm.pt`,
+2000 steps of NCC + diffusion + a Dice loss on synthetic subjects of the
+template; section 3 prints the command) and continue it for a few dozen steps,
+at the paper's learning rate $10^{-4}$, on this notebook's training pairs
+(which add the donors) with this section's objective. They train on the 4 mm
+grid (the checkpoint's; a step costs an eighth of a 2 mm step), and in the
+`cpu` profile the network is evaluated on the 2 mm test pairs through
+`nets.Rescaled(model, 2)`, which averages both images down by 2 and upsamples
+the field back. The `gpu` profile trains a new network on the full grid for
+the profile's steps.
 """),
 code(r"""
 full_size = profile.paper_scale
-width = {} if full_size else dict(encoder=(8, 16, 16, 16), decoder=(16, 16, 16, 16, 16, 8, 8))
 steps = profile.steps_3d if full_size else {"ci": 25, "cpu": 50}[profile.name]
-lr = 1e-4 if full_size else 1e-3
+lr = 1e-4
 unsupervised = {"ncc": 1.0, "diffusion": 1.0}
 grid = checkpoints.choose_factor(train_spacing, atlas.spacing_mm)   # 2 in cpu: trained at 4 mm, used at 2 mm
 
 
+checkpoint = Path("checkpoints/brain_unet_4mm.pt")
+
+
 def train_voxelmorph(objective):
     torch.manual_seed(0)
-    net = nets.create("unet", spatial_dims=3, **width)
+    net = nets.create("unet", spatial_dims=3) if full_size else checkpoints.load_model(checkpoint).train()
     start = time.perf_counter()
     history = train.fit(net, train_pairs, losses=objective, steps=steps, lr=lr, labels=labels, grad_clip=1.0,
                         progress=False)
     seconds = time.perf_counter() - start
-    print(f"VoxelMorph{'' if full_size else ' (half width)'}: {sum(p.numel() for p in net.parameters()):,} "
-          f"parameters; {steps} steps at {train_spacing:g} mm, lr {lr:g}: {seconds:.0f} s "
-          f"({seconds / steps:.2f} s per step)")
+    print(f"VoxelMorph ({'new' if full_size else 'fine-tuned from ' + checkpoint.name}): "
+          f"{sum(p.numel() for p in net.parameters()):,} parameters; {steps} steps at {train_spacing:g} mm, "
+          f"lr {lr:g}, losses {objective}: {seconds:.0f} s ({seconds / steps:.2f} s per step)")
     return (nets.Rescaled(net, grid) if grid > 1 else net), history
 
 
 model, history = train_voxelmorph(unsupervised)
+k = max(1, steps // 5)
+for term in ("ncc", "diffusion"):
+    values = np.asarray(history["train"][term])
+    trend = "fell" if values[-k:].mean() < values[:k].mean() else "rose"
+    print(f"{term}: mean of the first {k} steps {values[:k].mean():.4f}, of the last {k} {values[-k:].mean():.4f} ({trend})")
 fig = viz.plot_history(history, smooth=5)
 fig
 """),
 md(r"""
-The NCC term falls (more negative is better) while the diffusion term rises from
-zero: the network starts at the identity, and every voxel it moves costs
-smoothness. The balance between the two is $\lambda$.
+The NCC term is better when more negative; the diffusion term grows with every
+voxel the network moves, and the balance between the two is $\lambda$. A new
+network starts at the identity (diffusion zero); a fine-tuned one starts where
+its checkpoint left off, so over a few dozen steps either term may move a
+little either way (the lines above say which way each moved here): the loss of
+single pairs is noisy, and what counts is the held-out evaluation below.
 
-**A network trained longer.** A few dozen steps are the start of training, not
-a result. The project ships a full-width VoxelMorph trained for a few thousand
+**The network trained longer.** The project's VoxelMorph was trained for 2000
 steps at 4 mm by its own command, `regedu train` (the command is printed below
 and kept next to the file, `checkpoints/brain_unet_4mm.txt`; about 20 minutes
-on two CPU cores). It was trained on synthetic subjects only, with NCC +
-diffusion + a Dice loss on the warped labels (section 5 explains that term).
-On a finer grid it runs through `nets.Rescaled`: both images are averaged down
+on two CPU cores), on synthetic subjects only, with NCC + diffusion + a Dice
+loss on the warped labels (section 5 explains that term). The "pre-trained"
+row is that checkpoint unchanged; in the `ci` and `cpu` profiles the other
+rows are it, fine-tuned. On a finer grid it runs through `nets.Rescaled`: both images are averaged down
 to 4 mm, the network predicts there, and its field is upsampled back (brain
 deformations between subjects are smooth, and this is what VoxelMorph's own
 diffeomorphic model does inside).
@@ -191,7 +206,6 @@ plus the folding statistics of the field and the seconds per pair. "identity"
 (no registration) gives the Dice *before*.
 """),
 code(r"""
-checkpoint = Path("checkpoints/brain_unet_4mm.pt")
 factor = checkpoints.choose_factor(4, atlas.spacing_mm)   # the checkpoint's 4 mm: 1 in ci, 2 in cpu, 4 in gpu
 pretrained = checkpoints.load_model(checkpoint, factor=factor)
 print(checkpoints.checkpoint_note(checkpoint))
@@ -210,12 +224,12 @@ fig = viz.plot_dice(dice, labels=labels)
 fig
 """),
 md(r"""
-**How much did a short run learn?** In the `ci` and `cpu` profiles, a few dozen
-steps on a CPU make the warped subjects measurably *more similar* to the atlas
-(the local NCC, checked at the end of this notebook), but they are far too few to
-move Dice reliably: on this data a VoxelMorph needs hundreds to thousands of
-steps before its Dice clearly leaves the identity's. The pre-trained row shows
-what those steps buy.
+**What did the short run do?** A few dozen steps from scratch would leave a
+network at the identity's Dice; the 2000 steps of the pre-trained row are what
+moves it. In the `ci` and `cpu` profiles the "VoxelMorph" row is that network
+after a few dozen more steps on this notebook's pairs: the checks at the end
+hold it to beating the identity by a stated margin, and print whether the extra
+steps helped or cost the checkpoint anything.
 
 With enough training, Dice rises most on the synthetic subjects, where a smooth
 warp of the atlas *is* the right answer. On the donors it rises less: their structures differ in shape and
@@ -283,8 +297,9 @@ which intensities match, and Dice on held-out subjects usually rises further,
 most on small structures whose intensity contrast is weak. The cost: labels for
 the training subjects (expensive in practice), and a network that may learn to
 move label boundaries at the expense of smoothness, so watch the folding column.
-In a short CPU run the difference is small and can go either way; the `gpu`
-profile gives a fair comparison.
+In a few dozen fine-tuning steps the difference is small and can go either
+way (both means are printed at the end); the `gpu` profile, which trains both
+from scratch for the profile's steps, gives a fair comparison.
 
 ## Exercises
 
@@ -314,13 +329,15 @@ print("mean Dice:", {k: round(v, 4) for k, v in mean_dice.items()})
 synthetic_dice = {ev.name: float(np.nanmean(ev.dice.to_numpy(float)[[p["meta"]["dataset"] == "synthetic" for p in test_pairs]]))
                   for ev in results}
 print("mean Dice on the synthetic subjects:", {k: round(v, 4) for k, v in synthetic_dice.items()})
-# Short CPU runs improve the similarity but are too short to move Dice reliably (see the text above);
-# the pre-trained network must clearly beat identity, most on its own training distribution.
-PRE_ALL, PRE_SYN = 0.05, 0.12
-tolerance = 0.0 if full_size else 0.01
+# Every profile: the networks trained in this notebook (fine-tuned in ci and cpu, new in gpu) beat identity
+# by a margin, and the pre-trained network clearly, most on its own training distribution.
+MARGIN, PRE_ALL, PRE_SYN = 0.03, 0.05, 0.12
+change = mean_dice["VoxelMorph"] - mean_dice["VoxelMorph (pre-trained)"]
+print(f"the {steps} steps of this notebook changed the mean Dice of the network they started from by {change:+.4f}"
+      if not full_size else "")
 assert ncc["VoxelMorph"] < ncc["identity"], f"the trained network should make held-out pairs more similar than no registration: {ncc}"
-assert mean_dice["VoxelMorph"] > mean_dice["identity"] - tolerance, f"VoxelMorph should not lose Dice against identity (tolerance {tolerance}): {mean_dice}"
-assert mean_dice["VoxelMorph + Dice loss"] > mean_dice["identity"] - tolerance, f"the semi-supervised model should not lose Dice against identity (tolerance {tolerance}): {mean_dice}"
+assert mean_dice["VoxelMorph"] > mean_dice["identity"] + MARGIN, f"VoxelMorph should beat identity by more than {MARGIN} Dice: {mean_dice}"
+assert mean_dice["VoxelMorph + Dice loss"] > mean_dice["identity"] + MARGIN, f"the semi-supervised model should beat identity by more than {MARGIN} Dice: {mean_dice}"
 assert mean_dice["VoxelMorph (pre-trained)"] > mean_dice["identity"] + PRE_ALL, f"the pre-trained VoxelMorph should raise the mean Dice by more than {PRE_ALL}: {mean_dice}"
 assert synthetic_dice["VoxelMorph (pre-trained)"] > synthetic_dice["identity"] + PRE_SYN, f"on the synthetic subjects (its training distribution) the pre-trained VoxelMorph should raise Dice by more than {PRE_SYN}: {synthetic_dice}"
 assert all(f < 1.0 for f in folds.values()), f"folding should stay below 1% of the voxels: {folds}"
