@@ -90,7 +90,9 @@ code(r"""
 structures = {k: STRUCTURE_NAMES[k] for k in FREESURFER_30 if (atlas.seg == k).any()}
 print(f"{len(structures)} structures:", ", ".join(structures.values()))
 
-sizes = {"ci": {"in-distribution": 1, "held-out": 2}}.get(profile.name, {"in-distribution": 5, "held-out": 6})
+# SyN costs about 13 s a pair here, and each donor's first use about 25 s (its completion, then cached).
+sizes = {"ci": {"in-distribution": 1, "held-out": 2}, "cpu": {"in-distribution": 3, "held-out": 6}}.get(
+    profile.name, {"in-distribution": 10, "held-out": 10})
 split = {"in-distribution": ("train", 20_000), "held-out": ("held_out", 30_000)}
 
 
