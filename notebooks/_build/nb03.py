@@ -64,7 +64,7 @@ fixed = torch.from_numpy(retina)[None, None]
 A_inv = torch.linalg.inv(A_true)
 M_inv = torch.cat([A_inv, (-A_inv @ t_true)[:, None]], 1)[None]
 moving = warp(fixed, affine_to_displacement(M_inv, (size, size), center="image"))
-viz.plot_pair(fixed, moving);
+display(viz.plot_pair(fixed, moving))
 """),
 md(r"""
 The optimiser adjusts $A$ and $t$ by gradient descent on the MSE, through the
@@ -129,7 +129,7 @@ for i in range(n_pairs):
     pairs.append(dict(moving=p.moving, fixed=p.fixed, moving_points=p.moving_points, fixed_points=p.fixed_points,
                       meta=dict(id=f"S{i}", category="S")))
 first = make_fire_pair("S", size=size, seed=300)
-viz.plot_landmarks(first.fixed[0], first.moving[0], first.fixed_points, first.moving_points);
+display(viz.plot_landmarks(first.fixed[0], first.moving[0], first.fixed_points, first.moving_points))
 """),
 md(r"""
 The methods, each a function `(moving, fixed) -> displacement`:
@@ -189,7 +189,7 @@ plt.title(f"accuracy vs time, {n_pairs} S pairs at {size} px"); plt.show()
 
 if "ANTs SyN" in methods:
     syn = ants_syn(first.moving[None], first.fixed[None])
-    viz.plot_overlay(first.fixed[0], first.moving[0], warp(first.moving[None], syn)[0, 0]);
+    display(viz.plot_overlay(first.fixed[0], first.moving[0], warp(first.moving[None], syn)[0, 0]))
 """),
 md(r"""
 Read the table. Category S pairs differ by a global motion of the camera (a

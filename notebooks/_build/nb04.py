@@ -75,9 +75,9 @@ else:
 print(f"{len(train_pairs)} training pairs, {len(test_items)} test pairs of {size}x{size}")
 
 example = FundusPairs(1, size, source="procedural", seed=0)[0]     # the photographs behind train_pairs[0]
-viz.plot_pair(example["fixed"][0], example["moving"][0]);
+display(viz.plot_pair(example["fixed"][0], example["moving"][0]))
 test_example = test_sets["S"][0]
-viz.plot_landmarks(test_example["fixed"][0], test_example["moving"][0], test_example["fixed_points"], test_example["moving_points"]);
+display(viz.plot_landmarks(test_example["fixed"][0], test_example["moving"][0], test_example["fixed_points"], test_example["moving_points"]))
 """),
 md(r"""
 ## 2. What the loss sees: illumination, aperture and vessels
@@ -174,7 +174,7 @@ train_seconds = time.perf_counter() - start
 loss = np.array(history["train"]["loss"])
 k = max(len(loss) // 5, 1)
 print(f"{short_steps} steps in {train_seconds:.0f} s; loss {loss[:k].mean():.4f} (first {k}) -> {loss[-k:].mean():.4f} (last {k})")
-viz.plot_history(history);
+display(viz.plot_history(history))
 """),
 code(r"""
 checkpoint = Path("checkpoints") / "fundus_unet_256.pt"
@@ -252,12 +252,12 @@ pd.concat([r.table() for r in reports.values()])
 """),
 code(r"""
 best_ev = evaluations[-1]
-viz.plot_fire_curves({c: [e for e, r in zip(best_ev.tre_errors, best_ev.records) if r["category"] == c] for c in "SPA"});
+display(viz.plot_fire_curves({c: [e for e, r in zip(best_ev.tre_errors, best_ev.records) if r["category"] == c] for c in "SPA"}))
 p_example = test_sets["P"][0]
 disp = search_unet(p_example["moving"][None], p_example["fixed"][None])
-viz.plot_overlay(p_example["fixed"][0], p_example["moving"][0], warp(p_example["moving"][None], disp)[0, 0]);
-viz.plot_landmarks(p_example["fixed"][0], p_example["moving"][0], p_example["fixed_points"],
-                   p_example["moving_points"], disp);
+display(viz.plot_overlay(p_example["fixed"][0], p_example["moving"][0], warp(p_example["moving"][None], disp)[0, 0]))
+display(viz.plot_landmarks(p_example["fixed"][0], p_example["moving"][0], p_example["fixed_points"],
+                           p_example["moving_points"], disp))
 """),
 md(r"""
 ## 6. The survey's attempt: Dice 0.001

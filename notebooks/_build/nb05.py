@@ -73,7 +73,7 @@ test_pairs = FundusPairs(6, size, categories=("S", "A"), source="retina", seed=5
 generator_pairs = FundusPairs(6, size, categories=("S", "A"), source="procedural", seed=700, cache=True,
                               contrast="vessels")
 item = train_pairs[1]
-viz.plot_grid(item["disp"][None], item["fixed"][0]);
+display(viz.plot_grid(item["disp"][None], item["fixed"][0]))
 """),
 md(r"""
 ## 2. Supervised training (RegNet style)
