@@ -45,7 +45,6 @@ from regedu.datasets.brain import _donor_image  # noqa: E402
 from regedu.metrics import dice, folding_stats  # noqa: E402
 from regedu.spatial import warp  # noqa: E402
 
-SYN = classic.SYN_SETTINGS
 CANDIDATES = {"mi100": dict(reg_iterations=(100, 70, 50)),
               "cc40": dict(syn_metric="CC", reg_iterations=(40, 20, 10)),
               "cc40_total1": dict(syn_metric="CC", reg_iterations=(40, 20, 10), total_sigma=1),
@@ -120,7 +119,7 @@ def main(argv=None):
     names = anatomy_split().get(args.anatomy) or tuple(args.anatomy.split(","))
     if args.select and set(names) & set(anatomy_split()["held_out"]):
         ap.error("--select chooses settings: use training anatomy only (--anatomy train)")
-    syn = CANDIDATES if args.select else {"syn": SYN[args.spacing]}
+    syn = CANDIDATES if args.select else {"syn": classic.SYN_SETTINGS[args.spacing]}
     atlas = mni_brain(args.spacing)
     labels = [k for k in FREESURFER_30 if (atlas.seg == k).any()]
     print(f"# {args.spacing} mm, {len(labels)} structures, anatomy {names}, seeds {args.seeds}, SyN {syn}",

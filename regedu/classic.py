@@ -45,6 +45,7 @@ __all__ = ["ants_missing", "ants_register", "ants_affine", "ants_syn", "ants_to_
 #: the default held. Held-out anatomy and the real scan never chose anything.
 SYN_SETTINGS = {2: {}, 4: dict(syn_metric="CC", reg_iterations=(40, 20, 10))}
 
+
 def _no_ants_here() -> str:
     return (f"antspyx is not installed here ({platform.system()} {platform.machine()}, Python "
             f"{sys.version_info[0]}.{sys.version_info[1]}); regedu installs it wherever it has a wheel "

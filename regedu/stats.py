@@ -89,15 +89,15 @@ class PairedBootstrap:
         a, b = self.names
         d, lo, hi = self.mean_difference, self.ci_low, self.ci_high
         unit = f" {self.metric}" if self.metric else ""
-        if (lo > 0 or hi < 0) and agrees:       # the interval excludes 0 (and the test agrees): a winner
-            b_better = (d > 0) == self.higher_is_better
-            winner, loser = (b, a) if b_better else (a, b)
+        clear = (lo > 0 or hi < 0) and agrees    # the interval excludes 0 (and the test agrees)
+        if clear:
             # The interval of the winner's advantage, so that it reads beside "beats ... by".
             lo, hi = sorted((abs(lo), abs(hi)))
-            interval = (f"{self.ci * 100:g} % CI {_fmt(lo, digits)} to {_fmt(hi, digits)}, "
-                        f"{self.n} pairs; {test}")
-            return f"{winner} beats {loser} by {_fmt(abs(d), digits)}{unit} ({interval})"
         interval = f"{self.ci * 100:g} % CI {_fmt(lo, digits)} to {_fmt(hi, digits)}, {self.n} pairs; {test}"
+        if clear:
+            b_better = (d > 0) == self.higher_is_better
+            winner, loser = (b, a) if b_better else (a, b)
+            return f"{winner} beats {loser} by {_fmt(abs(d), digits)}{unit} ({interval})"
         return (f"{b} and {a} do not differ clearly: {b} - {a} = {_fmt(d, digits)}{unit} "
                 f"({interval})")
 
