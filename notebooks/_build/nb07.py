@@ -220,8 +220,8 @@ for n in (2, 3):  # n recursions cost n times a step: fewer steps, the same star
 
 with torch.no_grad():
     out3 = cascades[3](pair["moving"][None], pair["fixed"][None])
-print("per-stage fields of the 3-stage cascade, mean |u_j| (voxels):",
-      [round(float(u.norm(dim=1).mean()), 3) for u in out3.stages])
+stage_motion = [float(u.norm(dim=1).mean()) for u in out3.stages]
+print("per-stage fields of the 3-stage cascade, mean |u_j| (voxels):", [round(m, 3) for m in stage_motion])
 """),
 md(r"""
 The later stages move less: each one only corrects what the previous stages
@@ -350,6 +350,7 @@ assert all(mean_dice[k] > mean_dice["identity"] + 0.02 for k in trained_here), f
 assert mean_dice["cascade, 3 stages"] >= mean_dice["cascade, 1 stage"] - 0.005, f"3 cascade stages should be at least as good as 1: {mean_dice}"
 assert mean_dice["cascade, 2 stages"] >= mean_dice["cascade, 1 stage"] - 0.005, f"2 cascade stages should be at least as good as 1: {mean_dice}"
 assert pyramid_after < pyramid_before, f"fine-tuning should lower the pyramid's loss on its training pairs: {pyramid_before:.4f} -> {pyramid_after:.4f}"
+assert stage_motion[0] > stage_motion[1] > stage_motion[2], f"the later cascade stages should move less: {stage_motion}"
 assert len(out3.stages) == 3, f"a 3-stage cascade returns its 3 stage fields, got {len(out3.stages)}"
 assert abs(float(matrix[:, :3].det()) - 1) < 0.5, f"the affine stage should stay a plausible affine map: det A = {float(matrix[:, :3].det()):.3f}"
 assert all(f < 1.0 for f in folds.values()), f"folding should stay below 1% of the voxels: {folds}"

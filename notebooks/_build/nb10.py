@@ -144,8 +144,7 @@ beside each file. Everything in the table below is read from the checkpoints
 themselves, not typed.
 """),
 code(r"""
-def describe(path):
-    state = load_checkpoint(path)
+def describe(path, state):
     tc = state["train_config"]
     return dict(file=path.name, model=state["config"]["name"], seed=tc["seed"], steps=state["step"],
                 batch=tc["batch_size"], lr=tc["lr"], losses=", ".join(f"{k}={v:g}" for k, v in tc["losses"].items()),
@@ -160,7 +159,8 @@ runs = {f"{label} s{seed}": checkpoint_dir / f"brain_{net}_4mm_mse_s{seed}.pt"
 VARIANTS = {"+ Dice (semi)": "semi", "with NCC loss": "ncc"}
 runs.update({f"{label} {variant} s0": checkpoint_dir / f"brain_{net}_4mm_{tag}_s0.pt"
              for variant, tag in VARIANTS.items() for label, net in HEADLINE.items()})
-recipes = pd.DataFrame({name: describe(path) for name, path in runs.items()}).T
+states = {name: load_checkpoint(path) for name, path in runs.items()}
+recipes = pd.DataFrame({name: describe(runs[name], state) for name, state in states.items()}).T
 recipes
 """),
 code(r"""
@@ -171,7 +171,7 @@ recipe = headline.iloc[0]
 print(f"Headline runs: {recipe.steps} steps, batch {recipe.batch}, Adam lr {recipe.lr:g}, loss {recipe.losses}, "
       f"{recipe.pairs} '{recipe.data}' pairs on {recipe.grid}; seeds {', '.join(map(str, SEEDS))}. "
       f"VoxelMorph has {headline.parameters.iloc[0]:,} parameters, VV-Net {headline.parameters.iloc[-1]:,}.")
-validation = {name: load_checkpoint(path)["history"]["val"] for name, path in runs.items()}
+validation = {name: state["history"]["val"] for name, state in states.items()}
 falling = [n for n, v in validation.items() if len(v["loss"]) > 1 and v["loss"][-1] < v["loss"][-2]]
 rising = [n for n, v in validation.items() if len(v["dice"]) > 1 and v["dice"][-1] > v["dice"][-2]]
 print(f"Validation (4 subjects of the training brains, other seeds), from the last validation to the one before: "
