@@ -63,6 +63,15 @@ test: unit notebooks
 course: $(VENV)/.env
 	$(BIN)/regedu course
 
+# The executed course as a static site: index.html and one page per notebook,
+# figures inline; open $(SITE)/index.html or serve the folder.
+#   make site SITE_PROFILE=gpu SITE=public
+SITE ?= site
+SITE_PROFILE ?= cpu
+.PHONY: site
+site: $(VENV)/.env
+	$(BIN)/regedu course --profile $(SITE_PROFILE) --out $(SITE)
+
 bench: $(TEST_VENV)/.env
 	$(TEST_VENV)/bin/python benchmarks/bench_core.py
 

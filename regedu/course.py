@@ -1,13 +1,23 @@
-"""Run the whole course headless: execute the notebooks, write HTML pages and a summary.
+"""Run the whole course headless and publish it as a static site.
 
-``regedu course`` (or ``make course``) calls :func:`run_course`: every notebook
-runs top to bottom in a fresh Jupyter kernel under the chosen profile, its
-executed copy is saved as an HTML page, and a summary table gives, per
-notebook, whether it ran, the wall-clock time and the kernel's peak memory::
+``regedu course`` (or ``make course``; ``make site`` for the cpu profile into
+``site/``) calls :func:`run_course`: every notebook runs top to bottom in a
+fresh Jupyter kernel under the chosen profile, its executed copy is saved as
+an HTML page, and ``index.html`` lists the pages with, per notebook, its
+title, whether it ran, the wall-clock time and the kernel's peak memory::
 
     from regedu.course import run_course
-    table = run_course(profile="ci")        # all notebooks in notebooks/
+    table = run_course(profile="cpu", out_dir="site")   # all notebooks in notebooks/
     print(table.to_markdown())
+
+The folder is a static site: open ``site/index.html`` from disk or serve it
+from any web server. Figures are inline (``data:`` URLs, markdown images
+included), so pages need no other file. Widgets keep the state they had when
+the notebook finished (nbclient's ``store_widget_state``, saved in the page
+as ``application/vnd.jupyter.widget-state+json``); the page draws them with
+the widget manager that nbconvert's template loads from unpkg.com, so widgets
+need the network while figures and text do not. Every file is written whole
+or not at all (:func:`regedu._files.write_atomic`).
 
 Each notebook runs in its own worker process (``python -m regedu.course``),
 whose only child is the kernel: the kernel's peak resident memory is then the
@@ -15,19 +25,24 @@ worker's ``RUSAGE_CHILDREN`` maximum once the kernel has exited.
 """
 from __future__ import annotations
 
+import datetime
 import html
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._checks import check_choice, check_positive
-from .profiles import PROFILES
+from ._files import write_atomic
 
-__all__ = ["run_course", "find_notebooks", "CourseSummary", "execute_notebook"]
+__all__ = ["run_course", "find_notebooks", "CourseSummary", "execute_notebook", "notebook_title"]
+
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 
 def _default_folder() -> Path:
@@ -96,22 +111,141 @@ def _get_msg_in_slices(channel, slice_s: float = 1.0) -> None:
     channel.get_msg = get_msg_in_slices
 
 
-def execute_notebook(path, html_path, *, profile: str = "ci", timeout: int = 900) -> dict:
+_ATX = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
+_SETEXT = re.compile(r"^ {0,3}(?:=+|-+)[ \t]*$")
+_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+
+
+def _plain(markdown: str) -> str:
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", markdown)        # links and images: their text
+    text = re.sub(r"<[^>]+>", "", text)
+    text = re.sub(r"(\*\*|\*|`)(.+?)\1", r"\2", text)
+    # Underscores are left alone: names like __init__ or snake_case are common in
+    # titles, '_emphasis_' is not.
+    return " ".join(html.unescape(text).split())
+
+
+def notebook_title(notebook, default: str | None = None) -> str | None:
+    r"""The text of a notebook's first markdown heading, as plain text.
+
+    Parameters
+    ----------
+    notebook : path or NotebookNode
+        An ``.ipynb`` file, or a notebook read by :mod:`nbformat`.
+    default : str, optional
+        What to return when no markdown cell has a heading.
+
+    Headings are ATX (``# Title``) or setext (``Title`` over ``=====``); HTML
+    comments and fenced code are skipped, and links, emphasis and code are
+    reduced to their text.
+
+    >>> import nbformat
+    >>> cell = nbformat.v4.new_markdown_cell("<!-- generated -->\n# 01 · *Warping* and the [STN](#)")
+    >>> notebook_title(nbformat.v4.new_notebook(cells=[cell]))
+    '01 · Warping and the STN'
+    """
+    if isinstance(notebook, (str, Path)):
+        import nbformat
+        path = Path(notebook)
+        if not path.is_file():
+            raise FileNotFoundError(f"notebook: no notebook file at {str(path)!r}")
+        notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.get("cells", []):
+        if cell.get("cell_type") != "markdown":
+            continue
+        source = re.sub(r"<!--.*?-->", "", "".join(cell.get("source", "")), flags=re.S)
+        fenced, previous = False, ""
+        for line in source.splitlines():
+            if _FENCE.match(line):
+                fenced, previous = not fenced, ""
+                continue
+            if fenced:
+                continue
+            match = _ATX.match(line)
+            if match and _plain(match.group(1)):
+                return _plain(match.group(1))
+            if _SETEXT.match(line) and previous.strip() and _plain(previous):
+                return _plain(previous)
+            previous = line
+    return default
+
+
+# nbconvert's page draws widgets with a script from unpkg.com; offline, their
+# outputs would stay blank with no word of why.
+_WIDGET_FALLBACK = """<script>
+window.addEventListener("error", function (event) {
+  var src = event.target && event.target.src;
+  if (!src || !/@jupyter-widgets|jupyter-js-widgets/.test(src)) return;
+  document.querySelectorAll("div.jupyter-widgets").forEach(function (div) {
+    var note = document.createElement("p");
+    note.className = "regedu-widget-offline";
+    note.style.cssText = "color: #666; font-style: italic; font-family: sans-serif; margin: 4px 0;";
+    note.textContent = "[An interactive widget: drawing it needs " + src.split("/")[2] +
+      ", which did not load. Run the notebook to use it.]";
+    div.appendChild(note);
+  });
+}, true);
+</script>
+"""
+
+
+def _render_page(nb, *, folder: Path, title: str, profile: str, index: str | None) -> str:
+    from nbconvert import HTMLExporter
+
+    # embed_images: markdown images (![](figures/x.png)) become data: URLs like the
+    # outputs' figures, so that a page is one file and the site works offline.
+    exporter = HTMLExporter(template_name="lab", embed_images=True)
+    body, _ = exporter.from_notebook_node(
+        nb, resources={"metadata": {"path": str(folder), "name": title}})
+    if WIDGET_STATE in nb.metadata.get("widgets", {}):
+        body = body.replace("</body>", _WIDGET_FALLBACK + "</body>", 1)
+    if index is None:
+        return body
+    nav = ("<nav class=\"regedu-nav\" style=\"font-family: sans-serif; font-size: 14px; "
+           "padding: 8px 16px; border-bottom: 1px solid #ddd; background: #f6f6f6;\">"
+           f"<a href=\"{html.escape(index)}\">&larr; course index</a>"
+           f" &middot; profile {html.escape(profile)}</nav>")
+    return re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + nav, body, count=1)
+
+
+def _write_text(path, text: str) -> Path:
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+        # The temporary file is private (0600); a site is read by a web server's user.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
+
+    return write_atomic(path, write, suffix=Path(path).suffix or ".tmp")
+
+
+def execute_notebook(path, html_path, *, profile: str = "ci", timeout: int = 900,
+                     index: str | None = "index.html") -> dict:
     """Execute one notebook in a fresh kernel (in this process) and write its HTML page.
 
-    Returns ``{"status": "ok" | "error", "error": str, "seconds": float}``.
+    Returns ``{"status": "ok" | "error", "error": str, "seconds": float, "title": str}``.
     The kernel gets ``REGEDU_PROFILE=profile`` and runs in the notebook's folder.
+    The page holds everything it shows: figures as ``data:`` URLs and the
+    widgets' final state (see the module docstring). Its title is the
+    notebook's first heading (:func:`notebook_title`), and it starts with a
+    link to ``index``, a URL relative to the page (None: no link). A notebook
+    that fails still gets its page, which shows the error; the page is
+    written whole or not at all.
     """
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
-    from nbconvert import HTMLExporter
 
     path, html_path = Path(path), Path(html_path)
     nb = nbformat.read(path, as_version=4)
+    title = notebook_title(nb, default=path.stem)
+    # A notebook saved from JupyterLab may carry the widget state of that session:
+    # the page must show this run's widgets, not those.
+    nb.metadata.pop("widgets", None)
     os.environ["REGEDU_PROFILE"] = profile
     # Progress bars written to a file-like stderr would only clutter the pages.
     os.environ.setdefault("TQDM_DISABLE", "1")
+
     class Client(NotebookClient):
         async def async_start_new_kernel_client(self):
             kc = await super().async_start_new_kernel_client()
@@ -119,7 +253,7 @@ def execute_notebook(path, html_path, *, profile: str = "ci", timeout: int = 900
             _get_msg_in_slices(kc.iopub_channel)
             return kc
 
-    client = Client(nb, timeout=timeout, kernel_name="python3",
+    client = Client(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                     resources={"metadata": {"path": str(path.parent)}})
     status, error = "ok", ""
     start = time.perf_counter()
@@ -127,15 +261,19 @@ def execute_notebook(path, html_path, *, profile: str = "ci", timeout: int = 900
         client.execute()
     except (CellExecutionError, CellTimeoutError) as e:
         status = "error"
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        # Tracebacks come with terminal colours, which a table cell would print as codes.
+        lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
         error = lines[-1] if lines else type(e).__name__
     except Exception as e:  # a dead kernel, a missing kernel spec: report, keep going
         status, error = "error", f"{type(e).__name__}: {e}"
     seconds = time.perf_counter() - start
-    body, _ = HTMLExporter().from_notebook_node(nb)
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    html_path.write_text(body, encoding="utf-8")
-    return {"status": status, "error": error, "seconds": seconds}
+    if status == "error":
+        # nbclient saves the widget state after the last cell only; a notebook that
+        # stopped early keeps what its widgets showed up to the error.
+        client.set_widgets_metadata()
+    _write_text(html_path, _render_page(nb, folder=path.parent, title=title, profile=profile,
+                                        index=index))
+    return {"status": status, "error": error, "seconds": seconds, "title": title}
 
 
 def _peak_child_mb() -> float:
@@ -145,18 +283,40 @@ def _peak_child_mb() -> float:
     return peak / 1024 ** 2 if sys.platform == "darwin" else peak / 1024
 
 
+def _format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "–"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _format_mb(mb: float) -> str:
+    if not math.isfinite(mb):
+        return "–"
+    return f"{mb:.0f} MB" if mb < 1024 else f"{mb / 1024:.2f} GB"
+
+
 @dataclass
 class CourseSummary:
     """What :func:`run_course` returns: one row per notebook.
 
-    ``rows``: dicts with ``notebook``, ``status`` ("ok" or "error"),
-    ``seconds``, ``peak_mb`` (the kernel's peak resident memory), ``error``
-    and ``html`` (the page written). ``profile`` and ``out_dir`` say how and where.
+    ``rows``: dicts with ``notebook`` (the file's stem), ``title`` (its first
+    heading), ``status`` ("ok" or "error"), ``seconds``, ``peak_mb`` (the
+    kernel's peak resident memory), ``error`` and ``html`` (the page
+    written). ``profile`` and ``out_dir`` say how and where, ``date`` when the
+    run started (UTC, ISO 8601).
     """
 
     profile: str
     out_dir: Path
     rows: list = field(default_factory=list)
+    date: str = ""
 
     @property
     def ok(self) -> bool:
@@ -166,8 +326,8 @@ class CourseSummary:
     def table(self):
         """The rows as a pandas DataFrame."""
         import pandas as pd
-        return pd.DataFrame(self.rows, columns=["notebook", "status", "seconds", "peak_mb", "error",
-                                                "html"])
+        return pd.DataFrame(self.rows, columns=["notebook", "title", "status", "seconds", "peak_mb",
+                                                "error", "html"])
 
     def to_markdown(self) -> str:
         """A Markdown table: notebook, status, time and peak memory (the README's table)."""
@@ -186,21 +346,68 @@ class CourseSummary:
         return self.to_markdown()
 
 
+_INDEX_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em;
+       color: #222; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid #ddd; vertical-align: top; }
+td.time, td.memory, th.num { text-align: right; white-space: nowrap; }
+td.file, div.error { font-size: 85%; color: #666; }
+tr.error td.status { color: #b00; font-weight: bold; }
+tr.ok td.status { color: #070; }
+"""
+
+
 def _index_page(summary: CourseSummary) -> str:
-    rows = "".join(
-        f"<tr><td><a href=\"{html.escape(Path(r['html']).name)}\">{html.escape(r['notebook'])}</a>"
-        f"</td><td>{html.escape(r['status'])}</td><td>{r['seconds']:.0f} s</td>"
-        f"<td>{r['peak_mb']:.0f} MB</td><td>{html.escape(r['error'])}</td></tr>"
-        for r in summary.rows)
-    return (f"<!doctype html><meta charset=\"utf-8\"><title>regedu course ({summary.profile})"
-            f"</title><h1>regedu course, profile {summary.profile}</h1><table border=\"1\" "
-            f"cellpadding=\"4\"><tr><th>notebook</th><th>status</th><th>time</th>"
-            f"<th>peak memory</th><th>error</th></tr>{rows}</table>")
+    """The site's table of contents: the run (profile, date, totals), then a linked row per page."""
+    from . import __version__
+
+    rows = []
+    for r in summary.rows:
+        page = Path(r["html"]).name
+        title = r.get("title") or r["notebook"]
+        error = f"<div class=\"error\">{html.escape(r['error'])}</div>" if r["error"] else ""
+        rows.append(
+            f"<tr class=\"{html.escape(r['status'])}\" id=\"{html.escape(r['notebook'])}\">"
+            f"<td class=\"title\"><a href=\"{html.escape(urllib.parse.quote(page))}\">"
+            f"{html.escape(title)}</a></td>"
+            f"<td class=\"file\">{html.escape(r['notebook'])}.ipynb</td>"
+            f"<td class=\"status\">{html.escape(r['status'])}{error}</td>"
+            f"<td class=\"time\" data-seconds=\"{r['seconds']:.3f}\">"
+            f"{_format_seconds(r['seconds'])}</td>"
+            f"<td class=\"memory\" data-mb=\"{r['peak_mb']:.1f}\">{_format_mb(r['peak_mb'])}</td>"
+            "</tr>")
+    ran = sum(r["status"] == "ok" for r in summary.rows)
+    total = sum(r["seconds"] for r in summary.rows if math.isfinite(r["seconds"]))
+    profile = html.escape(summary.profile)
+    date = html.escape(summary.date)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>regedu course (profile {profile})</title>\n<style>{_INDEX_CSS}</style>\n"
+        "</head>\n<body>\n<h1>regedu: the executed course</h1>\n"
+        f"<p class=\"run\">Profile <b class=\"profile\">{profile}</b>, run on "
+        f"<time datetime=\"{date}\">{date[:16].replace('T', ' ')} UTC</time> with regedu "
+        f"{html.escape(__version__)}: {ran} of {len(summary.rows)} notebooks ran without error, in {_format_seconds(total)} in all. Time is the notebook's "
+        "wall-clock time, memory its kernel's peak resident memory.</p>\n"
+        "<table>\n<thead><tr><th>notebook</th><th>file</th><th>status</th><th class=\"num\">time"
+        "</th><th class=\"num\">peak memory</th></tr></thead>\n<tbody>\n"
+        + "\n".join(rows) + "\n</tbody>\n</table>\n</body>\n</html>\n")
+
+
+def _write_summary(summary: CourseSummary) -> None:
+    # Written again after each notebook: a run that dies midway leaves a site
+    # whose index lists the pages finished so far.
+    out = summary.out_dir
+    _write_text(out / "summary.md", summary.to_markdown())
+    _write_text(out / "summary.json", json.dumps(
+        {"profile": summary.profile, "date": summary.date, "rows": summary.rows}, indent=1))
+    _write_text(out / "index.html", _index_page(summary))
 
 
 def run_course(notebooks=None, profile: str = "ci", out_dir="_course_html", timeout: int = 900,
                *, folder=None, progress: bool = True) -> CourseSummary:
-    """Execute notebooks headless, write one HTML page each and a summary table.
+    """Execute notebooks headless and write them as a static site.
 
     Parameters
     ----------
@@ -209,8 +416,11 @@ def run_course(notebooks=None, profile: str = "ci", out_dir="_course_html", time
     profile : {"ci", "cpu", "gpu"}
         ``REGEDU_PROFILE`` for the kernels.
     out_dir : path
-        Where the pages go (``<notebook>.html``), with ``index.html``,
-        ``summary.md`` and ``summary.json``.
+        The site's folder: one page per notebook (``<notebook>.html``, see
+        :func:`execute_notebook`), ``index.html`` (the table of contents:
+        title, status, time and peak memory of each, the profile and the
+        date), ``summary.md`` and ``summary.json``. Created if missing; pages
+        of notebooks not run this time are left as they are.
     timeout : int
         Seconds allowed per cell.
     folder : path, optional
@@ -221,16 +431,27 @@ def run_course(notebooks=None, profile: str = "ci", out_dir="_course_html", time
     Returns
     -------
     CourseSummary
-        One row per notebook: status, seconds, peak memory of its kernel.
+        One row per notebook: title, status, seconds, peak memory of its kernel.
         A notebook that fails is recorded (its page shows the error) and the
         run goes on.
     """
+    # Imported here, not at the top: they import torch, which each notebook's
+    # worker (python -m regedu.course) would otherwise load for nothing.
+    from ._checks import check_choice, check_positive
+    from .profiles import PROFILES
+
     check_choice(profile, tuple(PROFILES), "profile")
     check_positive(timeout, "timeout", integer=True)
     paths = find_notebooks(notebooks, folder=folder)
+    if not paths:
+        raise ValueError(f"notebooks: nothing to run; expected at least one notebook, got "
+                         f"{notebooks!r} (folder {str(folder or _default_folder())!r})")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir: expected a folder for the site, got the file {str(out)!r}")
     out.mkdir(parents=True, exist_ok=True)
-    summary = CourseSummary(profile, out)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    summary = CourseSummary(profile, out, date=date)
     env = dict(os.environ, REGEDU_PROFILE=profile)
     # The worker must import this regedu, installed or not.
     root = str(Path(__file__).resolve().parent.parent)
@@ -247,17 +468,35 @@ def run_course(notebooks=None, profile: str = "ci", out_dir="_course_html", time
         except (IndexError, ValueError):
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             result = {"status": "error", "error": f"worker failed ({proc.returncode}): {tail}",
-                      "seconds": wall, "peak_mb": float("nan")}
-        row = {"notebook": path.stem, "status": result["status"], "seconds": result["seconds"],
-               "peak_mb": result["peak_mb"], "error": result["error"], "html": str(page)}
+                      "seconds": wall, "peak_mb": float("nan"),
+                      "title": _title_or_stem(path)}
+            # No page from the worker, or one from an earlier run: either way the
+            # index must not link to something other than this run's outcome.
+            _write_text(page, _error_page(result["title"], result["error"], proc.stderr))
+        row = {"notebook": path.stem, "title": result["title"], "status": result["status"],
+               "seconds": result["seconds"], "peak_mb": result["peak_mb"],
+               "error": result["error"], "html": str(page)}
         summary.rows.append(row)
+        _write_summary(summary)
         if progress:
             print(f"{path.stem:<40} {row['status']:<6} {row['seconds']:7.1f} s "
                   f"{row['peak_mb']:8.0f} MB {row['error'][:80]}", flush=True)
-    (out / "summary.md").write_text(summary.to_markdown())
-    (out / "summary.json").write_text(json.dumps({"profile": profile, "rows": summary.rows}, indent=1))
-    (out / "index.html").write_text(_index_page(summary), encoding="utf-8")
     return summary
+
+
+def _error_page(title: str, error: str, log: str) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title></head>\n<body>\n"
+            "<nav><a href=\"index.html\">&larr; course index</a></nav>\n"
+            f"<h1>{html.escape(title)}</h1>\n<p>This notebook did not run: "
+            f"{html.escape(error)}</p>\n<pre>{html.escape(log[-20000:])}</pre>\n</body>\n</html>\n")
+
+
+def _title_or_stem(path: Path) -> str:
+    try:
+        return notebook_title(path, default=path.stem)
+    except Exception:  # an unreadable notebook: its worker's error says why
+        return path.stem
 
 
 def _worker(argv) -> int:

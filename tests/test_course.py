@@ -1,18 +1,30 @@
-"""regedu.course: headless execution, HTML pages, a summary of time and peak memory."""
+"""regedu.course: headless execution, the static site (pages, index), a summary of time and memory."""
 import json
+import os
+import re
+import stat
 
 import nbformat
 import pytest
 
-from regedu.course import find_notebooks, run_course
+from regedu.course import find_notebooks, notebook_title, run_course
+
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 
-def write_notebook(path, *sources):
+def write_notebook(path, *sources, title=None):
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    if title is not None:
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(title))
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
     return path
+
+
+FIGURE = "import matplotlib.pyplot as plt\nplt.plot([0, 1, 2], [2, 0, 1])\nplt.show()"
+SLIDER = ("import ipywidgets as widgets\n"
+          "widgets.IntSlider(value=7, min=0, max=10, description='amplitude')")
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +32,22 @@ def course(tmp_path_factory):
     folder = tmp_path_factory.mktemp("notebooks")
     write_notebook(folder / "01_good.ipynb",
                    "import os, numpy as np\nprint('profile is', os.environ['REGEDU_PROFILE'])",
-                   "block = np.ones(300 * 2**20 // 8)  # 300 MB\nprint(block.sum())")
+                   "block = np.ones(300 * 2**20 // 8)  # 300 MB\nprint(block.sum())",
+                   FIGURE, SLIDER,
+                   title="<!-- generated -->\n# 01 · A *good* notebook\n\nSome prose.")
     write_notebook(folder / "02_broken.ipynb", "print('before')", "1 / 0", "print('never')")
     out = tmp_path_factory.mktemp("html")
     return folder, out, run_course(profile="cpu", out_dir=out, folder=folder, timeout=120,
                                    progress=False)
+
+
+def _index_rows(out):
+    """{notebook: (href, title, status, data-seconds, memory cell)} from index.html."""
+    page = (out / "index.html").read_text()
+    rows = re.findall(r'<tr class="(\w+)" id="([^"]+)"><td class="title"><a href="([^"]+)">(.*?)</a>'
+                      r'.*?<td class="time" data-seconds="([^"]+)">(.*?)</td>', page)
+    return {nb: (href, title, status, float(seconds), shown)
+            for status, nb, href, title, seconds, shown in rows}
 
 
 def test_every_notebook_gets_a_page_and_a_row(course):
@@ -34,7 +57,63 @@ def test_every_notebook_gets_a_page_and_a_row(course):
     assert "profile is cpu" in good, "the kernel must see REGEDU_PROFILE and the page its output"
     assert (out / "index.html").is_file() and (out / "summary.md").is_file()
     data = json.loads((out / "summary.json").read_text())
-    assert data["profile"] == "cpu" and len(data["rows"]) == 2
+    assert data["profile"] == "cpu" and len(data["rows"]) == 2 and data["date"] == summary.date
+    assert [r["title"] for r in summary.rows] == ["01 · A good notebook", "02_broken"]
+
+
+def test_index_lists_each_page_with_title_status_and_time(course):
+    _, out, summary = course
+    rows = _index_rows(out)
+    assert list(rows) == ["01_good", "02_broken"]
+    for r in summary.rows:
+        href, title, status, seconds, shown = rows[r["notebook"]]
+        assert (out / href).is_file() and href == f"{r['notebook']}.html"
+        assert title == (r["title"] if r["notebook"] == "01_good" else r["notebook"])
+        assert status == r["status"] and seconds == pytest.approx(r["seconds"], abs=1e-3)
+        assert shown.endswith(" s"), f"time shown as {shown!r}"
+    index = (out / "index.html").read_text()
+    assert "<b class=\"profile\">cpu</b>" in index and summary.date[:10] in index
+    assert "ZeroDivisionError" in index, "a failed notebook's error belongs in its row"
+    good_mb = float(re.search(r'id="01_good">.*?data-mb="([^"]+)"', index).group(1))
+    assert good_mb == pytest.approx(summary.rows[0]["peak_mb"], abs=0.1) and good_mb > 300
+
+
+def test_pages_are_self_contained(course):
+    _, out, _ = course
+    page = (out / "01_good.html").read_text()
+    srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs), \
+        f"figures must be inline data: URLs so the site works offline, got {[s[:40] for s in srcs]}"
+    assert "<title>01 · A good notebook</title>" in page
+    assert re.search(r'<body[^>]*>\s*<nav class="regedu-nav"[^>]*><a href="index.html">', page), \
+        "each page starts with a link back to the index"
+
+
+def test_widget_state_is_saved_in_the_page(course):
+    _, out, _ = course
+    page = (out / "01_good.html").read_text()
+    state = re.search(rf'<script type="{re.escape(WIDGET_STATE)}">(.*?)</script>', page, re.S)
+    assert state, "the page must carry the widgets' state (nbclient store_widget_state)"
+    state = json.loads(state.group(1))
+    assert state["version_major"] == 2
+    sliders = [m for m in state["state"].values() if m["model_name"] == "IntSliderModel"]
+    assert len(sliders) == 1 and sliders[0]["state"]["value"] == 7
+    view = re.search(r'<script type="application/vnd.jupyter.widget-view\+json">(.*?)</script>',
+                     page, re.S)
+    assert view and json.loads(view.group(1))["model_id"] in state["state"], \
+        "the displayed view must point at a saved model"
+    assert WIDGET_STATE not in (out / "02_broken.html").read_text(), "no widgets, no state"
+
+
+def test_site_files_are_whole_and_readable(course):
+    _, out, _ = course
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary files left in the site: {leftovers}"
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, \
+            f"{p.name}: a web server must be able to read the site's files"
 
 
 def test_status_time_and_peak_memory(course):
@@ -44,6 +123,7 @@ def test_status_time_and_peak_memory(course):
     assert good["seconds"] > 0
     assert 300 < good["peak_mb"] < 4000, f"the kernel held a 300 MB array: {good['peak_mb']:.0f} MB"
     assert broken["status"] == "error" and "ZeroDivisionError" in broken["error"]
+    assert "\x1b" not in broken["error"], "no terminal colour codes in the summary"
     assert not summary.ok
 
 
@@ -67,6 +147,43 @@ def test_find_notebooks(tmp_path):
 def test_bad_profile():
     with pytest.raises(ValueError, match="profile"):
         run_course(profile="laptop")
+
+
+def test_bad_out_dir_and_no_notebooks(tmp_path):
+    nb = write_notebook(tmp_path / "01_a.ipynb", "1")
+    (tmp_path / "site").write_text("a file, not a folder")
+    with pytest.raises(NotADirectoryError, match="out_dir: expected a folder"):
+        run_course(nb, out_dir=tmp_path / "site", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="notebooks: nothing to run"):
+        run_course(folder=tmp_path / "empty", out_dir=tmp_path / "out", progress=False)
+
+
+def test_a_notebook_that_cannot_be_read_gets_an_error_page(tmp_path):
+    bad = tmp_path / "05_corrupt.ipynb"
+    bad.write_text("{ not json")
+    out = tmp_path / "site"
+    out.mkdir()
+    (out / "05_corrupt.html").write_text("a page from an earlier run")
+    summary = run_course(bad, out_dir=out, progress=False)
+    (row,) = summary.rows
+    assert row["status"] == "error" and "worker failed" in row["error"]
+    page = (out / "05_corrupt.html").read_text()
+    assert "did not run" in page and "earlier run" not in page
+    assert 'href="05_corrupt.html"' in (out / "index.html").read_text()
+
+
+def test_notebook_title():
+    def nb(*markdown):
+        return nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("# not a heading")]
+                                        + [nbformat.v4.new_markdown_cell(m) for m in markdown])
+    assert notebook_title(nb("Intro text", "## The `warp` and [STN](x.md) ##")) == "The warp and STN"
+    assert notebook_title(nb("```\n# in code\n```\nA **setext** title\n=====")) == "A setext title"
+    assert notebook_title(nb("<!--\n# hidden\n-->\n# shown")) == "shown"
+    assert notebook_title(nb("no heading"), default="01_x") == "01_x"
+    assert notebook_title(nb("# snake_case and __init__ &amp; more")) == "snake_case and __init__ & more"
+    with pytest.raises(FileNotFoundError, match="notebook: no notebook file"):
+        notebook_title("/nonexistent/01.ipynb")
 
 
 def test_cli_course_command(tmp_path, capsys):
