@@ -167,24 +167,49 @@ def test_plot_history_groups_validation_with_training():
     fig = viz.plot_history(hist)
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in visible] == ["loss", "dice"]
-    assert len(visible[0].lines) == 2
+    assert [ln.get_label() for ln in visible[0].lines] == ["training", "validation"]
     np.testing.assert_array_equal(visible[0].lines[1].get_ydata(), [3.5, 2.5, 2.0])
     rows = [{"loss": 1.0}, {"loss": 0.5}]
     assert len(viz.plot_history(rows).axes[0].lines) == 1
 
 
+def _trainer_history():
+    # The layout regedu.train.fit returns: validation every few steps, on its own step list.
+    return {"train": {"step": [1, 2, 3, 4], "loss": [4.0, 3.0, 2.0, 1.0], "ncc": [-.1, -.2, -.3, -.4]},
+            "val": {"step": [2, 4], "loss": [2.5, 1.5], "dice": [0.5, 0.6],
+                    "percent_folding": [0.0, 0.1]}}
+
+
 def test_plot_history_reads_the_trainers_nested_history():
-    hist = {"train": {"step": [1, 2, 3, 4], "loss": [4.0, 3.0, 2.0, 1.0], "ncc": [-.1, -.2, -.3, -.4]},
-            "val": {"step": [2, 4], "loss": [2.5, 1.5], "dice": [0.5, 0.6]}}
+    hist = _trainer_history()
     fig = viz.plot_history(hist, smooth=2)
     visible = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in visible] == ["loss", "ncc", "dice"]
-    val = [ln for ln in visible[0].lines if ln.get_label() == "val loss"][0]
+    assert [ax.get_title() for ax in visible] == ["loss", "ncc", "dice", "percent_folding"]
+    val = [ln for ln in visible[0].lines if ln.get_label() == "validation"][0]
     np.testing.assert_array_equal(val.get_xdata(), [2, 4])  # validation on its own steps
-    smoothed = [ln for ln in visible[0].lines if ln.get_label() == "train loss"][0]
+    smoothed = [ln for ln in visible[0].lines if ln.get_label().startswith("training")][0]
     np.testing.assert_allclose(smoothed.get_ydata(), [3.5, 2.5, 1.5])
     with pytest.raises(ValueError, match="keys: 'psnr' is not in history"):
         viz.plot_history(hist, keys=["psnr"])
+
+
+def test_plot_history_draws_validation_beside_training_with_markers():
+    ax = viz.plot_history(_trainer_history(), keys=["loss"]).axes[0]
+    labelled = {ln.get_label(): ln for ln in ax.lines if not ln.get_label().startswith("_")}
+    assert set(labelled) == {"training", "validation"}
+    val = labelled["validation"]
+    assert val.get_marker() not in (None, "None", "", " ")  # a point at every validation step
+    np.testing.assert_array_equal(val.get_xdata(), [2, 4])
+    np.testing.assert_array_equal(val.get_ydata(), [2.5, 1.5])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["training", "validation"]
+
+
+def test_plot_history_without_validation_draws_training_only():
+    hist = {"train": {"step": [1, 2, 3], "loss": [3.0, 2.0, 1.0]}, "val": {"step": []}}
+    fig = viz.plot_history(hist)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["loss"]
+    assert [ln.get_label() for ln in visible[0].lines] == ["training"]
 
 
 def test_plot_fire_curves_match_the_metric():
@@ -203,6 +228,64 @@ def test_plot_slices_three_views_per_volume(vol):
     assert len(shown) == 6
     np.testing.assert_array_equal(shown[1], vol[:, 12])
     np.testing.assert_array_equal(shown[5], vol[:, :, 14] + 1)
+
+
+# --- every scale and axis is labelled -------------------------------------------------------
+
+def _colorbars(fig):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def _folding_field():
+    u = torch.zeros(1, 2, 16, 16)
+    u[:, 1] = 3 * torch.sin(torch.arange(16.0) / 2)
+    return u
+
+
+@pytest.mark.parametrize("make", [
+    lambda img: viz.plot_difference(img, img + 0.5, img),
+    lambda img: viz.plot_jacobian(_folding_field()),
+    lambda img: viz.plot_field(_folding_field(), kind="color"),
+    lambda img: viz.plot_field(_folding_field(), kind="arrows"),
+    lambda img: viz.plot_landmarks(img, img, torch.tensor([[5.0, 5.0], [10.0, 20.0]]),
+                                   torch.tensor([[6.0, 5.0], [10.0, 23.0]])),
+], ids=["difference", "jacobian", "field-colour", "field-arrows", "landmarks"])
+def test_scalar_maps_have_a_labelled_colour_bar(make, img):
+    bars = _colorbars(make(img))
+    assert len(bars) == 1
+    assert bars[0].get_ylabel().strip(), "the colour bar needs a label saying what the colours measure"
+
+
+def test_jacobian_colour_bar_spans_the_map_and_names_the_folds():
+    fig = viz.plot_jacobian(_folding_field())
+    bar = _colorbars(fig)[0]
+    assert bar.get_ylim() == (0.0, 2.0)
+    assert "det J" in bar.get_ylabel() and "fold" in bar.get_ylabel()
+
+
+def test_viewer_static_figures_label_their_scalar_rows(vol):
+    u = torch.zeros(1, 3, *vol.shape)
+    u[:, 2] = 2.0
+    v = viz.SliceViewer(vol, vol + 0.3, disp=u, rows=["fixed", "difference", "jacobian"])
+    labels = [ax.get_ylabel() for ax in _colorbars(v.figure())]
+    assert len(labels) == 2 and any("difference" in t for t in labels) and any("det J" in t for t in labels)
+    p = viz.DeformationPlayground(np.asarray(vol[0]), amplitude=2.0)
+    assert [("det J" in ax.get_ylabel()) for ax in _colorbars(p.figure())] == [True]
+
+
+def _plots(fig):
+    return [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: viz.plot_history(_trainer_history()),
+    lambda: viz.plot_history({"epoch": [1, 2], "loss": [2.0, 1.0], "val_loss": [2.5, 1.5]}),
+    lambda: viz.plot_fire_curves({"S": [0.5, 3.0], "P": [12.0]}),
+    lambda: viz.plot_dice({"net": np.array([0.5, 0.6, 0.7])}, labels=[2, 3, 4]),
+], ids=["trainer-history", "flat-history", "fire", "dice"])
+def test_curves_label_both_axes(make):
+    for ax in _plots(make()):
+        assert ax.get_xlabel().strip() and ax.get_ylabel().strip(), f"panel {ax.get_title()!r}"
 
 
 # --- viewers -------------------------------------------------------------------------------
@@ -332,3 +415,47 @@ def test_playground_widget_redraws_and_falls_back(img):
 def test_playground_default_image_is_the_retina():
     p = viz.DeformationPlayground(size=64, amplitude=1.0)
     assert p.image.shape == (64, 64) and 0.0 <= p.image.min() and p.image.max() <= 1.0
+
+
+# --- interactive figures ---------------------------------------------------------------------
+
+def _row_plot(row):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot(np.arange(4) * row)
+    ax.set_xlabel("column")
+    ax.set_ylabel("value")
+    return fig
+
+
+def test_interactive_figure_draws_at_the_controls_values_and_redraws():
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+    slider = W.IntSlider(value=2, min=1, max=5)
+    view = viz.InteractiveFigure(_row_plot, row=slider)
+    np.testing.assert_array_equal(view.figure().axes[0].lines[0].get_ydata(), [0, 2, 4, 6])
+    box = view.widget
+    assert slider in box.children[0].children
+    slider.value = 3  # as the browser would: the figure follows
+    assert view.values == {"row": 3}
+    np.testing.assert_array_equal(view.figure().axes[0].lines[0].get_ydata(), [0, 3, 6, 9])
+    assert not plt.get_fignums(), "figures are closed after drawing: none piles up"
+
+
+def test_interactive_figure_shows_without_a_widget_front_end():
+    import ipywidgets as W
+    view = viz.InteractiveFigure(_row_plot, row=W.IntSlider(value=2))
+    bundle = view._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["image/png"][:8] == b"\x89PNG\r\n\x1a\n"  # what nbconvert and web viewers show
+    assert isinstance(view.show(), Figure)
+
+
+def test_interactive_figure_errors_are_clear():
+    import ipywidgets as W
+    with pytest.raises(ValueError, match="controls: expected at least one"):
+        viz.InteractiveFigure(_row_plot)
+    with pytest.raises(TypeError, match="row: expected an ipywidgets control"):
+        viz.InteractiveFigure(_row_plot, row=3)
+    with pytest.raises(TypeError, match="draw: must return a matplotlib Figure"):
+        viz.InteractiveFigure(lambda row: None, row=W.IntSlider()).figure()

@@ -100,13 +100,17 @@ from skimage import data, transform
 size = profile.fundus_size
 green = transform.resize(data.retina()[..., 1] / 255.0, (size, size), anti_aliasing=True).astype(np.float32)
 
-def show_row(row=size // 2):
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+from regedu import viz
+
+def show_row(row):
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5), layout="constrained")
     a.imshow(green, cmap="gray"); a.axhline(row, color="tab:red"); a.set_title("green channel")
     b.plot(green[row]); b.set_ylim(0, 1); b.set_title(f"intensity along row {row}")
-    plt.show()
+    b.set_xlabel("column (px)"); b.set_ylabel("green intensity")
+    return fig
 
-widgets.interact(show_row, row=widgets.IntSlider(size // 2, 0, size - 1, description="row"));
+# Like ipywidgets.interact, but a static view (nbconvert, a web viewer) still gets the figure.
+viz.InteractiveFigure(show_row, row=widgets.IntSlider(size // 2, 0, size - 1, description="row"))
 """),
 md(r"""
 ## 5. Your first warp
@@ -128,16 +132,19 @@ u[:, 0] = 20.0   # look 20 rows further down
 warped = warp(moving, u)
 
 fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-for ax, img, title in zip(axes, [moving, warped, warped - moving],
-                          ["moving", "warped: content moved up", "difference"]):
-    ax.imshow(img[0, 0], cmap="gray" if title != "difference" else "RdBu")
-    ax.set_title(title); ax.axis("off")
+for ax, img, title in zip(axes, [moving, warped], ["moving", "warped: content moved up"]):
+    ax.imshow(img[0, 0], cmap="gray"); ax.set_title(title); ax.axis("off")
+difference = (warped - moving)[0, 0]
+lim = difference.abs().max()
+im = axes[2].imshow(difference, cmap="RdBu_r", vmin=-lim, vmax=lim)   # symmetric: white = no change
+axes[2].set_title("difference: warped - moving"); axes[2].axis("off")
+fig.colorbar(im, ax=axes[2], shrink=0.8, label="intensity difference")
 plt.show()
 """),
 md(r"""
 **Exercise.** Change `u[:, 0] = 20.0` to `u[:, 1] = -15.0`. Which way does the
 picture move now, and what fills the strip that appears? (Answer: right; zeros,
-because outside the image we read 0.)
+because outside the image we read 0. The checks below test this answer.)
 
 ## 6. Checks
 
@@ -153,6 +160,16 @@ assert green.shape == (size, size) and 0 <= green.min() and green.max() <= 1, "t
 assert torch.equal(warped[0, 0, : size - 20], moving[0, 0, 20:]), \
     "a displacement of +20 rows should move the content up by exactly 20 rows"
 assert warped[0, 0, size - 20 :].abs().max() == 0, "pixels that look outside the image should be 0"
+u_exercise = torch.zeros(1, 2, size, size)
+u_exercise[:, 1] = -15.0
+moved = warp(moving, u_exercise)
+assert torch.equal(moved[0, 0, :, 15:], moving[0, 0, :, : size - 15]) and moved[0, 0, :, :15].abs().max() == 0, \
+    "the exercise's answer: u[:, 1] = -15 moves the picture 15 columns right and fills the left strip with zeros"
+# The profile table of section 3.
+table = {"ci": (128, (40, 48, 56)), "cpu": (256, (80, 96, 112)), "gpu": (512, (160, 192, 224))}
+for name, (fundus, brain) in table.items():
+    assert (PROFILES[name].fundus_size, PROFILES[name].brain_shape) == (fundus, brain), \
+        f"section 3's table is out of date for {name}: {PROFILES[name]}"
 print("All checks passed: the environment works and you warped your first image.")
 """),
 ]

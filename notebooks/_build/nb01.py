@@ -151,22 +151,27 @@ def my_warp(image, disp, sampler=bilinear_sampler):
 """),
 md(r"""
 Now a random smooth displacement: random vectors on a coarse 5×5 grid, smoothly
-interpolated to full size with `regedu.spatial.resize_field`. We warp the retina
+interpolated to full size with `regedu.spatial.resize_field` and scaled so that
+the longest is a tenth of the image. We warp the retina
 with our hand-made STN and with the library, and compare.
 """),
 code(r"""
 torch.manual_seed(0)
-u = resize_field(torch.randn(1, 2, 5, 5) * size / 25, (size, size))   # up to ~ size/10 pixels
+# resize_field stretches the vectors with the grid (5 -> size pixels), so set the length afterwards.
+u = resize_field(torch.randn(1, 2, 5, 5), (size, size))
+u *= (size / 10) / u.norm(dim=1).max()                                 # the largest: a tenth of the image
 mine = my_warp(image, u)
 library = warp(image, u)
 diff_bilinear = (mine - library).abs().max().item()
+print(f"largest displacement: {u.norm(dim=1).max():.1f} px, in a {size} px image")
 print(f"max |hand-made - regedu.spatial.warp| = {diff_bilinear:.2e}")
 
 fig, ax = plt.subplots(1, 3, figsize=(12, 4))
 ax[0].imshow(image[0, 0], cmap="gray"); ax[0].set_title("moving M")
 ax[1].imshow(mine[0, 0], cmap="gray"); ax[1].set_title("M(x + u(x)), by hand")
-ax[2].imshow((mine - library)[0, 0], cmap="coolwarm", vmin=-1e-5, vmax=1e-5); ax[2].set_title("difference (±1e-5)")
+im = ax[2].imshow((mine - library)[0, 0], cmap="coolwarm", vmin=-1e-5, vmax=1e-5); ax[2].set_title("by hand - library")
 for a in ax: a.axis("off")
+fig.colorbar(im, ax=ax[2], shrink=0.8, label="intensity difference")
 plt.show()
 """),
 md(r"""
@@ -196,8 +201,9 @@ md(r"""
 
 A **label map** stores a class per pixel (here a toy map with four classes made
 from intensity: 0 outside the eye, 1 dark, 2 medium, 3 bright). Bilinear
-interpolation averages labels: halfway between class 1 and class 3 it invents
-"class 2", and it makes fractions like 1.37 that belong to no class. Nearest
+interpolation averages labels: where two classes meet it makes fractions that
+belong to no class (the cell prints a few), and halfway between class 1 and
+class 3 the average is 2, a class that is not there. Nearest
 neighbour keeps the set of labels. This is why evaluation (Dice) warps label
 maps with nearest neighbour, and `regedu.spatial.warp` picks it automatically
 (`mode=None`) for integer tensors.
@@ -216,22 +222,29 @@ lab_nearest = my_warp(labels.float(), u, sampler=nearest_sampler)
 lab_library = warp(labels, u)          # integer input: nearest, dtype kept
 not_a_label = ~torch.isin(lab_bilinear, torch.tensor([0.0, 1.0, 2.0, 3.0]))
 print(f"bilinear: {not_a_label.float().mean():.1%} of pixels hold a value that is no label, "
-      f"e.g. {lab_bilinear[not_a_label][:3].tolist()}")
+      f"e.g. {[round(v, 2) for v in lab_bilinear[not_a_label & (lab_bilinear > 1)][:4].tolist()]}")
 print("nearest labels:", torch.unique(lab_nearest).tolist(), "| library dtype:", lab_library.dtype)
-nearest_agrees = (lab_nearest.long() == lab_library).float().mean().item()
-print(f"hand-made nearest agrees with regedu.spatial.warp on {nearest_agrees:.4%} of pixels")
+disagree = lab_nearest.long() != lab_library
+nearest_agrees = 1 - disagree.float().mean().item()
+# Where a sampling point sits halfway between two pixels, rounding may go either way.
+points = grid_generator(u)
+halfway = ((points - points.floor() - 0.5).abs() < 1e-3).any(dim=1, keepdim=True)
+print(f"hand-made nearest agrees with regedu.spatial.warp on {nearest_agrees:.4%} of pixels; "
+      f"{int(disagree.sum())} differ, {int((disagree & halfway).sum())} of them at a halfway point")
 
-fig, ax = plt.subplots(1, 3, figsize=(12, 4))
+fig, ax = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
 crop = (slice(size // 3, 2 * size // 3),) * 2
 ax[0].imshow(labels_np[crop], cmap="viridis", vmin=0, vmax=3); ax[0].set_title("labels")
 ax[1].imshow(lab_bilinear[0, 0][crop], cmap="viridis", vmin=0, vmax=3); ax[1].set_title("bilinear: blended 'labels'")
-ax[2].imshow(lab_nearest[0, 0][crop], cmap="viridis", vmin=0, vmax=3); ax[2].set_title("nearest: real labels")
+im = ax[2].imshow(lab_nearest[0, 0][crop], cmap="viridis", vmin=0, vmax=3); ax[2].set_title("nearest: real labels")
 for a in ax: a.axis("off")
+fig.colorbar(im, ax=ax, shrink=0.8, ticks=[0, 1, 2, 3], label="label value (0 outside, 1 dark, 2 medium, 3 bright)")
 plt.show()
 """),
 md(r"""
-(The few pixels where the two nearest-neighbour results differ sit exactly
-halfway between two pixels, where rounding can go either way.)
+(If the two nearest-neighbour results differ anywhere, it is where a sampling
+point sits exactly halfway between two pixels and rounding can go either way:
+the cell above counts those pixels, and the checks make sure no other pixel differs.)
 
 ## 7. Deformation-grid playground
 
@@ -313,12 +326,18 @@ These fail if the notebook stops teaching what it claims.
 code(r"""
 assert holes > 0.2, f"pushing with a zoom should leave holes, got {holes:.1%}"
 assert diff_bilinear < 1e-5, f"hand-made bilinear warp differs from regedu.spatial.warp by {diff_bilinear}"
+assert abs(u.norm(dim=1).max() - size / 10) < 1e-3, "the random field's longest vector should be a tenth of the image"
 assert translation_error == 0.0, f"an integer translation must be exact, error {translation_error}"
 assert half_error < 1e-6, f"a half-pixel shift must average two neighbours, error {half_error}"
 assert not_a_label.float().mean() > 0.002, "bilinear interpolation of labels should create non-labels"
 assert set(torch.unique(lab_nearest).tolist()) <= {0.0, 1.0, 2.0, 3.0}, "nearest neighbour must keep the label set"
 assert lab_library.dtype == torch.int64, "warp must keep the dtype of an integer label map"
 assert nearest_agrees > 0.999, f"hand-made nearest should agree with the library, got {nearest_agrees:.4%}"
+assert not (disagree & ~halfway).any(), "hand-made and library nearest may only differ at halfway points"
+# Exercise 1's answer: rounding has no gradient, so nearest-neighbour sampling cannot learn t.
+t_probe = torch.zeros(2, requires_grad=True)
+assert not my_warp(moving, t_probe.view(1, 2, 1, 1).expand(1, 2, small, small), sampler=nearest_sampler).requires_grad, \
+    "nearest-neighbour sampling should give no gradient with respect to the translation"
 assert (translation_found - t_true).abs().max() < 0.1, f"learned translation {translation_found.tolist()} is not {t_true.tolist()}"
 print("all checks passed")
 """),

@@ -18,7 +18,9 @@ Viewers (ipywidgets only; display them, or call ``.show()``):
 - :class:`SliceViewer`: three orthogonal views of a 3D registration with a
   slider each, a layer menu per row, and rows linked to the same slices;
 - :class:`DeformationPlayground`: amplitude, smoothness, regularisation and
-  interpolation of a 2D warp, with the warped image, grid and Jacobian.
+  interpolation of a 2D warp, with the warped image, grid and Jacobian;
+- :class:`InteractiveFigure`: any figure-drawing function with sliders (what
+  ``ipywidgets.interact`` does, but static front ends still show the figure).
 
 Without a widget front end (nbval, nbconvert, a script) the viewers fall back
 to a static picture of their current view; see :mod:`regedu.viz._viewers`.
@@ -30,9 +32,9 @@ from ._figures import (plot_checkerboard, plot_dice, plot_difference, plot_field
                        plot_fire_curves, plot_grid, plot_history, plot_jacobian, plot_landmarks,
                        plot_fusion, plot_overlay, plot_pair, plot_slices)
 from ._render import default_index
-from ._viewers import LAYERS, DeformationPlayground, SliceViewer
+from ._viewers import LAYERS, DeformationPlayground, InteractiveFigure, SliceViewer
 
 __all__ = ["plot_pair", "plot_overlay", "plot_checkerboard", "plot_difference", "plot_grid",
            "plot_field", "plot_jacobian", "plot_landmarks", "plot_dice", "plot_history",
            "plot_fire_curves", "plot_slices", "plot_fusion", "default_index",
-           "SliceViewer", "DeformationPlayground", "LAYERS"]
+           "SliceViewer", "DeformationPlayground", "InteractiveFigure", "LAYERS"]

@@ -139,7 +139,8 @@ def plot_difference(fixed, moving, warped=None, *, axis: int = 0, index: int | N
         im = ax.imshow(d, cmap="RdBu_r", vmin=-lim, vmax=lim)
         rms = float(np.sqrt(np.mean(d ** 2)))
         _image_axes(ax, f"{title}{where}\nRMS {rms:.3g}")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8,
+                 label=f"{R.DIFFERENCE_LABEL} (image - fixed)")
     return fig
 
 
@@ -215,6 +216,8 @@ def plot_field(disp, image=None, *, kind: str = "both", step: int | None = None,
         if k == "color":
             rgb, top = _field_colour(u2)
             ax.imshow(rgb)
+            # Hue (direction) has no scale; the bar gives the length that brightness stands for.
+            R.colorbar(fig, ax, "gray", 0.0, top, "|u| (voxels), as brightness", shrink=0.8)
             _image_axes(ax, f"field as colour{where}\nmax |u| = {top:.3g} voxels")
             continue
         if image is not None:
@@ -226,8 +229,9 @@ def plot_field(disp, image=None, *, kind: str = "both", step: int | None = None,
         s = step if step is not None else max(2, max(h, w) // 20)
         check_positive(s, "step", integer=True)
         r, c = np.mgrid[s // 2:h:s, s // 2:w:s]
-        ax.quiver(c, r, u2[1][r, c], u2[0][r, c], np.hypot(u2[0][r, c], u2[1][r, c]),
-                  angles="xy", scale_units="xy", scale=1, cmap="viridis", width=0.004)
+        q = ax.quiver(c, r, u2[1][r, c], u2[0][r, c], np.hypot(u2[0][r, c], u2[1][r, c]),
+                      angles="xy", scale_units="xy", scale=1, cmap="viridis", width=0.004)
+        fig.colorbar(q, ax=ax, shrink=0.8, label="arrow length |u| (voxels)")
         _image_axes(ax, f"field as arrows{where}\nto scale, from x to x + u(x)")
     return fig
 
@@ -244,7 +248,7 @@ def plot_jacobian(disp, *, axis: int = 0, index: int | None = None):
     im = ax.imshow(d2, cmap="coolwarm", vmin=0, vmax=2)
     folds = d2 <= 0
     ax.imshow(np.where(folds[..., None], np.append(R.FOLD_RGB / 255, 1.0), 0.0))
-    fig.colorbar(im, ax=ax, shrink=0.8, label="det J")
+    fig.colorbar(im, ax=ax, shrink=0.8, label=R.JACOBIAN_LABEL)
     _image_axes(ax, f"Jacobian determinant{where}\n{int(folds.sum())} folded voxels here (yellow); "
                     f"{float(stats['percent_folding']):.3g}% of all")
     return fig
@@ -297,6 +301,8 @@ def plot_landmarks(fixed, moving, fixed_points, moving_points, disp=None, *, spa
     ax.scatter(pmn[:, 1], pmn[:, 0], s=18, facecolors="none", edgecolors="#00ff80", label="true")
     ax.scatter(pred[:, 1], pred[:, 0], s=18, marker="x", c="#ff4040", label="p + u(p)")
     ax.legend(loc="lower right", fontsize=8)
+    unit = "pixels" if spacing == 1.0 else f"pixels x {spacing:g}"
+    R.colorbar(fig, ax, "autumn_r", 0.0, top, f"TRE, error-line colour ({unit})", shrink=0.8)
     _image_axes(ax, f"moving: TRE mean {err.mean():.3g}, median {np.median(err):.3g}, "
                     f"max {err.max():.3g}")
     return fig
@@ -356,6 +362,7 @@ def plot_dice(results: Mapping, labels=None, *, names: Mapping[int, str] | None 
                yerr=None if std is None else np.nan_to_num(std), capsize=1.5,
                label=f"{method} (mean {overall:.3f})")
     ax.set_xticks(x, [names.get(v, str(v)) for v in order], rotation=70, ha="right", fontsize=8)
+    ax.set_xlabel("structure")
     ax.set_ylabel("Dice")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
@@ -364,10 +371,17 @@ def plot_dice(results: Mapping, labels=None, *, names: Mapping[int, str] | None 
 
 
 _X_KEYS = ("step", "epoch", "iteration")
+_SPLIT_NAMES = {"train": "training", "val": "validation"}
+_AXIS_NAMES = {"percent_folding": "% folding (det J <= 0)", "sdlogj": "SDlogJ",
+               "dice": "Dice", "tre": "TRE"}
 
 
-def _series(table: Mapping, prefix: str = ""):
-    """(label, group, x, y) for each numeric series of one flat history table."""
+def _series(table: Mapping, split: str | None = None):
+    """(label, group, x, y, xlabel, validation) for each numeric series of one flat history table.
+
+    ``split`` names the table of a nested history ("train", "val"); in a flat
+    one, ``val_<name>`` is the validation of ``<name>``.
+    """
     cols = {k: np.asarray(v, float) for k, v in table.items()}
     xkey = next((k for k in _X_KEYS if k in cols), None)
     out = []
@@ -375,14 +389,22 @@ def _series(table: Mapping, prefix: str = ""):
         if k == xkey:
             continue
         x = cols[xkey][:len(y)] if xkey else np.arange(1, len(y) + 1)
-        group = k[4:] if k.startswith("val_") and k[4:] in cols else k
-        out.append((prefix + k, group, x, y, xkey or "epoch"))
+        if split is None:
+            is_val = k.startswith("val_") and k[4:] in cols
+            group, part = (k[4:], "val") if is_val else (k, "train")
+        else:
+            group, part, is_val = k, split, split == "val"
+        out.append((_SPLIT_NAMES.get(part, part), group, x, y, xkey or "epoch", is_val))
     return out
 
 
 def plot_history(history, *, keys: Sequence[str] | None = None, logy: bool = False,
                  smooth: int = 1):
-    """Training curves: one panel per quantity, validation drawn with training.
+    """Training curves: one panel per quantity, validation drawn beside training.
+
+    Validation values (measured every few steps) are drawn with a marker at
+    each step where they were measured and labelled "validation"; training
+    values are labelled "training". Every panel labels both axes.
 
     Parameters
     ----------
@@ -396,7 +418,8 @@ def plot_history(history, *, keys: Sequence[str] | None = None, logy: bool = Fal
     logy : bool
         Logarithmic y axes (losses spanning decades).
     smooth : int
-        Moving-average window for noisy per-step curves (the raw curve stays, faint).
+        Moving-average window for noisy per-step training curves (the raw curve
+        stays, faint); validation values are never smoothed.
     """
     if isinstance(history, Sequence) and history and isinstance(history[0], Mapping):
         history = {k: [row.get(k, np.nan) for row in history] for k in history[0]}
@@ -405,9 +428,11 @@ def plot_history(history, *, keys: Sequence[str] | None = None, logy: bool = Fal
                          "regedu.train.fit's {'train': {...}, 'val': {...}}, or a list of dicts")
     check_positive(smooth, "smooth", integer=True)
     if all(isinstance(v, Mapping) for v in history.values()):
-        series = [s for split, table in history.items() for s in _series(table, f"{split} ")]
+        series = [s for split, table in history.items() for s in _series(table, split)]
     else:
         series = _series(history)
+    # fit() records an empty validation table when it has no validation data.
+    series = [s for s in series if len(s[3])]
     if keys is not None:
         known = {g for _, g, *_ in series}
         for k in keys:
@@ -423,21 +448,24 @@ def plot_history(history, *, keys: Sequence[str] | None = None, logy: bool = Fal
     nrows = -(-len(groups) // ncols)
     fig, axes = _subplots(nrows, ncols, size=(4.0, 3.0))
     for ax, (group, members) in zip(axes.flat, groups.items()):
-        for label, _, x, y, xlabel in members:
-            if smooth > 1 and len(y) > smooth:
-                line, = ax.plot(x, y, alpha=0.3, linewidth=0.8)
+        for label, _, x, y, xlabel, is_val in members:
+            if is_val:
+                ax.plot(x, y, marker="o", markersize=4, linewidth=1.2, color="C1", label=label)
+            elif smooth > 1 and len(y) > smooth:
+                line, = ax.plot(x, y, alpha=0.3, linewidth=0.8, color="C0")
                 kernel = np.ones(smooth) / smooth
                 ax.plot(x[smooth - 1:], np.convolve(y, kernel, mode="valid"), color=line.get_color(),
-                        label=label)
+                        label=f"{label} ({smooth}-step mean)")
             else:
-                ax.plot(x, y, marker="." if len(y) < 30 else None, label=label)
+                ax.plot(x, y, marker="." if len(y) < 30 else None,
+                        color="C0" if label == "training" else None, label=label)
         ax.set_title(group)
         ax.set_xlabel(xlabel)
+        ax.set_ylabel(_AXIS_NAMES.get(group, group) + (" (log scale)" if logy else ""))
         ax.grid(alpha=0.3)
         if logy:
             ax.set_yscale("log")
-        if len(members) > 1:
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)
     return fig

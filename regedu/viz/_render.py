@@ -218,6 +218,19 @@ def label_edges(labels2d: np.ndarray) -> np.ndarray:
     return e
 
 
+#: Colour-bar labels shared by the static figures and the viewers' static fallbacks.
+JACOBIAN_LABEL = "det J (Jacobian determinant)\nyellow: det J <= 0, folding"
+DIFFERENCE_LABEL = "intensity difference"
+
+
+def colorbar(fig, ax, cmap: str, vmin: float, vmax: float, label: str, **kw):
+    """A labelled colour bar for a panel drawn as RGB (no mappable of its own)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    sm = ScalarMappable(Normalize(vmin, vmax), matplotlib.colormaps[cmap])
+    return fig.colorbar(sm, ax=ax, label=label, **kw)
+
+
 def jacobian_rgb(det2d: np.ndarray) -> np.ndarray:
     """Jacobian determinant in coolwarm on [0, 2] (white = 1, volume kept), folds in yellow."""
     rgb = colorize(det2d, 0.0, 2.0, "coolwarm")

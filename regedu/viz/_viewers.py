@@ -25,7 +25,7 @@ import torch
 from .._checks import check_choice, check_positive
 from . import _render as R
 
-__all__ = ["SliceViewer", "DeformationPlayground", "LAYERS"]
+__all__ = ["SliceViewer", "DeformationPlayground", "InteractiveFigure", "LAYERS"]
 
 #: Layers the 3D viewer can show in each row.
 LAYERS = ("fixed", "moving", "warped", "difference", "checkerboard", "labels", "grid", "jacobian")
@@ -302,6 +302,13 @@ class SliceViewer(_Viewer):
                     ax.set_title(f"axis {k} = {self.index[k]}")
                 if k == 0:
                     ax.set_ylabel(layer)
+            # Rows drawn from a scalar map get its scale; render() has set the limits by now.
+            if layer == "difference":
+                R.colorbar(fig, axes[r].tolist(), "RdBu_r", -self._diff_limit, self._diff_limit,
+                           f"{R.DIFFERENCE_LABEL}\n({'warped' if 'warped' in self.volumes else 'moving'}"
+                           " - fixed)", shrink=0.9)
+            elif layer == "jacobian":
+                R.colorbar(fig, axes[r].tolist(), "coolwarm", 0.0, 2.0, R.JACOBIAN_LABEL, shrink=0.9)
         return fig
 
 
@@ -451,8 +458,78 @@ class DeformationPlayground(_Viewer):
             ax.set_title(title)
             ax.set_xticks([])
             ax.set_yticks([])
+        jacobian = [t.startswith("Jacobian") for t in self.panels].index(True)
+        R.colorbar(fig, axes[jacobian], "coolwarm", 0.0, 2.0, R.JACOBIAN_LABEL, shrink=0.8)
         p = self.params
         fig.suptitle(f"amplitude {p['amplitude']:g} px, smoothness {p['smoothness']:g}, "
                      f"λ {p['weight']:g}, {p['interpolation']}  |  "
                      + ", ".join(f"{k} {v:.3g}" for k, v in self.stats.items()), fontsize=9)
         return fig
+
+
+class InteractiveFigure(_Viewer):
+    """A figure-drawing function with ipywidgets controls, which static front ends still show.
+
+    ``ipywidgets.interact`` draws into an Output widget, which nbconvert, nbval
+    and notebook viewers on the web leave empty. This viewer follows the rule
+    of the others: the live widget redraws the figure when a control moves,
+    and a static view shows the PNG of the figure at the controls' values.
+
+    Parameters
+    ----------
+    draw : callable
+        ``draw(**values) -> matplotlib.figure.Figure``, one keyword per control;
+        the figure is closed after each call, so ``draw`` may use pyplot freely.
+    **controls : ipywidgets ValueWidget
+        Name -> control (e.g. ``IntSlider``); its ``value`` is passed to ``draw``.
+
+    Examples
+    --------
+    >>> import ipywidgets as widgets, matplotlib.pyplot as plt
+    >>> def draw(n):
+    ...     fig, ax = plt.subplots()
+    ...     ax.plot(range(n))
+    ...     return fig
+    >>> view = InteractiveFigure(draw, n=widgets.IntSlider(5, 1, 10))
+    >>> len(view.figure().axes[0].lines[0].get_xdata())
+    5
+    """
+
+    def __init__(self, draw, **controls):
+        if not callable(draw):
+            raise TypeError(f"draw: expected a function returning a matplotlib Figure, got {type(draw).__name__}")
+        if not controls:
+            raise ValueError("controls: expected at least one name=widget (e.g. row=IntSlider(...))")
+        for name, c in controls.items():
+            if not hasattr(c, "value") or not hasattr(c, "observe"):
+                raise TypeError(f"{name}: expected an ipywidgets control with a value (e.g. IntSlider), "
+                                f"got {type(c).__name__}")
+        self.draw, self.controls = draw, dict(controls)
+        self._out = None
+
+    @property
+    def values(self) -> dict:
+        """The controls' current values, as ``draw`` receives them."""
+        return {name: c.value for name, c in self.controls.items()}
+
+    def figure(self):
+        """The figure at the controls' current values (closed: display it to show it)."""
+        fig = self.draw(**self.values)
+        if not isinstance(fig, plt.Figure):
+            raise TypeError(f"draw: must return a matplotlib Figure, got {type(fig).__name__}")
+        plt.close(fig)
+        return fig
+
+    def _redraw(self, change=None) -> None:
+        from IPython.display import display
+        with self._out:
+            self._out.clear_output(wait=True)
+            display(self.figure())
+
+    def _build(self):
+        import ipywidgets as W
+        self._out = W.Output()
+        for c in self.controls.values():
+            c.observe(self._redraw, names="value")
+        self._redraw()
+        return W.VBox([W.HBox(list(self.controls.values())), self._out])
