@@ -12,6 +12,12 @@ or returns ``None``, or the answer itself is ``None``) is reported as
 "not done yet": :func:`check` never raises, so a half-finished notebook still
 runs from top to bottom.
 
+An answer to an exercise that asks for an implementation (``dice``, ``ncc``,
+``jacobian``, ``compose``, ``tre``) must not call regedu's own implementation of
+it (the function the check compares with): such an answer fails with a message
+that names the function it called. Helpers the exercise suggests
+(``regedu.spatial.warp``, ``regedu.spatial.warp_points``) remain allowed.
+
 Exercises (:data:`EXERCISES`):
 
 - ``dice``: Dice per label, background excluded, NaN for absent labels;
@@ -32,6 +38,7 @@ coordinates, tensor-axis order.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -92,15 +99,72 @@ class Exercise:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _call(fn, *args, what: str):
-    """Call the student's function; translate 'not written yet' and crashes into feedback."""
+# The library's own implementation of each exercise that asks the student to
+# write it. The checks compare the answer with these functions, so an answer that
+# calls one of them passes without teaching anything; _call refuses it.
+# Why watch the calls (sys.setprofile) instead of patching the module attribute
+# or reading the answer's code: a patched ``regedu.metrics.dice`` is not what a
+# student's ``from regedu.metrics import dice`` (done before the check) refers
+# to, and the names in a code object miss aliases, helpers and classes that
+# reach the implementation (``losses.NCC()(f, w)`` calls ``ncc_local``). Every
+# route ends in the same code objects, and the profiler sees each call of them
+# while the answer runs, and only then (the checks' own calls are not watched).
+# The helpers the exercises suggest (``warp``, ``warp_points``,
+# ``torch.gradient``) stay allowed: only these implementations are refused.
+def _implementations() -> dict[str, list]:
+    return {
+        "dice": [("regedu.metrics.dice", metrics.dice)],
+        "ncc": [("regedu.losses.ncc_local", losses.ncc_local),
+                ("regedu.losses.ncc_reference", losses.ncc_reference),
+                # its kernel, reached by losses.NCC and every other route to the fast path
+                ("regedu.losses.ncc_local", losses._LocalNCCMap.forward)],
+        "jacobian": [("regedu.metrics.jacobian_determinant", spatial.jacobian_determinant)],
+        "compose": [("regedu.spatial.compose", spatial.compose)],
+        "tre": [("regedu.metrics.tre", metrics.tre)],
+    }
+
+
+_FORBIDDEN: dict = {}      # code object -> public name, for the exercise being checked
+
+
+def _watching(fn, args, reached: list):
+    """``fn(*args)``; appends to ``reached`` the forbidden implementations it called."""
+    if not _FORBIDDEN:
+        return fn(*args)
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in _FORBIDDEN and _FORBIDDEN[frame.f_code] not in reached:
+            reached.append(_FORBIDDEN[frame.f_code])
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
     try:
-        out = fn(*args)
+        return fn(*args)
+    finally:
+        sys.setprofile(previous)
+
+
+def _delegation(reached: list[str], what: str) -> _Fail:
+    return _Fail(f"your function calls {', '.join(reached)} (seen on {what}): that is the library's own "
+                 f"implementation, the one this exercise asks you to write and the check compares "
+                 f"with, so calling it proves nothing. Expected your own code, got a call to "
+                 f"regedu's. Hint: write it with numpy/torch operations")
+
+
+def _call(fn, *args, what: str):
+    """Call the student's function; translate 'not written yet', delegation and crashes into feedback."""
+    reached: list[str] = []
+    try:
+        out = _watching(fn, args, reached)
     except NotImplementedError:
         raise NotDone("the function still raises NotImplementedError: replace that line "
                       "with your code") from None
     except Exception as e:  # any error in student code is feedback, not a crash
+        if reached:         # the delegation is the thing to fix, even if it then crashed
+            raise _delegation(reached, what) from None
         raise _Fail(f"on {what} your function raised {type(e).__name__}: {e}") from None
+    if reached:
+        raise _delegation(reached, what)
     if out is None:
         raise NotDone(f"the function returned None on {what}: finish it and `return` the result")
     return out
@@ -437,12 +501,15 @@ def check(name: str, answer, *, quiet: bool = False) -> CheckResult:
     if answer is None:
         result = CheckResult(name, NOT_DONE, "no answer yet: " + exercise.task)
     else:
+        _FORBIDDEN.update({f.__code__: public for public, f in _implementations().get(name, [])})
         try:
             result = CheckResult(name, PASSED, exercise.checker(answer))
         except NotDone as e:
             result = CheckResult(name, NOT_DONE, str(e))
         except _Fail as e:
             result = CheckResult(name, FAILED, str(e))
+        finally:
+            _FORBIDDEN.clear()
     _RESULTS[name] = result
     if not quiet:
         print(result)

@@ -1,10 +1,15 @@
 """regedu.exercises: right answers pass, wrong ones fail with feedback, unfinished ones are "not done"."""
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import regedu
 from regedu import exercises, metrics, nets, spatial
+from regedu.metrics import dice as imported_dice          # imported before the check: no patching catches it
+from regedu.spatial import compose as imported_compose
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +44,18 @@ def not_written(*args):
     raise NotImplementedError
 
 
+def gradient_jacobian(disp):
+    # Written out: J = I + grad u from torch.gradient, then its determinant.
+    nd = disp.shape[1]
+    J = torch.stack(torch.gradient(disp, dim=tuple(range(2, 2 + nd))), dim=2)
+    J = J + torch.eye(nd, dtype=disp.dtype).view(1, nd, nd, *[1] * nd)
+    return torch.linalg.det(J.movedim((1, 2), (-2, -1)))
+
+
 RIGHT = {
     "dice": numpy_dice,
     "ncc": box_ncc,
-    "jacobian": metrics.jacobian_determinant,
+    "jacobian": gradient_jacobian,
     "compose": lambda u1, u2: u2 + spatial.warp(u1, u2, padding="border"),
     "tre": lambda fp, mp, u: (spatial.warp_points(fp, u) - mp).norm(dim=-1),
 }
@@ -50,7 +63,7 @@ RIGHT = {
 WRONG = {  # a typical mistake, and words the feedback must contain
     "dice": (lambda a, b, labels: np.nan_to_num(numpy_dice(a, b, labels)), "NaN"),
     "ncc": (lambda f, w: -box_ncc(f, w), "NEGATIVE"),
-    "jacobian": (lambda u: metrics.jacobian_determinant(u) - 1, "identity"),
+    "jacobian": (lambda u: gradient_jacobian(u) - 1, "identity"),
     "compose": (lambda u1, u2: u2 + spatial.warp(u1, u2), "border"),
     "tre": (lambda fp, mp, u: (fp - mp).norm(dim=-1), "p + u(p)"),
 }
@@ -69,6 +82,47 @@ def test_wrong_answer_fails_with_actionable_feedback(name):
     assert result.status == "failed"
     assert words in result.message, result.message
     assert "expected" in result.message and "got" in result.message, result.message
+
+
+DELEGATING = {  # answers that hand the exercise back to the library, by every route a student might take
+    "dice": [lambda a, b, labels: regedu.metrics.dice(a, b, labels).per_label,
+             lambda a, b, labels: imported_dice(a, b, labels).per_label],
+    "ncc": [lambda f, w: regedu.losses.ncc_local(f, w),
+            lambda f, w: regedu.losses.NCC(window=9)(f, w),          # the module reaches the same kernel
+            lambda f, w: regedu.losses.ncc_reference(f, w)],
+    "jacobian": [regedu.metrics.jacobian_determinant,
+                 lambda u: regedu.spatial.jacobian_determinant(u.clone())],
+    "compose": [lambda u1, u2: regedu.spatial.compose(u1, u2), imported_compose],
+    "tre": [lambda fp, mp, u: regedu.metrics.tre(fp, mp, u),
+            lambda fp, mp, u: regedu.metrics.tre(fp, mp, u).numpy()],
+}
+LIBRARY_NAME = {"dice": "regedu.metrics.dice", "ncc": "regedu.losses.ncc_", "jacobian": "jacobian_determinant",
+                "compose": "regedu.spatial.compose", "tre": "regedu.metrics.tre"}
+
+
+@pytest.mark.parametrize("name, i", [(n, i) for n in sorted(DELEGATING) for i in range(len(DELEGATING[n]))])
+def test_answer_that_calls_the_library_implementation_fails(name, i):
+    result = exercises.check(name, DELEGATING[name][i], quiet=True)
+    assert result.status == "failed", result.message
+    assert "your function calls" in result.message and LIBRARY_NAME[name] in result.message, result.message
+    assert "the library's own implementation" in result.message, result.message
+
+
+def test_delegation_is_reported_even_when_the_answer_then_crashes():
+    r = exercises.check("dice", lambda a, b, labels: regedu.metrics.dice(a, b, labels).no_such_field, quiet=True)
+    assert r.status == "failed" and "regedu.metrics.dice" in r.message and "AttributeError" not in r.message
+
+
+def test_only_the_exercise_s_own_implementation_is_refused():
+    before = sys.getprofile()
+    # compose's and tre's right answers use the suggested warp and warp_points, and the checks
+    # themselves call the library to get the expected values: all allowed.
+    assert exercises.check("compose", RIGHT["compose"], quiet=True).passed
+    assert exercises.check("tre", RIGHT["tre"], quiet=True).passed
+    # Another exercise's implementation is a helper here (compose with the zero field is u).
+    assert exercises.check("tre", lambda fp, mp, u: RIGHT["tre"](fp, mp, spatial.compose(u, 0 * u)),
+                           quiet=True).passed
+    assert sys.getprofile() is before, "the check must hand the profiler back"
 
 
 @pytest.mark.parametrize("name", sorted(exercises.EXERCISES))

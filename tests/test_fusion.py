@@ -153,3 +153,23 @@ def test_fusion_inputs_are_checked():
         fusion.majority_vote([torch.full((4, 4), 0.5), a])
     with pytest.raises(ValueError, match="similarity: expected one of 'ncc', 'mse', 'mi'"):
         fusion.select_atlases(torch.rand(4, 4), [torch.rand(4, 4)], 1, similarity="dice")
+
+
+def test_image_similarity_known_values():
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(12, 14, generator=g)
+    # NCC ignores gain and offset (1 for any positive affine change, -1 for a negative one).
+    assert fusion.image_similarity(x, 3 * x + 2) == pytest.approx(1.0, abs=1e-5)
+    assert fusion.image_similarity(x, 1 - x) == pytest.approx(-1.0, abs=1e-5)
+    # MSE: minus the mean squared difference; a constant offset of 0.5 costs 0.25.
+    assert fusion.image_similarity(x, x, "mse") == pytest.approx(0.0, abs=1e-7)
+    assert fusion.image_similarity(x, x + 0.5, "mse") == pytest.approx(-0.25, abs=1e-6)
+    # MI: an image shares more information with itself than with independent noise.
+    noise = torch.rand(12, 14, generator=g)
+    assert fusion.image_similarity(x, x, "mi") > fusion.image_similarity(x, noise, "mi") + 0.5
+    # A callable gets (1, 1, *spatial) tensors; (1, 1, *spatial) inputs and numpy work alike.
+    seen = []
+    score = fusion.image_similarity(x[None, None], x.numpy(), lambda f, m: seen.append(f.shape) or 7.0)
+    assert score == 7.0 and seen == [(1, 1, 12, 14)]
+    with pytest.raises(ValueError, match=r"fixed and moving must have the same shape"):
+        fusion.image_similarity(x, x[:, :10])

@@ -43,7 +43,10 @@ expected, what you returned, and a hint**. Run a check as often as you like.
 NotImplementedError` line: replace it with your code. Until then its check
 says *not done yet* and the notebook still runs from top to bottom. Use
 PyTorch operations; do **not** call the regedu function you are
-re-implementing (that is what the check compares you with).
+re-implementing (that is what the check compares you with): the check
+watches for it, however it is imported, and fails such an answer with a
+message that names the function. The helpers an exercise suggests
+(`warp`, `warp_points`) are allowed.
 """),
 code(PROFILE_CELL),
 code(r"""
