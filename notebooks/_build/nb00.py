@@ -54,8 +54,9 @@ md(r"""
 | 08 | VV-Net | build the paper's network, deep supervision, train it | helps |
 | 09 | full-resolution GPU training | 160x192x224 with mixed precision | **yes** (runs reduced on CPU) |
 | 10 | evaluation like a paper | Affine vs SyN vs VoxelMorph vs VV-Net | helps |
-| 11 | atlas-based segmentation | label propagation and fusion | no |
+| 11 | atlas-based segmentation | label propagation, label fusion, template vs atlas selection | no |
 | 12 | homework | exercises checked automatically | no |
+| 13 | trustworthy evaluation | inverse consistency (ICON), lambda on validation, HD95 / ASD, FLE / FRE / TRE, label leakage, paired tests | no |
 
 Every notebook starts with the profile cell you saw above and ends with a cell of
 **checks**: `assert`s that fail if the notebook stops teaching what it claims.
