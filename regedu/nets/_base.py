@@ -265,8 +265,48 @@ def flow_head(spatial_dims: int, in_channels: int, *, std: float = 1e-5) -> nn.M
 
 
 def upsample(x: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour upsampling by 2 (exact sizes: inputs are padded to a multiple)."""
+    """Nearest-neighbour upsampling by 2 (exact sizes: inputs are padded to a multiple).
+
+    >>> x = torch.rand(2, 3, 4, 5)
+    >>> y = upsample(x.contiguous(memory_format=torch.channels_last))
+    >>> torch.equal(y, upsample(x)), y.is_contiguous(memory_format=torch.channels_last)
+    (True, True)
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        # Channels-last (UNet does 2D so on the CPU): each pixel's channel vector
+        # repeated 2x2, written as a broadcast copy. Its backward is a sum over
+        # the repeats that reads the gradient where it lies (a channel slice of
+        # the concatenation's gradient); upsample_nearest2d's backward first
+        # copies that slice into a new tensor. Same values.
+        B, C, H, W = x.shape
+        y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(B, H, 2, W, 2, C)
+        return y.reshape(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)
     return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1(x1) convolution ``conv`` applied to ``x`` as one matrix product.
+
+    Same result as ``conv(x)`` to float rounding. PyTorch sends a 1x1
+    convolution of a small batch to its slow native kernels (3D batch of one,
+    or 2D under 16 images on one thread); as a matrix product over the voxels
+    it is one BLAS call forward and two backward, on ``x`` where it lies.
+
+    >>> head = nn.Conv2d(4, 2, kernel_size=1)
+    >>> x = torch.rand(3, 4, 5, 6)
+    >>> last = x.contiguous(memory_format=torch.channels_last)
+    >>> all(torch.allclose(pointwise(head, t), head(x), atol=1e-6) for t in (x, last))
+    True
+    """
+    w, b = conv.weight.flatten(1), conv.bias      # (out, in), (out,)
+    if x.is_contiguous():                         # (B, C, *S): W @ (C, N) per item
+        y = torch.matmul(w, x.flatten(2))
+        if b is not None:
+            y = y + b[:, None]
+        return y.view(x.shape[0], w.shape[0], *x.shape[2:])
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return F.linear(x.permute(0, 2, 3, 1), w, b).permute(0, 3, 1, 2)
+    return conv(x)
 
 
 # ----------------------------------------------------------------------------- wrapper

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .._checks import check_positive
 from ._base import (Registration, check_features, check_spatial_dims, conv, conv_block, crop,
-                    make_config, pad_to_multiple, register, upsample)
+                    make_config, pad_to_multiple, pointwise, register, upsample)
 
 __all__ = ["UNet", "VoxelMorph"]
 
@@ -86,6 +86,13 @@ class UNet(nn.Module):
         self._pool = getattr(F, f"max_pool{nd}d")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # 2D on the CPU: channels-last layout, in which oneDNN's convolutions need
+        # no reorders (forward and backward about 20% faster at 256x256; in 3D
+        # channels_last_3d is slower, so volumes stay as they are). The result
+        # comes back in the caller's layout.
+        relayout = _channels_last_helps(x)
+        if relayout:
+            x = x.contiguous(memory_format=torch.channels_last)
         # pad to a multiple of 2**levels so that every pooling halves exactly
         x, region = pad_to_multiple(x, self.multiple)
         skips = []
@@ -101,9 +108,15 @@ class UNet(nn.Module):
         for block in self.extra:
             x = block(x)
         if self.out is not None:
-            x = self.out(x)
-        # back to the input's size
-        return crop(x, region)
+            x = pointwise(self.out, x)
+        # back to the input's size (and layout)
+        x = crop(x, region)
+        return x.contiguous() if relayout else x
+
+
+def _channels_last_helps(x: torch.Tensor) -> bool:
+    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+            and not x.is_contiguous(memory_format=torch.channels_last))
 
 
 @register("unet")
