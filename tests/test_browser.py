@@ -46,12 +46,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def artifacts(tmp_path):
+def artifacts_folder(tmp_path, name: str) -> Path:
+    """Where a browser test leaves its screenshots: $REGEDU_ARTIFACTS/name, else pytest's tmp folder."""
     root = Path(os.environ["REGEDU_ARTIFACTS"]) if os.environ.get("REGEDU_ARTIFACTS") else tmp_path
-    out = root / "browser"
+    out = root / name
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@pytest.fixture
+def artifacts(tmp_path):
+    return artifacts_folder(tmp_path, "browser")
 
 
 @pytest.fixture

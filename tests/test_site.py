@@ -16,7 +16,6 @@ browser flags it shares); skipped with a message when it is missing.
 Screenshots go to $REGEDU_ARTIFACTS/site (default: pytest's tmp folder).
 """
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -61,10 +60,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture
 def artifacts(tmp_path):
-    root = Path(os.environ["REGEDU_ARTIFACTS"]) if os.environ.get("REGEDU_ARTIFACTS") else tmp_path
-    out = root / "site"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return test_browser.artifacts_folder(tmp_path, "site")
 
 
 def test_site_in_chromium(site, artifacts):
