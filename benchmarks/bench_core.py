@@ -337,13 +337,21 @@ def main(argv=None):
               f"'time / regedu's' > 1 means regedu is faster; peak = rise of the peak RSS over "
               f"one call (VmHWM after /proc/self/clear_refs); total {time.perf_counter() - started:.0f} s; "
               f"load average at the end {os.getloadavg() if hasattr(os, 'getloadavg') else 'n/a'}")
-    text = "\n".join([header, "", *table, footer, "", "Value checks:", *checks])
+    return report(header, table, footer, checks, all_ok, args.markdown, speedups=summary)
+
+
+def report(header, table, footer, checks, all_ok, markdown=None, *, speedups=()) -> int:
+    """Print a benchmark's table, footer and value checks, write them to ``markdown`` if given.
+
+    Returns the exit status: 0 when every value check agreed, else 1.
+    """
     print("\n" + "\n".join(table) + footer)
-    print("\nSpeed-ups:\n" + "\n".join(summary))
+    if speedups:
+        print("\nSpeed-ups:\n" + "\n".join(speedups))
     print("\nValue checks:\n" + "\n".join(checks))
     print("all values agree" if all_ok else "SOME VALUES DISAGREE")
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    if markdown:
+        markdown.write_text("\n".join([header, "", *table, footer, "", "Value checks:", *checks]) + "\n")
     return 0 if all_ok else 1
 
 

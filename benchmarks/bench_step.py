@@ -65,7 +65,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core, run from a checkout
 
-from bench_core import _max_abs, _sync, environment, peak_memory_mib, torch_ncc, torch_warp  # noqa: E402
+from bench_core import (_max_abs, _sync, environment, peak_memory_mib, report, torch_ncc,  # noqa: E402
+                        torch_warp)
 
 from regedu import nets  # noqa: E402  (bench_core put the checkout on the path)
 from regedu.train import train_step  # noqa: E402
@@ -341,13 +342,7 @@ def main(argv=None):
               f"interleaved; 'time / regedu's' > 1 means regedu is faster; peak = rise of the peak RSS over "
               f"one call; total {time.perf_counter() - started:.0f} s; load average at the end "
               f"{os.getloadavg() if hasattr(os, 'getloadavg') else 'n/a'}")
-    text = "\n".join([header, "", *table, footer, "", "Value checks:", *checks])
-    print("\n" + "\n".join(table) + footer)
-    print("\nValue checks:\n" + "\n".join(checks))
-    print("all values agree" if all_ok else "SOME VALUES DISAGREE")
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-    return 0 if all_ok else 1
+    return report(header, table, footer, checks, all_ok, args.markdown)
 
 
 if __name__ == "__main__":
