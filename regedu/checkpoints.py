@@ -139,9 +139,14 @@ def load_model(path, *, map_location="cpu", factor: int | None = None, spacing=N
     Give ``spacing`` (the images' voxel size in mm) instead to have the factor
     chosen from the spacing the checkpoint records (:func:`choose_factor`).
     The model is returned in eval mode. Weights holding NaN are refused.
+    ``path`` may also be a checkpoint already read by :func:`load_checkpoint`,
+    so that a caller that reads its metadata reads the file once.
     """
     from . import nets
-    state = load_checkpoint(path, map_location=map_location)
+    if isinstance(path, Mapping):
+        state, path = path, "(a loaded checkpoint)"
+    else:
+        state = load_checkpoint(path, map_location=map_location)
     config = state.get("config") if isinstance(state, dict) else None
     if not config or "model" not in state:
         raise ValueError(f"checkpoint: {str(path)!r} holds no model config; save models that have "

@@ -134,6 +134,9 @@ def test_a_regedu_unet_learns_a_known_translation(tmp_path):
     rebuilt = checkpoints.load_model(ckpt)
     with torch.no_grad():
         assert torch.equal(rebuilt(moving, fixed).disp, model.eval()(moving, fixed).disp)
+        # ... and so does a checkpoint already read (the file read once for its metadata and model).
+        assert torch.equal(checkpoints.load_model(checkpoints.load_checkpoint(ckpt))(moving, fixed).disp,
+                           rebuilt(moving, fixed).disp)
     # factor=2: the same network on the pair at twice the resolution finds twice the shift.
     fine = [F.interpolate(x, scale_factor=2, mode="nearest") for x in (moving, fixed)]
     with torch.no_grad():

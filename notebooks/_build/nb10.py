@@ -177,7 +177,7 @@ rising = [n for n, v in validation.items() if len(v["dice"]) > 1 and v["dice"][-
 print(f"Validation (4 subjects of the training brains, other seeds), from the last validation to the one before: "
       f"the loss (each run's objective) fell in {len(falling)} of {len(runs)} runs, Dice rose in {len(rising)} of "
       f"{len(runs)}.")
-models = {name: load_model(path) for name, path in runs.items()}
+models = {name: load_model(state) for name, state in states.items()}
 """),
 md(r"""
 ## 3. Every method, one protocol
@@ -394,7 +394,7 @@ print(pd.DataFrame({"step": val["step"], "validation MSE (its loss)": val["loss"
                     "SDlogJ": val["sdlogj"]}).round(4).to_string(index=False))
 at = val["step"].index(states["VoxelMorph s0"]["step"])   # the headline run's last validation
 loss_fell, dice_rose = val["loss"][-1] < val["loss"][at], val["dice"][-1] > val["dice"][at]
-ev_longer = evaluate(load_model(longer_path), aligned["held-out"], labels=structures,
+ev_longer = evaluate(load_model(longer), aligned["held-out"], labels=structures,
                      name=f"VoxelMorph s0, {longer['step']} steps", progress=False)
 longer_dice = float(np.nanmean(ev_longer.dice.to_numpy(float)))
 short_dice = float(np.nanmean(results["held-out"]["VoxelMorph s0"].dice.to_numpy(float)))
