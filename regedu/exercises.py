@@ -13,7 +13,7 @@ or returns ``None``, or the answer itself is ``None``) is reported as
 runs from top to bottom.
 
 An answer to an exercise that asks for an implementation (``dice``, ``ncc``,
-``jacobian``, ``compose``, ``tre``) must not call regedu's own implementation of
+``jacobian``, ``compose``, ``tre``, ``windows``) must not call regedu's own implementation of
 it (the function the check compares with): such an answer fails with a message
 that names the function it called. Helpers the exercise suggests
 (``regedu.spatial.warp``, ``regedu.spatial.warp_points``) remain allowed.
@@ -26,6 +26,8 @@ Exercises (:data:`EXERCISES`):
   :func:`regedu.metrics.jacobian_determinant`;
 - ``compose``: composition of two displacement fields, as :func:`regedu.spatial.compose`;
 - ``tre``: target registration error of landmarks, as :func:`regedu.metrics.tre`;
+- ``windows``: a Swin transformer's window partition of a token map, as
+  :func:`regedu.nets.transmorph.window_partition` (notebook 17);
 - ``sweep``: a regularisation sweep, checked for the trade-off it must show;
 - ``network``: a changed registration network, checked for the model contract and
   that it learns.
@@ -46,6 +48,7 @@ import numpy as np
 import torch
 
 from . import losses, metrics, spatial
+from .nets import transmorph
 
 __all__ = ["check", "report", "reset", "all_passed", "CheckResult", "Exercise", "EXERCISES",
            "NotDone"]
@@ -121,6 +124,7 @@ def _implementations() -> dict[str, list]:
         "jacobian": [("regedu.metrics.jacobian_determinant", spatial.jacobian_determinant)],
         "compose": [("regedu.spatial.compose", spatial.compose)],
         "tre": [("regedu.metrics.tre", metrics.tre)],
+        "windows": [("regedu.nets.transmorph.window_partition", transmorph.window_partition)],
     }
 
 
@@ -321,6 +325,24 @@ def _check_tre(fn) -> str:
     return "TRE matches regedu.metrics.tre (known translation; random fields, points between pixels)."
 
 
+def _check_windows(fn) -> str:
+    known = torch.arange(16.0).view(1, 4, 4, 1)              # token (i, j) holds 4 i + j
+    expected = torch.tensor([[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15.0]])[..., None]
+    _compare(_call(fn, known, 2, what="a 4x4 map of numbered tokens, windows of 2"), expected,
+             "a 4x4 map whose token (i, j) holds 4 i + j, windows of 2 (expected the four 2x2 "
+             "blocks, top-left, top-right, bottom-left, bottom-right)", atol=0,
+             hint="view (B, H, W, C) as (B, H/w, w, W/w, w, C), bring the two window-grid axes "
+                  "before the two in-window axes (permute), then reshape to (-1, w*w, C)")
+    g = _generator(9)
+    for what, shape, window in (("a random 2D map (2, 8, 12, 3), windows of 4", (2, 8, 12, 3), 4),
+                                ("a random 3D map (2, 4, 6, 8, 5), windows of 2", (2, 4, 6, 8, 5), 2)):
+        x = torch.rand(shape, generator=g)
+        _compare(_call(fn, x, window, what=what), transmorph.window_partition(x, window), what, atol=0,
+                 hint="every item of the batch, then every window in row-major order; "
+                      "the same code should work for 2 and 3 spatial axes")
+    return "window_partition matches regedu.nets.transmorph.window_partition in 2D and 3D."
+
+
 def _check_sweep(results) -> str:
     if results is None:
         raise NotDone("no results yet: fill the dict {weight: {'similarity', 'roughness', "
@@ -461,6 +483,9 @@ EXERCISES = {e.name: e for e in [
     Exercise("tre", "Target registration error",
              "tre(fixed_points (N, 2), moving_points (N, 2), disp (1, 2, H, W)) -> (N,) distances",
              _check_tre),
+    Exercise("windows", "Window partition of a transformer",
+             "window_partition(x (B, *S, C), window) -> (B * nW, window**nd, C), windows and "
+             "tokens in row-major order", _check_windows),
     Exercise("sweep", "Regularisation sweep",
              "{weight: {'similarity': ..., 'roughness': ..., 'folding': ...}} for >= 3 weights",
              _check_sweep),

@@ -52,12 +52,22 @@ def gradient_jacobian(disp):
     return torch.linalg.det(J.movedim((1, 2), (-2, -1)))
 
 
+def loop_windows(x, window):
+    # Written out with loops: every item, every window in row-major order, its tokens row-major.
+    B, *sizes, C = x.shape
+    starts = torch.cartesian_prod(*[torch.arange(0, n, window) for n in sizes]).reshape(-1, len(sizes))
+    offsets = torch.cartesian_prod(*[torch.arange(window)] * len(sizes)).reshape(-1, len(sizes))
+    return torch.stack([torch.stack([x[(b, *(s + o).tolist())] for o in offsets])
+                        for b in range(B) for s in starts])
+
+
 RIGHT = {
     "dice": numpy_dice,
     "ncc": box_ncc,
     "jacobian": gradient_jacobian,
     "compose": lambda u1, u2: u2 + spatial.warp(u1, u2, padding="border"),
     "tre": lambda fp, mp, u: (spatial.warp_points(fp, u) - mp).norm(dim=-1),
+    "windows": loop_windows,
 }
 
 WRONG = {  # a typical mistake, and words the feedback must contain
@@ -66,6 +76,7 @@ WRONG = {  # a typical mistake, and words the feedback must contain
     "jacobian": (lambda u: gradient_jacobian(u) - 1, "identity"),
     "compose": (lambda u1, u2: u2 + spatial.warp(u1, u2), "border"),
     "tre": (lambda fp, mp, u: (fp - mp).norm(dim=-1), "p + u(p)"),
+    "windows": (lambda x, w: x.reshape(-1, w ** (x.dim() - 2), x.shape[-1]), "permute"),
 }
 
 
@@ -95,9 +106,12 @@ DELEGATING = {  # answers that hand the exercise back to the library, by every r
     "compose": [lambda u1, u2: regedu.spatial.compose(u1, u2), imported_compose],
     "tre": [lambda fp, mp, u: regedu.metrics.tre(fp, mp, u),
             lambda fp, mp, u: regedu.metrics.tre(fp, mp, u).numpy()],
+    "windows": [lambda x, w: regedu.nets.transmorph.window_partition(x, w),
+                lambda x, w: regedu.nets.transmorph.window_partition(x.clone(), w).clone()],
 }
 LIBRARY_NAME = {"dice": "regedu.metrics.dice", "ncc": "regedu.losses.ncc_", "jacobian": "jacobian_determinant",
-                "compose": "regedu.spatial.compose", "tre": "regedu.metrics.tre"}
+                "compose": "regedu.spatial.compose", "tre": "regedu.metrics.tre",
+                "windows": "regedu.nets.transmorph.window_partition"}
 
 
 @pytest.mark.parametrize("name, i", [(n, i) for n in sorted(DELEGATING) for i in range(len(DELEGATING[n]))])
@@ -169,7 +183,7 @@ def test_report_and_all_passed(capsys):
     assert not exercises.all_passed()
     status = exercises.report()
     assert status["dice"] == "passed" and status["network"] == "not checked"
-    assert "5 of 7 exercises passed" in capsys.readouterr().out
+    assert f"{len(RIGHT)} of {len(exercises.EXERCISES)} exercises passed" in capsys.readouterr().out
 
 
 def test_unknown_exercise_is_an_error():

@@ -20,6 +20,7 @@ SMALL = {
     "affine_unet": {"affine_features": [4, 8], **UNET},
     "cascade": {"n_stages": 2, "stage": "unet", "stage_kwargs": UNET},
     "pyramid": {"features": [4, 8, 8, 8]},
+    "transmorph": {"embed_dim": 8, "depths": [2, 2], "heads": [2, 2], "skip": 4, "out_features": 4},
 }
 ODD = {2: (37, 45), 3: (19, 23, 29)}
 
@@ -46,7 +47,7 @@ class _Field(nn.Module):
 
 def test_registry_has_the_contract_names():
     assert set(nets.available_models()) == {"unet", "vnet", "vvnet", "affine", "affine_unet",
-                                            "cascade", "pyramid", "rescaled"}
+                                            "cascade", "pyramid", "rescaled", "transmorph"}
 
 
 @pytest.mark.parametrize("nd", [2, 3])

@@ -23,7 +23,7 @@ def build(solved: bool):
 md(rf"""
 # {title}
 
-Seven exercises on what the course taught, each checked automatically by
+Eight exercises on what the course taught, each checked automatically by
 `regedu.exercises`. A check compares your function with regedu's own on a
 known case and on random inputs, and tells you **which input failed, what was
 expected, what you returned, and a hint**. Run a check as often as you like.
@@ -37,7 +37,8 @@ expected, what you returned, and a hint**. Run a check as often as you like.
 2. analyse registration accuracy on fundus pairs by category (S, P, A);
 3. run a regularisation sweep and read the trade-off it shows;
 4. change a registration network and check that it still keeps the contract
-   and learns.
+   and learns;
+5. cut a map of tokens into a transformer's windows.
 
 **How it works.** Each exercise has a function with a `raise
 NotImplementedError` line: replace it with your code. Until then its check
@@ -329,6 +330,34 @@ code(r"""
 exercises.check("network", build_model);
 """),
 md(r"""
+## Exercise 7 · Windows of a transformer (notebook 17)
+
+A Swin transformer (TransMorph's encoder) attends inside windows of
+$w \times w$ tokens. Write `window_partition(x, window)`: `x` is a map of
+tokens `(B, H, W, C)` (or `(B, D, H, W, C)` in 3D), each size a multiple of
+`window`; return `(B * nW, window**ndim, C)`: for each item of the batch, the
+windows in row-major order (the last axis fastest), and inside each window its
+tokens in row-major order. One `view`, one `permute` and one `reshape` do it, in
+2D and 3D alike. Do not call `regedu.nets.transmorph.window_partition`.
+"""),
+answer(r"""
+def window_partition(x, window):
+    # YOUR CODE HERE
+    raise NotImplementedError
+""", r"""
+def window_partition(x, window):
+    B, *sizes, C = x.shape
+    nd = len(sizes)
+    # (B, n0, w, n1, w, ..., C): each axis split into (number of windows, position in the window)
+    x = x.reshape(B, *[v for n in sizes for v in (n // window, window)], C)
+    grid_axes = [1 + 2 * k for k in range(nd)]
+    inside_axes = [2 + 2 * k for k in range(nd)]
+    return x.permute(0, *grid_axes, *inside_axes, 2 * nd + 1).reshape(-1, window ** nd, C)
+"""),
+code(r"""
+exercises.check("windows", window_partition);
+"""),
+md(r"""
 ## Where you stand
 
 `exercises.report()` lists every exercise with its status.
@@ -345,6 +374,7 @@ every check.
 """),
 code(r"""
 assert set(status) == set(exercises.EXERCISES), "every exercise should have been checked"
+assert len(status) == 8, f"the introduction counts eight exercises, regedu.exercises has {len(status)}"
 assert all(s in ("passed", "failed", "not done yet") for s in status.values()), status
 """ + (r"""assert exercises.all_passed(), f"the solved notebook must pass every check: {status}"
 assert tre_table["S"][1] < tre_table["S"][0], "instance optimisation should lower TRE on category S pairs"

@@ -1,11 +1,11 @@
-"""Registration networks: VoxelMorph U-Net, V-Net, VV-Net, affine, cascades, pyramids.
+"""Registration networks: VoxelMorph U-Net, V-Net, VV-Net, TransMorph, affine, cascades, pyramids.
 
 Every model is an ``nn.Module`` with ``forward(moving, fixed)`` (both
 ``(B, C, *spatial)``) returning a :class:`RegistrationOutput`, keeps its
 constructor arguments in ``model.config`` and is rebuilt by
 :func:`from_config`. Registry names: ``"unet"``, ``"vnet"``, ``"vvnet"``,
 ``"affine"``, ``"affine_unet"``, ``"cascade"``, ``"pyramid"``, ``"rescaled"``
-(any of them run on a coarser grid than its inputs).
+(any of them run on a coarser grid than its inputs), ``"transmorph"``.
 
 >>> from regedu import nets
 >>> model = nets.create("unet", spatial_dims=2)
@@ -17,6 +17,7 @@ from .affine import AffineNet, AffineThenDeformable
 from .cascade import Cascade
 from .pyramid import PyramidNet
 from .rescaled import Rescaled
+from .transmorph import TransMorph
 from .summary import Summary, inference_bytes, summary
 from .unet import UNet, VoxelMorph
 from .vnet import VNet, VNetRegistration
@@ -24,5 +25,5 @@ from .vvnet import VVNet
 
 __all__ = ["RegistrationOutput", "Registration", "create", "from_config", "available_models",
            "UNet", "VoxelMorph", "VNet", "VNetRegistration", "VVNet", "AffineNet",
-           "AffineThenDeformable", "Cascade", "PyramidNet", "Rescaled", "summary", "Summary",
+           "AffineThenDeformable", "Cascade", "PyramidNet", "Rescaled", "TransMorph", "summary", "Summary",
            "inference_bytes"]
