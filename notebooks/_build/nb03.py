@@ -29,10 +29,10 @@ import torch
 import matplotlib.pyplot as plt
 
 from regedu import losses, metrics, viz
-from regedu.classic import ants_missing, ants_syn, instance_optimisation
+from regedu.classic import ants_missing, ants_syn, instance_optimisation, similarity_search
 from regedu.datasets import make_fire_pair, retina_green, vessel_contrast
 from regedu.evaluate import compare, identity, summary
-from regedu.spatial import affine_to_displacement, gaussian_blur, warp
+from regedu.spatial import affine_to_displacement, compose, gaussian_blur, warp
 
 size = profile.fundus_size
 retina, fov = retina_green(size)
@@ -232,11 +232,62 @@ Every one of these methods spends seconds of optimisation *per pair* (the last
 line printed above). A network (notebook 04) pays that cost once, during training,
 and then registers a pair in one forward pass; notebook 04 times it.
 
+## 3. A large motion: local methods stay put, a global search finds it
+
+FIRE's category **P** pairs overlap little: the camera moved by a large part of
+the image. Every method above is **local**: it follows the similarity's
+gradient from where it starts, and the pyramid's coarsest level (1/4 of the
+size) only widens the reach by that factor. When the vessels of the two
+images do not overlap at the start, the gradient has nothing to follow.
+
+A **global search** does not follow gradients: `regedu.classic.similarity_search`
+tries every rotation (every 2 degrees) and scale (4 % steps) and, for each of
+them, every translation at once: the normalised cross-correlation of the two
+vessel-contrast images for all shifts is a handful of FFTs. Its best candidate
+is the starting point of a local refinement, and the total field is
+`compose(search, refinement)` (notebook 01's composition). Notebook 04 puts a
+trained network in the refinement's place.
+"""),
+code(r"""
+p_pairs = []
+for i in range(2):
+    p = make_fire_pair("P", size=size, seed=400 + i)
+    p_pairs.append(dict(moving=p.moving, fixed=p.fixed, moving_points=p.moving_points, fixed_points=p.fixed_points,
+                        meta=dict(id=f"P{i}", category="P")))
+
+
+def search(moving, fixed):
+    return similarity_search(vessel_contrast(moving), vessel_contrast(fixed))
+
+
+def search_then_dense(moving, fixed):
+    start = search(moving, fixed)
+    return compose(start, dense(warp(moving, start), fixed))
+
+
+p_methods = {"identity": identity, "dense": dense, "search": search, "search + dense": search_then_dense}
+p_evaluations = compare(p_methods, p_pairs, progress=False)
+p_tre = {ev.name: float(np.mean([r["tre_mean"] for r in ev.records])) for ev in p_evaluations}
+p_seconds = {ev.name: float(np.mean([r["seconds"] for r in ev.records])) for ev in p_evaluations}
+for name in p_methods:
+    print(f"{name:15s} mean TRE {p_tre[name]:6.2f} px ({p_tre[name] / p_tre['identity']:.0%} of identity's), "
+          f"{p_seconds[name]:.1f} s per pair")
+refined = p_tre["search + dense"] - p_tre["search"]
+print(f"the dense refinement after the search: {abs(refined):.2f} px {'better' if refined < 0 else 'worse'} "
+      f"than the search alone")
+p_first = p_pairs[0]
+display(viz.plot_overlay(p_first["fixed"][0], p_first["moving"][0],
+                         warp(p_first["moving"][None], search_then_dense(p_first["moving"][None], p_first["fixed"][None]))[0, 0]))
+"""),
+md(r"""
+
 ## Exercises
 
 1. Replace `losses.mse` by `ncc` in `affine_register` for section 1. Same answer?
    Then invert the moving image's contrast (`1 - moving`) and try both again.
 2. In `affine_then_dense`, set `levels=(1,)` (no pyramid): what happens to TRE?
+   And in section 3, give `dense` a coarser first level (`levels=(8, 4, 2, 1)`):
+   does it reach the P pairs' motion without the search?
 3. The "dense" row starts from the identity. Give it a coarser first level,
    `levels=(8, 4, 2, 1)` with `iterations=(80, 80, 60, 40)`: does it get closer to
    the affine? Explain with the size of the motion (the identity row of the table).
@@ -260,6 +311,9 @@ if "ANTs SyN" in tre:
     assert tre["ANTs SyN"] > 2 * tre["affine (ours)"] + 0.5, f"ANTs' defaults should remove far less than our affine: {tre}"
 assert min(v for k, v in seconds.items() if k != "identity") > 0.1, f"every optimisation should take seconds per pair: {seconds}"
 assert all(s > 0 for s in seconds.values()), "every method must be timed"
+assert p_tre["dense"] > 0.8 * p_tre["identity"], f"a local method should stay near the start on P pairs: {p_tre}"
+assert p_tre["search"] < 0.1 * p_tre["identity"] and p_tre["search + dense"] < 0.1 * p_tre["identity"], \
+    f"the global search should find the P pairs' motion: {p_tre}"
 print("all checks passed")
 """),
 ]

@@ -246,12 +246,11 @@ image (section 3 printed how far; the cell below prints the test pairs' TRE): at
 the identity the vessels of the two photographs barely overlap, the loss gives
 no direction, and every *local* method (here ANTs' affine and the U-Net, which
 was trained with a local loss) stays about where it starts. FIRE's best methods therefore begin with a global
-search. `regedu.classic.similarity_search` tries every rotation (every 2
-degrees) and scale (4 % steps) and, for each, **every translation at once**: the
-normalised cross-correlation of the two vessel-contrast images over the overlap
-of their fields of view, for all shifts, is a handful of FFTs. The best
-candidate is the starting point; the U-Net then registers what is left, and the
-total field is `compose(search, unet)` (notebook 01's composition rule).
+search: `regedu.classic.similarity_search`, which notebook 03 (section 3)
+measured on two P pairs with instance optimisation as the refinement. Here the
+U-Net takes the refinement's place: the search's best candidate is the starting
+point, the U-Net registers what is left, and the total field is
+`compose(search, unet)` (notebook 01's composition rule).
 """),
 code(r"""
 scale = (2912 - 1) / (size - 1)                    # FIRE pixels per pixel of ours
