@@ -171,8 +171,9 @@ md(r"""
 In the reduced configuration the networks were trained before this notebook
 (the handful of steps here only continue them), so their Dice says what those
 earlier runs bought, and the checks hold it above the identity's. On a GPU in
-the `gpu` profile, new networks train for a few hundred steps at full
-resolution in minutes; the paper trains for many thousands.
+the `gpu` profile, new networks train for up to 500 steps at full resolution
+(section 2 prints the time per step; this project has not had a GPU to measure
+it on); the paper trains for many thousands.
 
 ## Exercises
 
