@@ -24,6 +24,11 @@ Pair samplers (torch Datasets): :class:`FundusPairs`, :class:`BrainPairs`,
 realistic subjects, pooled on disk); the command line's :class:`PairFolder`
 (a folder of image files) and :class:`OfflinePairs`.
 
+Supervised pairs with a known field (RegNet, Sokooti et al. 2017):
+:func:`regnet_field` (random points displaced, Gaussian-smoothed, coarse to
+fine, maximum displacement bounded; one scale: :func:`point_field`) and
+:class:`SyntheticPairs` (``disp`` is the label of the ``"field"`` loss).
+
 Image files (NIfTI, ``.npy``, ``.npz``): :func:`read_image`, :func:`write_image`,
 :func:`write_displacement` (:mod:`regedu.datasets.files`).
 """
@@ -42,6 +47,7 @@ from .subjects import (ANATOMIES, HELD_OUT_ANATOMY, TRAIN_ANATOMY, RealisticPair
 from .readers import (FIRE, Learn2RegOASIS, NeuriteOASIS, load_vxm_labels,
                       load_vxm_scan, read_label_table)
 from .samplers import BrainPairs, FIREPairs, FundusPairs, OfflinePairs, PairFolder, SubjectPairs, brain_slice
+from .synthetic import REGNET_SCALES, SyntheticPairs, point_field, regnet_field
 
 __all__ = [
     "resize_image", "resize_labels", "scale_points",
@@ -59,4 +65,5 @@ __all__ = [
     "Preprocessed", "normalise_intensity", "preprocess",
     "ANATOMIES", "HELD_OUT_ANATOMY", "TRAIN_ANATOMY", "anatomy", "anatomy_split", "complete_donor",
     "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs",
+    "REGNET_SCALES", "SyntheticPairs", "point_field", "regnet_field",
 ]

@@ -1,0 +1,158 @@
+"""Model-based data augmentation: a statistical deformation model of displacement fields.
+
+Uzunova et al. (MICCAI 2017) train a registration CNN from few pairs by
+learning a statistical model of the training data and drawing as many new
+pairs from it as needed. Their model is a statistical appearance model made
+"local" so that its space is not limited by the number of training samples;
+this module is the classical core of it, a PCA of displacement fields (a
+statistical deformation model, SDM):
+
+* fit: the fields ``u_1..u_n`` (e.g. the fields that register the training
+  pairs, or their known warps), flattened, give the mean ``m`` and the
+  principal modes ``e_i`` with variances ``lambda_i``;
+* sample: ``u = m + sum_i b_i sqrt(lambda_i) e_i`` with ``b_i ~ N(0, 1)``,
+  truncated to ``|b_i| <= truncate`` so that no sample is an implausible
+  extreme. With ``n`` training fields there are at most ``n - 1`` modes:
+  every sample lies in the span of the training fields (the limit Uzunova
+  et al.'s local model lifts).
+
+A sampled field makes a new pair with :class:`regedu.datasets.SyntheticPairs`
+(``sampler=lambda g: model.sample(1, seed=g)``).
+
+Convention (``docs/conventions.md``, "Conventions"): fields are
+``(B, ndim, *spatial)`` in voxels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import as_tensor, check_field, check_positive
+
+__all__ = ["DeformationModel", "fit_deformation_model"]
+
+
+@dataclass(frozen=True)
+class DeformationModel:
+    """A PCA model of displacement fields (see :func:`fit_deformation_model`).
+
+    Attributes
+    ----------
+    mean : Tensor, shape (1, ndim, *spatial)
+    modes : Tensor, shape (k, ndim, *spatial)
+        Orthonormal principal directions (as flattened vectors), largest variance first.
+    variances : Tensor, shape (k,)
+        ``lambda_i``, the variance of the training fields along mode ``i`` (voxels^2).
+    """
+    mean: torch.Tensor
+    modes: torch.Tensor
+    variances: torch.Tensor
+
+    def _flat_modes(self) -> torch.Tensor:
+        return self.modes.reshape(len(self.modes), -1)
+
+    def project(self, fields) -> torch.Tensor:
+        """Coefficients ``b`` (B, k) of fields in units of each mode's std: ``b_i = e_i . (u - m) / sqrt(lambda_i)``."""
+        u = check_field(as_tensor(fields, "fields"), "fields", spatial=tuple(self.mean.shape[2:]))
+        centred = (u.to(self.mean.dtype) - self.mean).reshape(len(u), -1)
+        return centred @ self._flat_modes().T / self.variances.sqrt()
+
+    def reconstruct(self, b) -> torch.Tensor:
+        """The field ``m + sum_i b_i sqrt(lambda_i) e_i`` for coefficients ``b`` (B, k): (B, ndim, *spatial)."""
+        b = as_tensor(b, "b").to(self.mean.dtype)
+        if b.dim() != 2 or b.shape[1] != len(self.variances):
+            raise ValueError(f"b: expected shape (B, {len(self.variances)}), one coefficient per mode, "
+                             f"got {tuple(b.shape)}")
+        flat = (b * self.variances.sqrt()) @ self._flat_modes()
+        return self.mean + flat.reshape(len(b), *self.mean.shape[1:])
+
+    def sample(self, n: int = 1, *, truncate: float | None = 3.0, seed=0) -> torch.Tensor:
+        """``n`` new fields ``(n, ndim, *spatial)``: ``b ~ N(0, 1)`` per mode, redrawn while ``|b| > truncate``.
+
+        ``truncate=None`` keeps the plain Gaussian: the samples then have the
+        fitted variances exactly in expectation; truncation at 3 std lowers
+        them by 2.7 % (:meth:`sample_variances`).
+        ``seed`` is an int or a ``torch.Generator``.
+        """
+        check_positive(n, "n", integer=True)
+        if truncate is not None:
+            check_positive(truncate, "truncate")
+        g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+        b = torch.randn(n, len(self.variances), generator=g, dtype=torch.float64)
+        while truncate is not None and bool((b.abs() > truncate).any()):
+            out = b.abs() > truncate
+            b[out] = torch.randn(int(out.sum()), generator=g, dtype=torch.float64)
+        return self.reconstruct(b)
+
+    def sample_variances(self, truncate: float | None = 3.0) -> torch.Tensor:
+        """The variance of :meth:`sample`'s fields along each mode: ``lambda_i`` times that of ``b``.
+
+        ``b`` is a standard normal truncated to ``[-t, t]``, whose variance is
+        ``1 - 2 t phi(t) / (2 Phi(t) - 1)`` (1 without truncation).
+        """
+        if truncate is None:
+            return self.variances.clone()
+        check_positive(truncate, "truncate")
+        phi = math.exp(-truncate ** 2 / 2) / math.sqrt(2 * math.pi)
+        return self.variances * (1 - 2 * truncate * phi / math.erf(truncate / math.sqrt(2)))
+
+    def explained(self) -> torch.Tensor:
+        """Cumulative fraction of the training fields' variance that the first 1, 2, ... modes hold."""
+        return self.variances.cumsum(0) / self.variances.sum()
+
+
+def fit_deformation_model(fields, *, modes: int | None = None, variance: float | None = None) -> DeformationModel:
+    """PCA of a set of displacement fields: their mean, principal modes and variances.
+
+    Parameters
+    ----------
+    fields : Tensor or ndarray, shape (n, ndim, *spatial), n >= 2
+        The training fields, in voxels.
+    modes : int, optional
+        Keep this many modes (at most ``n - 1``, the rank of ``n`` centred fields).
+    variance : float in (0, 1], optional
+        Or keep the fewest modes that hold this fraction of the variance.
+        Default (neither): every mode with a non-zero variance.
+
+    Returns
+    -------
+    DeformationModel
+        A training field ``u_j`` is reproduced exactly (to float precision) by
+        ``model.reconstruct(model.project(u_j))`` when every mode is kept.
+
+    Notes
+    -----
+    The modes come from the SVD of the centred data matrix ``X`` (n x D):
+    ``X = U S V^T``, ``e_i = V_i``, ``lambda_i = S_i^2 / (n - 1)`` (the sample
+    covariance's eigenvalues, without forming the D x D matrix).
+    """
+    u = check_field(as_tensor(fields, "fields"), "fields")
+    if len(u) < 2:
+        raise ValueError(f"fields: a PCA needs at least 2 fields, got {len(u)} (shape {tuple(u.shape)})")
+    if modes is not None and variance is not None:
+        raise ValueError("modes and variance: give one way to choose the number of modes, not both")
+    x = u.double().reshape(len(u), -1)
+    mean = x.mean(0, keepdim=True)
+    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    lam = s ** 2 / (len(u) - 1)
+    # Below this a "variance" is round-off of a rank-deficient set (n fields span n - 1 directions).
+    keep = int((lam > lam[0] * 1e-10).sum()) if lam[0] > 0 else 0
+    if keep == 0:
+        raise ValueError("fields: all the fields are the same; there is no variation to model")
+    if modes is not None:
+        check_positive(modes, "modes", integer=True)
+        if modes > keep:
+            raise ValueError(f"modes: {len(u)} fields have {keep} mode(s) of non-zero variance, got modes={modes}")
+        keep = modes
+    elif variance is not None:
+        if not 0 < variance <= 1:
+            raise ValueError(f"variance: expected a fraction in (0, 1], got {variance!r}")
+        cumulative = (lam[:keep].cumsum(0) / lam[:keep].sum()).tolist()
+        keep = next(i + 1 for i, c in enumerate(cumulative) if c >= variance - 1e-12)
+    dtype = u.dtype
+    return DeformationModel(mean=mean.reshape(1, *u.shape[1:]).to(dtype),
+                            modes=vt[:keep].reshape(keep, *u.shape[1:]).to(dtype),
+                            variances=lam[:keep].to(dtype))
+
