@@ -13,7 +13,7 @@ or returns ``None``, or the answer itself is ``None``) is reported as
 runs from top to bottom.
 
 An answer to an exercise that asks for an implementation (``dice``, ``ncc``,
-``jacobian``, ``compose``, ``tre``, ``windows``) must not call regedu's own implementation of
+``jacobian``, ``compose``, ``tre``, ``windows``, ``pca``) must not call regedu's own implementation of
 it (the function the check compares with): such an answer fails with a message
 that names the function it called. Helpers the exercise suggests
 (``regedu.spatial.warp``, ``regedu.spatial.warp_points``) remain allowed.
@@ -28,6 +28,8 @@ Exercises (:data:`EXERCISES`):
 - ``tre``: target registration error of landmarks, as :func:`regedu.metrics.tre`;
 - ``windows``: a Swin transformer's window partition of a token map, as
   :func:`regedu.nets.transmorph.window_partition` (notebook 17);
+- ``pca``: a statistical deformation model (mean, modes, variances of a set of
+  fields), as :func:`regedu.augment.fit_deformation_model` (notebook 15);
 - ``sweep``: a regularisation sweep, checked for the trade-off it must show;
 - ``network``: a changed registration network, checked for the model contract and
   that it learns.
@@ -47,7 +49,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import losses, metrics, spatial
+from . import augment, losses, metrics, spatial
 from .nets import transmorph
 
 __all__ = ["check", "report", "reset", "all_passed", "CheckResult", "Exercise", "EXERCISES",
@@ -125,6 +127,7 @@ def _implementations() -> dict[str, list]:
         "compose": [("regedu.spatial.compose", spatial.compose)],
         "tre": [("regedu.metrics.tre", metrics.tre)],
         "windows": [("regedu.nets.transmorph.window_partition", transmorph.window_partition)],
+        "pca": [("regedu.augment.fit_deformation_model", augment.fit_deformation_model)],
     }
 
 
@@ -343,6 +346,43 @@ def _check_windows(fn) -> str:
     return "window_partition matches regedu.nets.transmorph.window_partition in 2D and 3D."
 
 
+def _check_pca(fn) -> str:
+    g = _generator(10)
+    # Two known orthonormal modes: fields a u1 + b u2, the sample variances of a and b are 4 and 1.
+    u1 = torch.zeros(2, 6, 8)
+    u1[0] = 1 / math.sqrt(48)                                 # a uniform shift along axis 0, unit norm
+    u2 = torch.zeros(2, 6, 8)
+    u2[1, :, :4], u2[1, :, 4:] = 1 / math.sqrt(48), -1 / math.sqrt(48)   # a shear along axis 1, unit norm
+    a = torch.tensor([2.0, -2.0, 2.0, -2.0, 0.0])
+    b = torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0])
+    known = (a[:, None, None, None] * u1 + b[:, None, None, None] * u2)
+    cases = [("5 fields built from two known modes (variances 4 and 1)", known, 2)]
+    for trial, shape in enumerate(((10, 12), (6, 8, 10))):
+        base = spatial.random_field(shape, 2.0, seed=20 + trial)
+        fields = base + 0.5 * torch.randn(7, len(shape), *shape, generator=g) \
+            + torch.randn(7, 1, *[1] * len(shape), generator=g) * spatial.random_field(shape, 1.0, seed=40 + trial)
+        cases.append((f"7 random fields {shape}", fields, 3))
+    for what, fields, k in cases:
+        expected = augment.fit_deformation_model(fields, modes=k)
+        got = _call(fn, fields, k, what=what)
+        if not isinstance(got, (tuple, list)) or len(got) != 3:
+            raise _Fail(f"on {what} expected a tuple (mean, modes, variances), got {type(got).__name__}")
+        mean, modes, variances = (_as_float_tensor(x, what) for x in got)
+        _compare(mean, expected.mean, what + ": the mean field", atol=1e-4,
+                 hint="the mean over the fields, shape (1, ndim, *spatial)")
+        _compare(variances, expected.variances, what + ": the variances", atol=1e-4, rtol=1e-3,
+                 hint="the sample covariance's eigenvalues, largest first: S_i**2 / (n - 1) from the SVD "
+                      "of the centred (n, D) matrix (n - 1, not n: a sample variance)")
+        if modes.shape != expected.modes.shape:
+            raise _Fail(f"on {what} expected modes of shape {tuple(expected.modes.shape)}, got {tuple(modes.shape)}")
+        alignment = (modes.reshape(k, -1) * expected.modes.double().reshape(k, -1)).sum(1).abs()
+        if bool((alignment < 1 - 1e-3).any()):
+            raise _Fail(f"on {what} the modes differ: expected unit vectors along the principal directions "
+                        f"(up to sign), got |cosine| {[round(float(c), 4) for c in alignment]} with the "
+                        f"expected ones. Hint: the rows of V^T of the SVD, each reshaped to (ndim, *spatial)")
+    return "mean, modes (up to sign) and variances match regedu.augment.fit_deformation_model in 2D and 3D."
+
+
 def _check_sweep(results) -> str:
     if results is None:
         raise NotDone("no results yet: fill the dict {weight: {'similarity', 'roughness', "
@@ -486,6 +526,9 @@ EXERCISES = {e.name: e for e in [
     Exercise("windows", "Window partition of a transformer",
              "window_partition(x (B, *S, C), window) -> (B * nW, window**nd, C), windows and "
              "tokens in row-major order", _check_windows),
+    Exercise("pca", "A statistical deformation model",
+             "pca(fields (n, ndim, *S), k) -> (mean (1, ndim, *S), modes (k, ndim, *S), variances (k,))",
+             _check_pca),
     Exercise("sweep", "Regularisation sweep",
              "{weight: {'similarity': ..., 'roughness': ..., 'folding': ...}} for >= 3 weights",
              _check_sweep),

@@ -61,6 +61,15 @@ def loop_windows(x, window):
                         for b in range(B) for s in starts])
 
 
+def svd_pca(fields, k):
+    # Written out: the SVD of the centred (n, D) matrix; variances S**2 / (n - 1).
+    x = fields.double().reshape(len(fields), -1)
+    mean = x.mean(0, keepdim=True)
+    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    shape = fields.shape[1:]
+    return mean.reshape(1, *shape), vt[:k].reshape(k, *shape), s[:k] ** 2 / (len(fields) - 1)
+
+
 RIGHT = {
     "dice": numpy_dice,
     "ncc": box_ncc,
@@ -68,6 +77,7 @@ RIGHT = {
     "compose": lambda u1, u2: u2 + spatial.warp(u1, u2, padding="border"),
     "tre": lambda fp, mp, u: (spatial.warp_points(fp, u) - mp).norm(dim=-1),
     "windows": loop_windows,
+    "pca": svd_pca,
 }
 
 WRONG = {  # a typical mistake, and words the feedback must contain
@@ -77,6 +87,7 @@ WRONG = {  # a typical mistake, and words the feedback must contain
     "compose": (lambda u1, u2: u2 + spatial.warp(u1, u2), "border"),
     "tre": (lambda fp, mp, u: (fp - mp).norm(dim=-1), "p + u(p)"),
     "windows": (lambda x, w: x.reshape(-1, w ** (x.dim() - 2), x.shape[-1]), "permute"),
+    "pca": (lambda f, k: (lambda m, e, v: (m, e, v * (len(f) - 1) / len(f)))(*svd_pca(f, k)), "n - 1"),
 }
 
 
@@ -108,10 +119,12 @@ DELEGATING = {  # answers that hand the exercise back to the library, by every r
             lambda fp, mp, u: regedu.metrics.tre(fp, mp, u).numpy()],
     "windows": [lambda x, w: regedu.nets.transmorph.window_partition(x, w),
                 lambda x, w: regedu.nets.transmorph.window_partition(x.clone(), w).clone()],
+    "pca": [lambda f, k: (lambda m: (m.mean, m.modes, m.variances))(regedu.augment.fit_deformation_model(f, modes=k))],
 }
 LIBRARY_NAME = {"dice": "regedu.metrics.dice", "ncc": "regedu.losses.ncc_", "jacobian": "jacobian_determinant",
                 "compose": "regedu.spatial.compose", "tre": "regedu.metrics.tre",
-                "windows": "regedu.nets.transmorph.window_partition"}
+                "windows": "regedu.nets.transmorph.window_partition",
+                "pca": "regedu.augment.fit_deformation_model"}
 
 
 @pytest.mark.parametrize("name, i", [(n, i) for n in sorted(DELEGATING) for i in range(len(DELEGATING[n]))])

@@ -23,7 +23,7 @@ def build(solved: bool):
 md(rf"""
 # {title}
 
-Eight exercises on what the course taught, each checked automatically by
+Nine exercises on what the course taught, each checked automatically by
 `regedu.exercises`. A check compares your function with regedu's own on a
 known case and on random inputs, and tells you **which input failed, what was
 expected, what you returned, and a hint**. Run a check as often as you like.
@@ -38,7 +38,8 @@ expected, what you returned, and a hint**. Run a check as often as you like.
 3. run a regularisation sweep and read the trade-off it shows;
 4. change a registration network and check that it still keeps the contract
    and learns;
-5. cut a map of tokens into a transformer's windows.
+5. cut a map of tokens into a transformer's windows and fit a statistical
+   deformation model.
 
 **How it works.** Each exercise has a function with a `raise
 NotImplementedError` line: replace it with your code. Until then its check
@@ -358,6 +359,33 @@ code(r"""
 exercises.check("windows", window_partition);
 """),
 md(r"""
+## Exercise 8 · A statistical deformation model (notebook 15)
+
+Uzunova et al. (2017) make new training pairs from a PCA of displacement
+fields. Write `pca(fields, k)`: `fields` is `(n, ndim, *spatial)`; flatten each
+field to a row of an `(n, D)` matrix, subtract the mean row, and take its SVD
+$X = U S V^\top$. Return the mean field `(1, ndim, *spatial)`, the first `k`
+rows of $V^\top$ as modes `(k, ndim, *spatial)`, and their variances
+$\lambda_i = S_i^2 / (n - 1)$ `(k,)`, largest first. (A mode's sign is
+arbitrary; the check accepts either.) Do not call
+`regedu.augment.fit_deformation_model`.
+"""),
+answer(r"""
+def pca(fields, k):
+    # YOUR CODE HERE
+    raise NotImplementedError
+""", r"""
+def pca(fields, k):
+    x = fields.double().reshape(len(fields), -1)
+    mean = x.mean(0, keepdim=True)
+    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    shape = fields.shape[1:]
+    return mean.reshape(1, *shape), vt[:k].reshape(k, *shape), s[:k] ** 2 / (len(fields) - 1)
+"""),
+code(r"""
+exercises.check("pca", pca);
+"""),
+md(r"""
 ## Where you stand
 
 `exercises.report()` lists every exercise with its status.
@@ -374,7 +402,7 @@ every check.
 """),
 code(r"""
 assert set(status) == set(exercises.EXERCISES), "every exercise should have been checked"
-assert len(status) == 8, f"the introduction counts eight exercises, regedu.exercises has {len(status)}"
+assert len(status) == 9, f"the introduction counts nine exercises, regedu.exercises has {len(status)}"
 assert all(s in ("passed", "failed", "not done yet") for s in status.values()), status
 """ + (r"""assert exercises.all_passed(), f"the solved notebook must pass every check: {status}"
 assert tre_table["S"][1] < tre_table["S"][0], "instance optimisation should lower TRE on category S pairs"
