@@ -8,7 +8,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("spatial", "losses", "metrics", "profiles", "datasets", "nets", "train", "checkpoints",
-               "classic", "evaluate", "viz", "cli", "exercises", "fiducials", "stats", "fusion")
+               "classic", "evaluate", "viz", "cli", "exercises", "fiducials", "stats", "fusion",
+               "adversarial", "agents", "augment", "joint", "supervised")
 __all__ = list(_SUBMODULES) + ["__version__"]
 
 
