@@ -16,6 +16,8 @@ spatial transformer applies. Sizes are small by default so that the course's
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -68,11 +70,14 @@ def _relative_index(window: int, nd: int) -> torch.Tensor:
     return index
 
 
+@functools.lru_cache(maxsize=16)
 def _shift_mask(shape: tuple[int, ...], window: int, shift: int) -> torch.Tensor:
     """Additive attention mask ``(nW, N, N)`` of a cyclically shifted window partition.
 
     After rolling by ``shift``, a window at the far edge holds tokens from both
     ends of the image; they must not attend to each other (Swin's mask).
+    Cached: every shifted block of every step asks for the same few masks, and
+    callers only read them.
     """
     region = torch.zeros(shape, dtype=torch.long)
     bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
