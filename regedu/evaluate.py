@@ -35,7 +35,7 @@ from .metrics import (FIRE_THRESHOLDS, average_surface_distance, dice, fire_auc,
                       folding_stats, hausdorff95, tre)
 from .spatial import warp
 
-__all__ = ["evaluate", "score_pair", "PairScores", "compare", "Evaluation", "summary", "SummaryTable",
+__all__ = ["evaluate", "score_pair", "dice_per_pair", "PairScores", "compare", "Evaluation", "summary", "SummaryTable",
            "fire_report", "FireReport", "identity"]
 
 FIRE_CATEGORIES = ("S", "P", "A")
@@ -201,6 +201,22 @@ def score_pair(disp, pair: dict, *, labels=None, spacing=1.0, where: str = "pair
             record.update(hd95=scores.hd95.mean, asd=scores.asd.mean,
                           surface_missing=len(scores.hd95.missing))
     return scores
+
+
+def dice_per_pair(fixed_seg, moving_seg, disp, labels) -> np.ndarray:
+    """Mean Dice over ``labels`` of each pair of a batch, the moving labels warped with nearest neighbour.
+
+    ``fixed_seg`` and ``moving_seg`` are ``(B, 1, *spatial)`` label maps, ``disp``
+    the ``(B, ndim, *spatial)`` fields (voxels) that pull each moving map onto its
+    fixed grid; returns ``(B,)``. The quick score of a batch of registrations
+    (notebooks 13-17); :func:`evaluate` gives every metric, per structure.
+
+    >>> seg = torch.tensor([[[[0, 1, 1, 2], [0, 1, 1, 2]]]])
+    >>> dice_per_pair(seg, seg, torch.zeros(1, 2, 2, 4), [1, 2]).tolist()
+    [1.0]
+    """
+    warped = warp(moving_seg, disp, mode="nearest")
+    return np.array([dice(f[0], w[0], labels).mean for f, w in zip(fixed_seg, warped)])
 
 
 def _label_spec(labels):

@@ -165,3 +165,14 @@ def test_errors_name_the_problem():
         E.evaluate(lambda m, f: "nope", [_seg_pair()], labels=[1], progress=False)
     with pytest.raises(ValueError, match="has no pair with landmarks"):
         E.fire_report(E.evaluate(E.identity, [_seg_pair()], labels=[1], progress=False))
+
+
+def test_dice_per_pair_recovers_a_known_shift():
+    fixed = torch.zeros(2, 1, 6, 8, dtype=torch.long)
+    fixed[:, :, 1:5, 2:6] = 1                          # a 4x4 square
+    moving = torch.roll(fixed, 1, dims=3)              # moved one column right
+    back = torch.zeros(2, 2, 6, 8)
+    back[:, 1] = 1.0                                   # read one column to the right: undoes the move
+    assert E.dice_per_pair(fixed, moving, back, [1]).tolist() == [1.0, 1.0]
+    # unregistered, the squares overlap in 12 of 16 pixels: Dice 2 * 12 / 32
+    assert np.allclose(E.dice_per_pair(fixed, moving, torch.zeros(2, 2, 6, 8), [1]), 0.75)

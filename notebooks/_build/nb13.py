@@ -46,7 +46,7 @@ from scipy.ndimage import binary_erosion, distance_transform_edt
 from regedu import fiducials, losses, metrics
 from regedu.classic import instance_optimisation
 from regedu.datasets import BrainPairs, brain_slice, mni_brain
-from regedu.evaluate import evaluate, identity, summary
+from regedu.evaluate import dice_per_pair, evaluate, identity, summary
 from regedu.spatial import integrate_velocity, invert_field, random_field, warp
 from regedu.stats import paired_test
 
@@ -85,8 +85,7 @@ def register(moving, fixed, weight, **options):
 
 def pair_dice(fixed_seg, moving_seg, disp, labels=structures):
     # Mean Dice over `labels` of each pair: moving labels warped with nearest neighbour.
-    warped = warp(moving_seg, disp, mode="nearest")
-    return np.array([metrics.dice(f[0], w[0], labels).mean for f, w in zip(fixed_seg, warped)])
+    return dice_per_pair(fixed_seg, moving_seg, disp, labels)
 
 
 print(f"{len(items)} pairs of {tuple(shape)} slices at {spacing:g} mm ({n_val} validation, {n_test} test), "

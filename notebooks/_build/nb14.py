@@ -59,6 +59,7 @@ import matplotlib.pyplot as plt
 from regedu import losses, metrics, nets
 from regedu.adversarial import Discriminator, adversarial_step, discriminator_loss, plausible_fields
 from regedu.datasets import brain_slice, mni_brain, synth_subject
+from regedu.evaluate import dice_per_pair
 from regedu.spatial import invert_field, jacobian_determinant, warp
 from regedu.stats import paired_test
 from regedu.train import seed_everything, train_step
@@ -97,8 +98,7 @@ structures = metrics.labels_present(fixed_seg, moving_seg)
 
 def pair_dice(ids, disp):
     # Mean Dice over the structures of each pair; labels warped with nearest neighbour.
-    warped = warp(moving_seg[ids], disp, mode="nearest")
-    return np.array([metrics.dice(f[0], w[0], structures).mean for f, w in zip(fixed_seg[ids], warped)])
+    return dice_per_pair(fixed_seg[ids], moving_seg[ids], disp, structures)
 
 
 def field_stats(disp):

@@ -50,8 +50,9 @@ import matplotlib.pyplot as plt
 
 from regedu import losses, metrics, nets
 from regedu.datasets import BrainPairs, FundusPairs, mni_brain, vessel_contrast
+from regedu.evaluate import dice_per_pair
 from regedu.joint import JointModel, joint_step
-from regedu.spatial import jacobian_determinant, warp
+from regedu.spatial import jacobian_determinant
 from regedu.stats import paired_test
 from regedu.supervised import (classical_targets, fit_objective, shan_loss, similarity_maps,
                                similarity_steered_net, velocity_loss, velocity_pairs)
@@ -82,8 +83,7 @@ def take(data, index):
 
 def pair_dice(disp, data, labels):
     # Mean Dice over `labels` of each pair: the moving labels warped with nearest neighbour.
-    warped = warp(data["moving_seg"], disp, mode="nearest")
-    return np.array([metrics.dice(f[0], w[0], labels).mean for f, w in zip(data["fixed_seg"], warped)])
+    return dice_per_pair(data["fixed_seg"], data["moving_seg"], disp, labels)
 
 
 def folding(disp):

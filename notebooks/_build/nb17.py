@@ -45,9 +45,9 @@ import matplotlib.pyplot as plt
 
 from regedu import metrics, nets, viz
 from regedu.datasets import BrainPairs, mni_brain
+from regedu import evaluate
 from regedu.losses import NCC
 from regedu.nets.transmorph import _SwinBlock, _shift_mask
-from regedu.spatial import warp
 from regedu.stats import paired_test
 from regedu.train import fit
 
@@ -164,8 +164,7 @@ dice_per_pair, rows, histories, trained = {}, [], {}, {}
 
 
 def pair_dice(disp):
-    warped = warp(moving_seg, disp, mode="nearest")
-    return np.array([metrics.dice(f[0], w[0], structures).mean for f, w in zip(fixed_seg, warped)])
+    return evaluate.dice_per_pair(fixed_seg, moving_seg, disp, structures)
 
 
 dice_per_pair["identity"] = pair_dice(torch.zeros(len(items), 2, *shape))
