@@ -38,9 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import check_choice, check_field, check_image, check_positive
-from .losses import LOSSES, loss_terms
+from .losses import loss_terms
 from .nets._base import check_features, check_spatial_dims, conv, conv_block
 from .spatial import gaussian_blur, integrate_velocity, random_field
+from .train import optimizer_step
 
 __all__ = ["Discriminator", "discriminator_loss", "adversarial_loss", "reference_image",
            "plausible_fields", "adversarial_step"]
@@ -271,15 +272,10 @@ def _frozen(module: nn.Module):
 def _other_terms(output, batch, losses, kind):
     if not losses:
         return {}
-    losses = dict(losses)
-    if kind == "similarity" and not any(LOSSES.get(name, ("",))[0] in ("similarity", "dice", "field")
-                                        for name in losses):
-        # The discriminator is the similarity here; loss_terms insists on a data term, and one of
-        # weight 0 is skipped.
-        losses["mse"] = 0.0
+    # With kind="similarity" the discriminator is the data term: the regularisers may stand alone.
     terms = loss_terms(output, batch["moving"], batch["fixed"], losses=losses,
                        moving_seg=batch.get("moving_seg"), fixed_seg=batch.get("fixed_seg"),
-                       true_disp=batch.get("disp"))
+                       true_disp=batch.get("disp"), require_data=kind != "similarity")
     terms.pop("loss")
     return terms
 
@@ -385,15 +381,10 @@ def adversarial_step(model: nn.Module, discriminator: nn.Module, batch: Mapping,
     with _frozen(discriminator):
         values = {"adversarial": weight * adversarial_loss(discriminator, fake)}
         values.update(_other_terms(output, batch, losses, kind))
-        loss = sum(values.values())
-        if not bool(torch.isfinite(loss.detach())):
-            raise ValueError(f"loss: not finite ({', '.join(f'{k} {float(v):.4g}' for k, v in values.items())}); "
-                             f"the network was not updated: lower the learning rates or the weight")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    out = {k: float(v.detach()) for k, v in values.items()}
-    out.update(loss=float(loss.detach()), discriminator=float(d_loss.detach()),
+        values["loss"] = sum(values.values())
+        values = optimizer_step(model.parameters(), optimizer, values)
+    out = {k: float(v) for k, v in values.items()}
+    out.update(discriminator=float(d_loss.detach()),
                p_real=float(torch.sigmoid(real_logits.detach()).mean()),
                p_fake=float(torch.sigmoid(fake_logits.detach()).mean()))
     return out

@@ -34,6 +34,7 @@ from ._checks import as_tensor, check_image, check_label_list, check_same_shape
 from .losses import DEFAULT_LOSSES, loss_terms, one_hot, soft_dice
 from .nets import RegistrationOutput, UNet, create
 from .spatial import warp
+from .train import optimizer_step
 
 __all__ = ["JointOutput", "JointModel", "consistency", "segmentation_loss", "joint_terms", "joint_step",
            "JOINT_WEIGHTS"]
@@ -223,11 +224,4 @@ def joint_terms(model: JointModel, batch: Mapping, *, weights: Mapping = JOINT_W
 
 def joint_step(model: JointModel, batch: Mapping, optimizer: torch.optim.Optimizer, **options) -> dict:
     """One optimiser step on :func:`joint_terms` (``options`` as there); returns the detached terms."""
-    terms = joint_terms(model, batch, **options)
-    if not bool(torch.isfinite(terms["loss"].detach())):
-        raise FloatingPointError(f"the joint loss is not finite: "
-                                 f"{ {k: float(v) for k, v in terms.items()} }; nothing was updated")
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
-    return {k: v.detach() for k, v in terms.items()}
+    return optimizer_step(model.parameters(), optimizer, joint_terms(model, batch, **options))

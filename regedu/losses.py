@@ -660,13 +660,16 @@ class Term:
     weight: float
 
 
-def build_terms(losses=DEFAULT_LOSSES) -> list[Term]:
+def build_terms(losses=DEFAULT_LOSSES, *, require_data: bool = True) -> list[Term]:
     """The terms of an objective: ``{"ncc": 1.0, "diffusion": 1.0}`` -> a list of :class:`Term`.
 
     A value is a weight, or a ``(callable, weight)`` pair that replaces the
     default callable (``{"ncc": (NCC(window=5), 1.0)}``). Names are the keys
     of :data:`LOSSES`; weights are finite and non-negative (every term is lower
-    is better). A list of terms is returned as it is.
+    is better). A list of terms is returned as it is. An objective needs a data
+    term (a similarity, Dice or field error) unless ``require_data=False``: a
+    caller that supplies its own (``regedu.adversarial``'s discriminator) asks
+    for the regularisers alone.
     """
     if isinstance(losses, list) and all(isinstance(t, Term) for t in losses):
         return losses
@@ -687,7 +690,7 @@ def build_terms(losses=DEFAULT_LOSSES) -> list[Term]:
             raise ValueError(f"losses[{name!r}]: expected a finite weight >= 0 (every term is "
                              f"lower-is-better), got {weight!r}")
         terms.append(Term(name, kind, fn, float(weight)))
-    if not any(t.kind in _DATA_KINDS for t in terms):
+    if require_data and not any(t.kind in _DATA_KINDS for t in terms):
         raise ValueError(f"losses: no similarity term in {list(losses)}; add one of "
                          f"'mse', 'ncc', 'ncc_global', 'mi' (or 'dice' with label maps, or 'field' "
                          f"with true displacements)")
@@ -725,7 +728,7 @@ def _field_terms(terms, field, reg_field, moving, fixed, moving_onehot, fixed_on
 def loss_terms(output, moving: torch.Tensor, fixed: torch.Tensor, *, losses=DEFAULT_LOSSES,
                moving_seg: torch.Tensor | None = None, fixed_seg: torch.Tensor | None = None,
                true_disp: torch.Tensor | None = None, labels=None,
-               deep_weight: float = 1.0) -> dict[str, torch.Tensor]:
+               deep_weight: float = 1.0, require_data: bool = True) -> dict[str, torch.Tensor]:
     """The weighted loss terms of one batch and their sum.
 
     Parameters
@@ -749,6 +752,8 @@ def loss_terms(output, moving: torch.Tensor, fixed: torch.Tensor, *, losses=DEFA
         Weight of the deep-supervision term: each field in ``output.deep`` is
         supervised exactly like the final one (same terms, same weights), and the
         ``"deep"`` term is ``deep_weight`` times their mean.
+    require_data : bool
+        As for :func:`build_terms`: ``False`` allows regularisers alone.
 
     Returns
     -------
@@ -773,7 +778,7 @@ def loss_terms(output, moving: torch.Tensor, fixed: torch.Tensor, *, losses=DEFA
     >>> bool(terms["loss"] == terms["mse"] + terms["diffusion"])
     True
     """
-    terms = build_terms(losses)
+    terms = build_terms(losses, require_data=require_data)
     moving_onehot = fixed_onehot = None
     if moving_seg is not None and fixed_seg is not None and any(t.kind == "dice" for t in terms):
         label_list = check_label_list(labels) if labels is not None else labels_present(moving_seg, fixed_seg)

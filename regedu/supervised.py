@@ -37,7 +37,7 @@ from .classic import ants_syn, instance_optimisation
 from .losses import edge_aware_smoothness, field_mse, mse
 from .nets import Registration, UNet
 from .spatial import gaussian_blur, integrate_velocity, random_field, warp
-from .train import seed_everything
+from .train import NonFiniteLoss, optimizer_step, seed_everything
 
 __all__ = ["classical_targets", "similarity_maps", "SimilarityInput", "similarity_steered_net",
            "velocity_pairs", "velocity_loss", "shan_loss", "fit_objective"]
@@ -285,14 +285,10 @@ def fit_objective(model: nn.Module, data: Mapping, objective: Callable, *, steps
         pick, order = order[:batch_size], order[batch_size:]
         batch = {k: v[pick] for k, v in data.items()}
         loss = objective(model(batch["moving"], batch["fixed"]), batch)
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"the loss became {float(loss)} at step {step}; lower lr "
-                                     f"({lr:g}) or set grad_clip")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        try:
+            optimizer_step(model.parameters(), optimizer, {"loss": loss}, grad_clip=grad_clip)
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(e.values, step=step) from None
         history["train"].append(float(loss.detach()))
         if val_data is not None and (step % val_every == 0 or step == steps):
             model.eval()

@@ -49,14 +49,14 @@ from .evaluate import score_pair
 from .losses import DEFAULT_LOSSES, build_terms, loss_terms
 from .metrics import labels_present
 
-__all__ = ["train_step", "fit", "NonFiniteLoss", "TrainingInterrupted", "seed_everything",
+__all__ = ["train_step", "optimizer_step", "fit", "NonFiniteLoss", "TrainingInterrupted", "seed_everything",
            "default_device"]
 
 
 # ---------------------------------------------------------------- one step
 
 class NonFiniteLoss(ValueError):
-    """The loss of a step is NaN or infinite; :func:`train_step` did not update the model.
+    """The loss of a step is NaN or infinite; :func:`optimizer_step` did not update the model.
 
     ``values`` holds every term of that step (floats).
     """
@@ -123,15 +123,54 @@ def train_step(model: nn.Module, batch: Mapping, optimizer: torch.optim.Optimize
     values = loss_terms(_float32(output), batch["moving"], batch["fixed"], losses=losses,
                         moving_seg=batch.get("moving_seg"), fixed_seg=batch.get("fixed_seg"),
                         true_disp=batch.get("disp"), labels=labels, deep_weight=deep_weight)
+    return optimizer_step(model.parameters(), optimizer, values, grad_clip=grad_clip, scaler=scaler)
+
+
+def optimizer_step(parameters, optimizer: torch.optim.Optimizer, values: Mapping, *,
+                   grad_clip: float | None = None, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Minimise ``values["loss"]`` by one step of ``optimizer``; the one update every trainer takes.
+
+    Refuses a non-finite loss before touching the weights, then zero-grad,
+    backward, optional clipping of the gradient's global norm over
+    ``parameters``, step. :func:`train_step` and the trainers of
+    ``regedu.joint``, ``regedu.adversarial`` and ``regedu.supervised`` call it.
+
+    Parameters
+    ----------
+    parameters : iterable of Parameter
+        What ``grad_clip`` clips (the optimiser's parameters).
+    optimizer : torch.optim.Optimizer
+    values : dict of Tensor
+        ``"loss"``, the scalar to minimise, and any other terms (reported).
+    grad_clip : float, optional
+    scaler : torch.amp.GradScaler, optional
+        Mixed precision: scales the loss, unscales before clipping.
+
+    Returns
+    -------
+    dict
+        ``values``, detached.
+
+    Raises
+    ------
+    NonFiniteLoss
+        ``values["loss"]`` is NaN or infinite: nothing was updated.
+
+    Examples
+    --------
+    >>> w = nn.Parameter(torch.tensor([3.0]))
+    >>> opt = torch.optim.SGD([w], lr=0.25)
+    >>> float(optimizer_step([w], opt, {"loss": (w ** 2).sum()})["loss"]), float(w.detach()[0])
+    (9.0, 1.5)
+    """
+    scaler = scaler or _NO_SCALING
     if not bool(torch.isfinite(values["loss"].detach())):
         raise NonFiniteLoss(values)  # before the update: the weights stay finite
-    # Backward: the gradient of the sum.
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(values["loss"]).backward()
     if grad_clip is not None:
         scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    # Step.
+        nn.utils.clip_grad_norm_(parameters, grad_clip)
     scaler.step(optimizer)
     scaler.update()
     return {k: v.detach() for k, v in values.items()}

@@ -147,3 +147,15 @@ def test_mse_mask_restricts_region():
     mask[..., 2:] = 1
     assert losses.mse(f, w, mask=mask) == 0
     assert losses.mse(f, w) == 0.5
+
+
+def test_an_objective_needs_a_data_term_unless_the_caller_supplies_its_own():
+    from regedu import nets
+    model = nets.create("unet", spatial_dims=2, encoder=(4, 4), decoder=(4, 4))
+    moving, fixed = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    output = model(moving, fixed)
+    with pytest.raises(ValueError, match="losses: no similarity term in \\['diffusion'\\]"):
+        losses.loss_terms(output, moving, fixed, losses={"diffusion": 1.0})
+    terms = losses.loss_terms(output, moving, fixed, losses={"diffusion": 1.0}, require_data=False)
+    assert sorted(terms) == ["diffusion", "loss"]
+    assert torch.allclose(terms["loss"], losses.diffusion(output.disp))

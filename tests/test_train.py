@@ -614,3 +614,26 @@ def test_choose_factor(trained, spacing, factor_or_message):
     else:
         with pytest.raises(ValueError, match=factor_or_message):
             checkpoints.choose_factor(trained, spacing)
+
+
+def test_optimizer_step_takes_the_known_step_clips_and_refuses_a_non_finite_loss():
+    w = nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.SGD([w], lr=0.1)
+    # d/dw |w|^2 = 2w = (6, 8), norm 10: clipped to norm 1 it is (0.6, 0.8).
+    out = train.optimizer_step([w], opt, {"loss": (w ** 2).sum(), "other": w.sum()}, grad_clip=1.0)
+    assert sorted(out) == ["loss", "other"] and not out["loss"].requires_grad
+    assert torch.allclose(w.detach(), torch.tensor([3.0 - 0.06, 4.0 - 0.08]), atol=1e-6)
+    before = w.detach().clone()
+    with pytest.raises(train.NonFiniteLoss, match=r"loss: not finite \(loss nan\)"):
+        train.optimizer_step([w], opt, {"loss": w.sum() * float("nan")})
+    assert torch.equal(w.detach(), before)  # nothing was updated
+
+
+def test_fit_objective_refuses_a_non_finite_loss_through_the_same_step():
+    from regedu import supervised
+    model = nets.create("unet", spatial_dims=2, encoder=(4, 4), decoder=(4, 4))
+    data = {"moving": torch.rand(2, 1, 16, 16), "fixed": torch.rand(2, 1, 16, 16)}
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(train.NonFiniteLoss, match="loss: not finite at step 1"):
+        supervised.fit_objective(model, data, lambda out, b: out.warped.mean() * float("nan"), steps=2)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
