@@ -47,7 +47,7 @@ md(r"""
 | 01 | warping and the STN | build $\varphi(x) = x + u(x)$, a grid generator and a bilinear sampler by hand | no |
 | 02 | similarity and regularity | MSE vs NCC vs MI, the diffusion regulariser, Dice on labels, Jacobian and folding | no |
 | 03 | classical registration | affine by optimisation, dense instance optimisation, ANTs SyN | no |
-| 04 | FIRE fundus, unsupervised | a U-Net + STN trained without labels on fundus pairs, FIRE evaluation | no (minutes on CPU) |
+| 04 | FIRE fundus, unsupervised | a U-Net + STN trained without labels on fundus pairs, FIRE evaluation | no |
 | 05 | supervised vs unsupervised, diffeomorphic | RegNet-style training on synthetic fields, velocity fields | no |
 | 06 | VoxelMorph in 3D | atlas-based brain registration, Dice over structures | helps |
 | 07 | cascades and pyramids | affine + deformable, recursive cascades, a pyramid network | helps |
@@ -71,8 +71,8 @@ One switch sizes everything the course runs:
 
 | profile | for | fundus | brain volume |
 | --- | --- | --- | --- |
-| `ci` | automated checks: seconds per notebook, still learns measurably | 128 px | 40x48x56 |
-| `cpu` | a laptop or Binder: minutes per notebook, real results | 256 px | 80x96x112 |
+| `ci` | automated checks: the smallest runs that still learn measurably (README lists each notebook's time) | 128 px | 40x48x56 |
+| `cpu` | a laptop or Binder: larger runs, real results (README lists each notebook's time) | 256 px | 80x96x112 |
 | `gpu` | paper scale | 512 px | 160x192x224 |
 
 The default is `gpu` when CUDA is available, else `cpu`. Set the environment

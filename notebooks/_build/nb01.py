@@ -299,7 +299,7 @@ translation_found = t_hat.detach()
 print(f"true t = {t_true.tolist()}, learned t = {[round(v, 3) for v in translation_found.tolist()]}")
 path = torch.stack(path)
 plt.plot(path[:, 0], label="t (rows)"); plt.plot(path[:, 1], label="t (columns)")
-plt.axhline(3.0, ls=":", c="C0"); plt.axhline(-4.5, ls=":", c="C1")
+plt.axhline(float(t_true[0]), ls=":", c="C0"); plt.axhline(float(t_true[1]), ls=":", c="C1")
 plt.xlabel("gradient step"); plt.ylabel("pixels"); plt.legend(); plt.title("learning a translation through the sampler"); plt.show()
 """),
 md(r"""

@@ -266,8 +266,8 @@ md(r"""
 Grey-level "Dice" does react to the registration (the last line printed says by
 how much), but not to its quality: whether two pixels hold exactly the same grey
 level is decided by the noise, so even the perfect registration scores far below 1,
-and a field that chases the noise can score more than the truth (compare the two in
-the last line). A value tells you nothing about how good a registration is, and a
+and a registered field can score more than the truth (the last line says whether
+it does here). A value tells you nothing about how good a registration is, and a
 low one is no sign of failure. Keep this in mind for notebook 04, where a
 survey reports a Dice of about 0.001 on fundus photographs.
 

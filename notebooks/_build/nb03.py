@@ -49,8 +49,8 @@ with $c$ the image centre (rotating about the centre keeps the parameters
 independent). `regedu.spatial.affine_to_displacement` turns $[A \mid t]$ into the
 displacement $u(x) = \varphi(x) - x$ that `warp` uses.
 
-We build a moving image with a **known** answer: rotate by 6°, scale by 1.05,
-shear a little and shift, so that $M(\varphi^*(x)) = F(x)$.
+We build a moving image with a **known** answer: rotate by 6°, scale by 1.05
+along one axis and 0.97 along the other, shear a little and shift, so that $M(\varphi^*(x)) = F(x)$.
 """),
 code(r"""
 theta = np.deg2rad(6.0)
@@ -241,8 +241,9 @@ size) only widens the reach by that factor. When the vessels of the two
 images do not overlap at the start, the gradient has nothing to follow.
 
 A **global search** does not follow gradients: `regedu.classic.similarity_search`
-tries every rotation (every 2 degrees) and scale (4 % steps) and, for each of
-them, every translation at once: the normalised cross-correlation of the two
+tries a grid of rotations and scales (its defaults: -16° to 16° in 2° steps,
+scales 0.92 to 1.08 in 4 % steps) and, for each of them, every translation at
+once: the normalised cross-correlation of the two
 vessel-contrast images for all shifts is a handful of FFTs. Its best candidate
 is the starting point of a local refinement, and the total field is
 `compose(search, refinement)` (notebook 01's composition). Notebook 04 puts a

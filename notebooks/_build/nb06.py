@@ -14,7 +14,7 @@ per voxel, and a spatial transformer warps the moving volume. It is the
 is built to beat.
 
 Here every subject is registered to one **atlas** (the fixed image), as in the
-VV-Net paper: the atlas is the MNI152 template with a 30-structure label map,
+VV-Net paper: the atlas is the MNI152 template with a FreeSurfer label map,
 and the subjects are (a) synthetic subjects, the template under random
 diffeomorphisms and intensity changes, and (b) the anatomy of six Allen brain
 donors (real inter-subject differences), both shipped offline with the course.
@@ -140,7 +140,7 @@ VoxelMorph the project trained with its own command (`checkpoints/brain_unet_4mm
 template; section 3 prints the command) and continue it for a few dozen steps,
 at the paper's learning rate $10^{-4}$, on this notebook's training pairs
 (which add the donors) with this section's objective. They train on the 4 mm
-grid (the checkpoint's; a step costs an eighth of a 2 mm step), and in the
+grid (the checkpoint's; an eighth of a 2 mm grid's voxels), and in the
 `cpu` profile the network is evaluated on the 2 mm test pairs through
 `nets.Rescaled(model, 2)`, which averages both images down by 2 and upsamples
 the field back. The `gpu` profile trains a new network on the full grid for
@@ -189,8 +189,8 @@ single pairs is noisy, and what counts is the held-out evaluation below.
 
 **The network trained longer.** The project's VoxelMorph was trained for 2000
 steps at 4 mm by its own command, `regedu train` (the command is printed below
-and kept next to the file, `checkpoints/brain_unet_4mm.txt`; about 20 minutes
-on two CPU cores), on synthetic subjects only, with NCC + diffusion + a Dice
+and kept next to the file with its measured time, `checkpoints/brain_unet_4mm.txt`),
+on synthetic subjects only, with NCC + diffusion + a Dice
 loss on the warped labels (section 5 explains that term). The "pre-trained"
 row is that checkpoint unchanged; in the `ci` and `cpu` profiles the other
 rows are it, fine-tuned. On a finer grid it runs through `nets.Rescaled`: both images are averaged down
@@ -349,6 +349,10 @@ assert all(f < 1.0 for f in folds.values()), f"folding should stay below 1% of t
 gains = {k: d["VoxelMorph (pre-trained)"] - d["identity"] for k, d in (("synthetic", synthetic_dice), ("donors", donor_dice))}
 assert gains["synthetic"] > gains["donors"], f"Dice should rise more on the synthetic subjects than on the donors: {gains}"
 assert set(names) <= set(datasets.STRUCTURE_NAMES), "every scored structure should be one of the 30 named ones"
+pre_state = checkpoints.load_checkpoint(checkpoint)
+assert pre_state["step"] == 2000 and "dice" in pre_state["train_config"]["losses"], \
+    "the prose describes the pre-trained network as 2000 steps with a Dice loss"
+assert len(datasets.DONORS) == 6, "the prose speaks of six donors"
 assert tuple(out.disp.shape) == (1, 3, *atlas.image.shape[1:]), f"the field should be (1, 3, D, H, W), got {tuple(out.disp.shape)}"
 print("all checks passed")
 print(f"peak memory of this kernel: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

@@ -91,8 +91,8 @@ class Misaligned(torch.utils.data.Dataset):
 
 
 donors = [datasets.donor_brain(d) for d in datasets.DONORS]
-# Fine-tuning runs on the 4 mm grid in every profile but gpu (the grid of the checkpoint; a step costs
-# an eighth of a 2 mm step); the test pairs are on this profile's grid.
+# Fine-tuning runs on the 4 mm grid in every profile but gpu (the grid of the checkpoint, with
+# an eighth of a 2 mm grid's voxels); the test pairs are on this profile's grid.
 train_spacing = profile.train_spacing_mm
 atlas_train = datasets.mni_brain(train_spacing)
 train_pairs = Misaligned(datasets.BrainPairs(profile.n_train_pairs, atlas=atlas_train, seed=0, subjects=[atlas_train] + [
@@ -454,6 +454,8 @@ assert pose_error["optimised affine"] < 0.5 * pose_error["identity"], f"an affin
 assert all(0.8 < d < 1.25 for v in dets.values() for d in v), f"each affine stage should stay a plausible affine map (the applied scalings are within 4 %): det A = {dets}"
 assert sharpness["warped once by the composed field"] > sharpness["warped three times, stage by stage"], f"warping once by the composed field should keep the image sharper than warping three times: {sharpness}"
 assert all(f < 1.0 for f in folds.values()), f"folding should stay below 1% of the voxels: {folds}"
+steps_of = {p.name: checkpoints.load_checkpoint(p)["step"] for p in (checkpoint, pyramid_checkpoint)}
+assert 4 * steps_of[pyramid_checkpoint.name] == steps_of[checkpoint.name], f"the prose says the pyramid had a quarter of the U-Net's steps: {steps_of}"
 print("all checks passed")
 print(f"peak memory of this kernel: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 """),

@@ -14,7 +14,8 @@ prints what it costs: seconds per step and peak GPU memory.
 configuration and say so in a banner: the 4 mm grid, and a handful of steps
 that **fine-tune** the networks the project trained at 4 mm
 (`checkpoints/brain_unet_4mm.pt`, `checkpoints/brain_vvnet_4mm.pt`), since a
-handful of steps from scratch would teach nothing measurable. Everything else (the code, the measurements, the checks) is the same,
+handful of steps from scratch is too few to expect learning (notebook 06
+says why). Everything else (the code, the measurements, the checks) is the same,
 so you can read the notebook here and run it unchanged where there is a GPU:
 `REGEDU_PROFILE=gpu jupyter nbconvert --to notebook --execute 09_full_resolution_gpu.ipynb`.
 
@@ -58,7 +59,8 @@ md(r"""
 
 A 3D registration network holds, for the backward pass, several feature maps of
 the *full* volume: 160x192x224 is 6.9 million voxels, so one 16-channel float32
-map is 440 MB, and a U-Net keeps dozens. The weights (a few MB) hardly count.
+map is 440 MB (160 x 192 x 224 x 16 x 4 bytes), and a U-Net keeps dozens. The
+weights (printed below) hardly count.
 `nets.summary` measures the saved activations on a smaller grid and scales them;
 `amp=True` measures under autocast (16-bit activations).
 """),

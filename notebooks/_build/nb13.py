@@ -441,8 +441,8 @@ md(r"""
 ## 7. Is the difference real? A paired comparison
 
 Two methods scored on the same pairs differ pair by pair, and the pairs
-themselves often differ more than the methods do (compare the two spreads
-printed below). The question is therefore whether the *per-pair differences*
+themselves can differ more than the methods do (the two spreads printed below
+say which is larger here). The question is therefore whether the *per-pair differences*
 sit consistently on one side of zero.
 `regedu.stats.paired_test` gives a bootstrap 95 % confidence interval of the mean
 difference and the Wilcoxon signed-rank test, and writes the verdict from them:
@@ -466,7 +466,9 @@ comparisons = {
 }
 icon_gain = dice_pairs["with ICON"] - dice_pairs["without ICON"]
 print(f"Dice without ICON varies across the {n} test pairs with std {dice_pairs['without ICON'].std():.3f}; "
-      f"the per-pair difference ICON - not has mean {icon_gain.mean():+.3f} and std {icon_gain.std():.3f}")
+      f"the per-pair difference ICON - not has mean {icon_gain.mean():+.3f} and std {icon_gain.std():.3f}: the pairs "
+      + ("differ more than the methods do." if dice_pairs['without ICON'].std() > icon_gain.std()
+         else "differ less than the methods do."))
 for name, result in comparisons.items():
     print(f"{name}: {result.summary()}")
 
@@ -496,8 +498,8 @@ md(r"""
    optimism, and why?
 4. In section 5, move the targets farther from the fiducials' centroid. Which
    error grows, FRE or TRE?
-5. In section 7, how many test pairs would make "ICON vs not (Dice)" clear, if
-   the mean difference stayed the same? (Hint: the interval narrows like $1/\sqrt{n}$.)
+5. In section 7, if "ICON vs not (Dice)" is not clear, how many test pairs
+   would make it clear, if the mean difference stayed the same? (Hint: the interval narrows like $1/\sqrt{n}$.)
 
 ## Checks
 """),

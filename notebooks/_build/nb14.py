@@ -285,7 +285,7 @@ print(f"adversarial similarity vs NCC:      {vs_ncc.summary()}")
 """),
 md(r"""
 The curves of an adversarial run are read differently from a plain one. The
-generator's loss does not fall steadily: it measures how well the network
+generator's loss need not fall steadily: it measures how well the network
 fools a discriminator that keeps improving. The two probabilities tell the
 game's state: the discriminator's mean probability of "aligned" for the true
 pairs and for the network's pairs. When both sit at 0.5 it cannot tell them

@@ -227,7 +227,9 @@ print(f"The agent brings the mean error from {before.mean():.1f} mm to {after.me
 print(paired_test(after, rand, names=("agent", "random moves"), metric="mm", higher_is_better=False).summary())
 print(f"The classical affine reaches {classic.mean():.1f} mm in {classic_time:.2f} s per case, the agent "
       f"{after.mean():.1f} mm in {agent_time:.3f} s: the agent is "
-      f"{'more' if after.mean() < classic.mean() else 'less'} accurate and {classic_time / agent_time:.0f}x faster here.")
+      f"{'more' if after.mean() < classic.mean() else 'less'} accurate and "
+      + (f"{classic_time / agent_time:.0f}x faster here." if agent_time < classic_time else
+         f"{agent_time / classic_time:.1f}x slower here."))
 
 fig, ax = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
 path = torch.stack([agents.rigid_error(agents.compose_rigid(test_q, p), test_shape) for p in trajectory]) * spacing
@@ -398,7 +400,7 @@ def beats(test):   # the rule of PairedTest.summary: the interval excludes 0 and
 better = [name for name in augmentations if beats(paired_test(identity_dice, dice_by[name]))]
 print(f"Trained for {aug_steps} steps, {'no network' if not better else ', '.join(better)} "
       f"{'beats' if len(better) == 1 else 'beat'} the identity (no registration) on the test subjects"
-      + ("" if better else ": the networks are short of steps, and the comparison is of how much each loses"))
+      + ("" if better else ": the networks are short of steps, and the comparison is of how close each comes"))
 """),
 md(r"""
 How to read these numbers: a network trained on 8 pairs only can learn its
@@ -416,7 +418,7 @@ where they say "do not differ clearly", trust them over this paragraph.
    $\gamma = 0.9$: which learns faster in the same number of updates?
 2. Add two scale actions ($\pm 2\%$) to `agents.ACTIONS` and misalign with a scale too.
 3. Fit the PCA model to 32 training fields instead of 8: does model-based
-   augmentation catch up with random fields?
+   augmentation come closer to random fields, or pass them?
 4. Combine both augmentations (half the pool from each).
 
 ## Checks

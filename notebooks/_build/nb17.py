@@ -272,10 +272,10 @@ trained, one pass gives the field, and scaling the denoiser's features gives
 a continuous path of deformations between the two images.
 
 Why it is out of scope on a CPU: it trains two networks per step, and the
-denoiser must learn every noise level, which takes many more steps than the few
-hundred a course notebook can afford (the survey also notes its high
-computational cost, 计算复杂度较高). A scaled-down version here would measure
-only its failure to converge in the budget. What carries over is the idea:
+denoiser must learn every noise level, which would likely take many more steps
+than the few hundred a course notebook can afford (the survey also notes its
+high computational cost, 计算复杂度较高). A scaled-down version here would most
+likely measure its failure to converge in the budget, not the method. What carries over is the idea:
 the deformation network is a small head on features learned for another task,
 the same idea as the joint models of notebook 16.
 
