@@ -223,12 +223,11 @@ earns its keep on elastic motion (category A, exercise 4).
 
 **ANTs SyN** with its default parameters removes far less of the motion than our
 affine on these pairs, while on brain MRI it is the reference. On the photographs
-the illumination and the black surround of the field of view dominate its default
-similarity (mutual information on sampled points), so its affine stage barely
-moves. Classical tools need tuning per application (masks, metric, sampling,
+the illumination and the black surround of the field of view weigh heavily in its
+default similarity (mutual information on sampled points). Classical tools need tuning per application (masks, metric, sampling,
 iterations), and that tuning is part of the per-pair cost too (exercise 5).
 
-Every one of these methods spends seconds of optimisation *per pair* (the last
+Every one of these methods runs an optimisation *per pair* (its time is the last
 line printed above). A network (notebook 04) pays that cost once, during training,
 and then registers a pair in one forward pass; notebook 04 times it.
 

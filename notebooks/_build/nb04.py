@@ -237,8 +237,7 @@ The test pairs hold the photographs; the U-Net method computes their vessel
 contrast first (with the aperture as mask: the photographs are black outside
 it), so preparation is part of the method. The baselines: identity (no
 registration) and an affine registration (ANTs, `regedu.classic.ants_affine`)
-on the photographs (its Mattes mutual information copes with illumination; on
-vessel contrast it diverges).
+on the photographs (its Mattes mutual information copes with illumination).
 
 **Category P needs a global search.** Section 2's curves are downhill only
 from part of the way to the truth. Category P moves by a large part of the

@@ -133,8 +133,8 @@ gamma change) plus the diffusion regulariser (notebook 02).
 
 **Budget.** On two CPU cores a VoxelMorph step takes of the order of a second (printed below) even at
 4 mm, and a network needs hundreds to thousands of steps before its Dice
-clearly leaves the identity's: a few dozen steps from scratch teach nothing
-measurable. So the `ci` and `cpu` profiles **fine-tune**: they start from the
+clearly leaves the identity's, so a few dozen steps from scratch are too few to
+expect a measurable change. So the `ci` and `cpu` profiles **fine-tune**: they start from the
 VoxelMorph the project trained with its own command (`checkpoints/brain_unet_4mm.pt`,
 2000 steps of NCC + diffusion + a Dice loss on synthetic subjects of the
 template; section 3 prints the command) and continue it for a few dozen steps,
@@ -224,8 +224,8 @@ fig = viz.plot_dice(dice, labels=labels)
 fig
 """),
 md(r"""
-**What did the short run do?** A few dozen steps from scratch would leave a
-network at the identity's Dice; the 2000 steps of the pre-trained row are what
+**What did the short run do?** A few dozen steps from scratch are too few to
+expect a network to leave the identity's Dice; the 2000 steps of the pre-trained row are what
 moves it. In the `ci` and `cpu` profiles the "VoxelMorph" row is that network
 after a few dozen more steps on this notebook's pairs: the checks at the end
 hold it to beating the identity by a stated margin, and print whether the extra
@@ -299,8 +299,8 @@ which intensities match; in VoxelMorph's paper (TMI 2019) training with it
 raised the Dice of held-out subjects. The cost: labels for
 the training subjects (expensive in practice), and a network that may learn to
 move label boundaries at the expense of smoothness, so watch the folding column.
-In a few dozen fine-tuning steps the difference is small and can go either
-way (both means are printed at the end); the `gpu` profile, which trains both
+In a few dozen fine-tuning steps the difference can go either way (both
+means are printed at the end); the `gpu` profile, which trains both
 from scratch for the profile's steps, gives a fair comparison.
 
 ## Exercises

@@ -454,6 +454,7 @@ assert pose_error["optimised affine"] < 0.5 * pose_error["identity"], f"an affin
 assert all(0.8 < d < 1.25 for v in dets.values() for d in v), f"each affine stage should stay a plausible affine map (the applied scalings are within 4 %): det A = {dets}"
 assert sharpness["warped once by the composed field"] > sharpness["warped three times, stage by stage"], f"warping once by the composed field should keep the image sharper than warping three times: {sharpness}"
 assert all(f < 1.0 for f in folds.values()), f"folding should stay below 1% of the voxels: {folds}"
+assert gap < 1e-3, f"before fine-tuning the pipeline should be the pre-trained U-Net (fields differ by {gap:.1e} voxels)"
 steps_of = {p.name: checkpoints.load_checkpoint(p)["step"] for p in (checkpoint, pyramid_checkpoint)}
 assert 4 * steps_of[pyramid_checkpoint.name] == steps_of[checkpoint.name], f"the prose says the pyramid had a quarter of the U-Net's steps: {steps_of}"
 print("all checks passed")

@@ -229,7 +229,7 @@ What to look for:
   and their differences, printed below, are small (checked: under 0.02 Dice);
   the `gpu` profile trains both from scratch, long enough to compare them;
 * the pre-trained VV-Net (trained with deep supervision) shows the end state:
-  Dice well above identity, and its $\varphi_1$ alone already a registration
+  Dice above identity by more than 0.02, and its $\varphi_1$ alone already a registration
   (both checked, and printed below).
 """),
 code(r"""
@@ -286,7 +286,7 @@ if fine_tune:   # the short runs from one deep-supervised start: the claims of "
     assert abs(ds_gap) < 0.02 and abs(phi1_gap) < 0.02, f"a few steps from the same start should change little: final {ds_gap:+.3f}, phi1 {phi1_gap:+.3f} Dice"
 assert vnet3_share > 0.5, f"V-Net 3 should hold most of the parameters, holds {vnet3_share:.0%}"
 assert vnet3_activations < 0.1, f"V-Net 3 should add little activation memory (coarse voxels): {vnet3_activations:.1%} of it"
-assert report.activation_bytes > state_bytes, f"activations should dominate the training memory: {report.activation_bytes:,} vs {state_bytes:,} bytes"
+assert report.activation_bytes > 10 * state_bytes, f"activations should dominate the training memory: {report.activation_bytes:,} vs {state_bytes:,} bytes"
 print("all checks passed")
 print(f"peak memory of this kernel: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 """),

@@ -153,7 +153,8 @@ updates = 250 if ci else 1000
 start = time.perf_counter()
 agent, history = agents.train_agent(train_images, updates=updates, envs=16, episode_length=20,
                                     max_shift=max_shift, max_angle=max_angle, shift=shift, angle=angle,
-                                    gamma=0.5, pool=int(2 * grid), validation=(val_moving, val_images, val_q),
+                                    gamma=0.5, target_every=100, epsilon=(1.0, 0.1), pool=int(2 * grid),
+                                    validation=(val_moving, val_images, val_q),
                                     validate_every=max(updates // 6, 1), seed=0)
 agent_seconds = time.perf_counter() - start
 print(f"trained in {agent_seconds:.1f} s ({updates} updates, {len(history.episode_error)} episodes)")
