@@ -136,13 +136,14 @@ teacher_seconds = float(np.mean([classical_targets(test_data["moving"][i:i + 1],
                                                    **classical)[1] for i in range(4)]))
 print(f"targets of {n_train + n_val} pairs in {target_seconds:.1f} s")
 
-maps = similarity_maps(test_data["moving"][:1], test_data["fixed"][:1])
-fig, axes = plt.subplots(1, 5, figsize=(16, 3))
+sigmas = (1.0, 2.0, 4.0, 8.0)
+maps = similarity_maps(test_data["moving"][:1], test_data["fixed"][:1], sigmas=sigmas)
+fig, axes = plt.subplots(1, 1 + len(sigmas), figsize=(16, 3))
 im = axes[0].imshow(test_data["moving"][0, 0], cmap="gray"); fig.colorbar(im, ax=axes[0], label="intensity")
 axes[0].set_title("moving (a subject)")
-for ax, sigma, m in zip(axes[1:], (1, 2, 4, 8), maps[0]):
+for ax, sigma, m in zip(axes[1:], sigmas, maps[0]):
     im = ax.imshow(m, cmap="magma"); fig.colorbar(im, ax=ax, label="local squared difference")
-    ax.set_title(f"similarity map, sigma = {sigma} px")
+    ax.set_title(f"similarity map, sigma = {sigma:g} px")
 for ax in axes:
     ax.set_xlabel("inferior-superior (pixels)"); ax.set_ylabel("left-right (pixels)")
 plt.tight_layout(); plt.show()
