@@ -215,9 +215,9 @@ global motion of the camera (a rotation, a small scale change and a shift), so
 **our affine** on vessel contrast removes nearly all of it (under a fifth of the
 identity's TRE). **Dense** optimisation from the identity lowers the TRE but
 stops short of the affine's answer: its similarity only sees motions of a few
-pixels at each level, and how far short it stops depends on the image size (at
-256 pixels, the `cpu` profile, the same motions are twice as many pixels as at
-128). After the affine there is nothing elastic left to correct, and the free
+pixels at each level, so how far short it stops should depend on the image size
+(at 256 pixels, the `cpu` profile, the same motions are twice as many pixels as
+at 128; run both profiles to see). After the affine there is nothing elastic left to correct, and the free
 field moves the result by less than a pixel either way: the deformable stage
 earns its keep on elastic motion (category A, exercise 4).
 

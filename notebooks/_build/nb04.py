@@ -152,9 +152,9 @@ an untrained model is close to the identity.
 
 Fundus motions are large and smooth (the next cell prints how far the training
 pairs move). `nets.Rescaled(model, factor)` runs the U-Net on both images averaged
-down to 64x64, where those motions are `factor` times fewer pixels and the
-loss is downhill over more of the way (section 2), and upsamples its field to
-the full image: capture range for free, at 1/`factor`² of the pixels.
+down to 64x64, where those motions are `factor` times fewer pixels (section 2
+measured how far the loss is downhill on that grid), and upsamples its field
+to the full image: capture range at 1/`factor`² of the pixels.
 
 The loss, for a batch of pairs (on vessel contrast):
 

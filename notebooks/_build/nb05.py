@@ -60,8 +60,9 @@ the unsupervised one ignores it. Test pairs come from the real retina.
 
 As in notebook 04, the networks see **vessel contrast** (the illumination,
 which belongs to the camera, removed) and work on a coarse grid (here 32x32,
-through `nets.Rescaled`), where the motions are a few pixels: that is what lets
-them learn in a short run of cheap steps.
+through `nets.Rescaled`), where the same motions span a fraction of the pixels
+(the grid's factor fewer): that is what lets them learn in a short run of cheap
+steps.
 """),
 code(r"""
 # A generator makes pairs for free: 256 different ones (a supervised network given a handful learns those

@@ -258,7 +258,7 @@ composed, $u \leftarrow \mathrm{compose}(u, u_j)$, and the original image is
 warped by it once. Why compose instead of warping the warped image again? Each
 warp interpolates, and $k$ interpolations blur the image $k$ times (measured
 below: the image loses sharpness); fields are smooth, so interpolating *them*
-costs almost nothing.
+loses far less.
 
 With **shared weights** (`shared=True`) the cascade is one network applied
 recursively. RCN trains it with a fixed number of recursions and applies more at
@@ -396,8 +396,9 @@ so it says what this run measured):
 * whether more cascade stages help, whether the returns diminish, and what the
   extra test-time recursions add: each stage corrects the residual of the
   previous one. The price is time: $k$ stages cost $k$ forward passes;
-* the pyramid network reaches large displacements through its coarse levels
-  at the cost of one network; its checkpoint had a quarter of the U-Net's
+* the pyramid network is meant to reach large displacements through its
+  coarse levels (the |u| of each level is printed above) at the cost of one
+  network; its checkpoint had a quarter of the U-Net's
   training steps (compare the two commands printed above), so its row is not a
   fair ranking against the U-Net variants.
 
