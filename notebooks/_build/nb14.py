@@ -479,7 +479,8 @@ assert dice_ncc.mean() > dice_identity.mean() + 0.02, \
 assert dice_true.mean() > dice_ncc.mean() + 0.1, "the true field should remain well above any network here"
 # 2b. the adversarial similarity moves the test Dice above no registration (its paired test, printed
 # in section 2, says whether clearly: with 2 threads instead of 1 the ci run's interval held 0)
-assert gain_identity > 0, f"the adversarially trained network should raise test Dice over identity: {vs_identity.summary()}"
+# A margin an untrained network (flow head near zero: |gain| < 0.001) cannot reach by chance.
+assert gain_identity > 0.003, f"the adversarially trained network should raise test Dice over identity by > 0.003: {vs_identity.summary()}"
 # 3. the diffusion regulariser, the hand-crafted baseline of section 3, lowers folding
 assert fold[diff].mean() <= fold[unreg].mean() and sdlogj[diff].mean() < 0.8 * sdlogj[unreg].mean(), \
     f"diffusion should make smoother fields than no regulariser: {table_b.round(3).to_dict()}"
