@@ -479,7 +479,7 @@ assert dice_ncc.mean() > dice_identity.mean() + 0.02, \
 assert dice_true.mean() > dice_ncc.mean() + 0.1, "the true field should remain well above any network here"
 # 2b. the adversarial similarity moves the test Dice above no registration (its paired test, printed
 # in section 2, says whether clearly: with 2 threads instead of 1 the ci run's interval held 0)
-# A margin an untrained network (flow head near zero: |gain| < 0.001) cannot reach by chance.
+# A margin an untrained network (its flow head starts near zero: it stays at the identity) cannot reach by chance.
 assert gain_identity > 0.003, f"the adversarially trained network should raise test Dice over identity by > 0.003: {vs_identity.summary()}"
 # 3. the diffusion regulariser, the hand-crafted baseline of section 3, lowers folding
 assert fold[diff].mean() <= fold[unreg].mean() and sdlogj[diff].mean() < 0.8 * sdlogj[unreg].mean(), \
