@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from regedu import classic  # noqa: E402
-from regedu.datasets import (DONORS, FREESURFER_30, anatomy, anatomy_split, donor_brain, mni_brain,  # noqa: E402
+from regedu.datasets import (DONORS, anatomy, anatomy_split, donor_brain, mni_brain,  # noqa: E402
                              preprocess, realistic_subject, vxm_subject)
 from regedu.datasets.brain import _donor_image  # noqa: E402
 from regedu.metrics import dice, folding_stats  # noqa: E402
@@ -79,7 +79,7 @@ def evaluate_pair(moving, moving_seg, atlas, labels, spacing, syn_settings) -> d
 def donors(spacing):
     """ANTs affine on the (already aligned) donors: against the template, and a donor-like template."""
     atlas = mni_brain(spacing)
-    labels = [k for k in FREESURFER_30 if (atlas.seg == k).any()]
+    labels = list(atlas.structures())
     p = atlas.parcels.copy()
     p[np.isin(p, (103, 105))] = 101
     p[p == 104] = 102
@@ -121,7 +121,7 @@ def main(argv=None):
         ap.error("--select chooses settings: use training anatomy only (--anatomy train)")
     syn = CANDIDATES if args.select else {"syn": classic.SYN_SETTINGS[args.spacing]}
     atlas = mni_brain(args.spacing)
-    labels = [k for k in FREESURFER_30 if (atlas.seg == k).any()]
+    labels = list(atlas.structures())
     print(f"# {args.spacing} mm, {len(labels)} structures, anatomy {names}, seeds {args.seeds}, SyN {syn}",
           flush=True)
     rows = []

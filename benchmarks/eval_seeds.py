@@ -38,22 +38,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from regedu._files import write_atomic  # noqa: E402
-from regedu.checkpoints import load_checkpoint, load_model  # noqa: E402
+from regedu.checkpoints import load_checkpoint, load_model, training_recipe  # noqa: E402
 from regedu.classic import SYN_SETTINGS, ants_syn  # noqa: E402
-from regedu.datasets import (FREESURFER_30, STRUCTURE_NAMES, RealisticPairs, mni_brain, preprocess,  # noqa: E402
-                             vxm_subject)
+from regedu.datasets import RealisticPairs, atlas_pair, mni_brain, vxm_subject  # noqa: E402
 from regedu.evaluate import evaluate, identity  # noqa: E402
 
 SPLITS = {"held-out": ("held_out", 50_000), "in-distribution": ("train", 60_000)}
-
-
-def recipe(state) -> dict:
-    """What a checkpoint was trained with, read from the file."""
-    tc = state["train_config"]
-    return dict(model=state["config"]["name"], seed=tc["seed"], steps=state["step"], batch=tc["batch_size"],
-                lr=tc["lr"], losses=dict(tc["losses"]), pairs=state["metadata"]["cli"]["pairs"],
-                data=state["metadata"]["cli"]["data"], shape=list(tc["shape"]),
-                parameters=sum(v.numel() for v in state["model"].values()))
 
 
 def test_sets(n_held: int, n_in: int, spacing: float, atlas) -> dict:
@@ -65,10 +55,7 @@ def test_sets(n_held: int, n_in: int, spacing: float, atlas) -> dict:
             sets[name] = [data[i] for i in range(n)]
     scan = vxm_subject(int(spacing))
     if scan is not None:
-        pre = preprocess(scan.image, atlas.image, moving_seg=scan.seg[None], spacing_mm=spacing)
-        sets["real scan"] = [dict(fixed=torch.from_numpy(atlas.image).float(),
-                                  fixed_seg=torch.from_numpy(atlas.seg)[None].long(),
-                                  moving=pre.image, moving_seg=pre.seg, meta=dict(id="vxm test scan"))]
+        sets["real scan"] = [atlas_pair(scan, atlas, meta=dict(id="vxm test scan"))]
     return sets
 
 
@@ -105,11 +92,11 @@ def main(argv=None):
             state = load_checkpoint(p)
             key = f"{name} s{state['train_config']['seed']}"
             groups[name].append(key)
-            checkpoints[key] = dict(path=p.name, recipe=recipe(state), model=load_model(state).eval())
+            checkpoints[key] = dict(path=p.name, recipe=training_recipe(state), model=load_model(state).eval())
 
     start = time.perf_counter()
     atlas = mni_brain(int(args.spacing))
-    structures = {k: STRUCTURE_NAMES[k] for k in FREESURFER_30 if (atlas.seg == k).any()}
+    structures = atlas.structures()
     sets = test_sets(args.held_out, args.in_distribution, args.spacing, atlas)
     print({s: len(p) for s, p in sets.items()}, f"pairs ready in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -126,8 +113,7 @@ def main(argv=None):
                    groups=groups, checkpoints={k: dict(path=c["path"], recipe=c["recipe"]) for k, c in checkpoints.items()},
                    scores={})
     for m, f in methods.items():
-        with torch.no_grad():
-            results["scores"][m] = {s: scores(f, pairs, structures, m) for s, pairs in sets.items()}
+        results["scores"][m] = {s: scores(f, pairs, structures, m) for s, pairs in sets.items()}
         print(m, {s: round(float(np.mean(v["dice"])), 4) for s, v in results["scores"][m].items()}, flush=True)
     write_atomic(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")

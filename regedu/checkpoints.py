@@ -34,7 +34,7 @@ from .nets._base import jsonable
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "checkpoint_note", "trained_spacing",
            "choose_factor", "check_complete", "check_resumable", "describe_checkpoint", "rng_state",
-           "set_rng_state"]
+           "set_rng_state", "training_recipe"]
 
 
 def save_checkpoint(path, state: dict) -> Path:
@@ -77,6 +77,30 @@ def describe_checkpoint(path) -> str:
         return "a file that is not a regedu checkpoint"
     name = (state.get("config") or {}).get("name", "model")
     return f"a {name} checkpoint at step {state.get('step', '?')}"
+
+
+def training_recipe(state: Mapping) -> dict:
+    """What a run was trained with, read from its checkpoint (never retyped).
+
+    Returns ``model`` (registry name), ``seed``, ``steps`` (the step it was
+    saved at), ``batch``, ``lr``, ``losses`` (term -> weight), ``data`` and
+    ``pairs`` (the ``regedu train`` command's, None for a run started from
+    Python), ``shape`` and ``spacing`` (the grid trained on), ``parameters``
+    and ``validation_dice`` (every validation's mean Dice, oldest first).
+    Two runs had equal budgets when every key but ``model``, ``seed``,
+    ``parameters`` and ``validation_dice`` agrees.
+    """
+    if "train_config" not in state or "config" not in state:
+        raise ValueError("state: expected a checkpoint written by regedu.train.fit (with 'config' and "
+                         f"'train_config'), got keys {sorted(state)}")
+    tc, cli = state["train_config"], (state.get("metadata") or {}).get("cli") or {}
+    return dict(model=state["config"]["name"], seed=tc.get("seed"), steps=int(state["step"]),
+                batch=tc.get("batch_size"), lr=tc.get("lr"), losses=dict(tc.get("losses") or {}),
+                data=cli.get("data"), pairs=cli.get("pairs"),
+                shape=list(tc["shape"]) if tc.get("shape") is not None else None,
+                spacing=list(tc["spacing"]) if tc.get("spacing") is not None else None,
+                parameters=sum(v.numel() for v in state["model"].values()),
+                validation_dice=[float(d) for d in ((state.get("history") or {}).get("val") or {}).get("dice", [])])
 
 
 def check_weights(state_dict: Mapping, where: str) -> None:

@@ -1,11 +1,13 @@
 """Realistic subjects, the split of anatomy, the held-out scan and the paper's preprocessing."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import SHARED_DATA
-from regedu.datasets import (ANATOMIES, DONORS, FREESURFER_30, HELD_OUT_ANATOMY, TRAIN_ANATOMY, DataUnavailableError,
-                             RealisticPairs,
+from regedu.datasets import (ANATOMIES, DONORS, FREESURFER_30, HELD_OUT_ANATOMY, STRUCTURE_NAMES, TRAIN_ANATOMY,
+                             DataUnavailableError, RealisticPairs, atlas_pair,
                              anatomy_split, complete_donor, mni_brain, normalise_intensity, preprocess,
                              random_pose, realistic_subject, vxm_subject)
 from regedu.metrics import dice
@@ -197,6 +199,36 @@ def test_vxm_subject_is_on_the_template_grid(shared_data, tmp_path, atlas):
     # Same orientation as the template: the structures overlap before any registration.
     labels = _labels(atlas)
     assert set(labels) <= set(np.unique(v.seg)) and dice(atlas.seg, v.seg, labels).mean > 0.35
+
+
+def test_structures_are_the_thirty_that_a_brain_labels(atlas):
+    names = atlas.structures()
+    assert list(names) == [k for k in FREESURFER_30 if k in names] and names[17] == STRUCTURE_NAMES[17]
+    assert len(names) == 26  # the template lacks the ventral DC and the choroid plexus (docs/conventions.md)
+    seg = atlas.seg.copy()
+    seg[seg == 17] = 0
+    assert list(dataclasses.replace(atlas, seg=seg).structures()) == [k for k in names if k != 17]
+
+
+def test_atlas_pair_prepares_a_scan_as_the_paper_does(shared_data, tmp_path, atlas):
+    v = vxm_subject(4, cache_dir=tmp_path / "cache", mirror=shared_data)
+    labels = list(atlas.structures())
+    scanned = atlas_pair(v, atlas, prealign=None, meta=dict(id="scan"))
+    aligned = atlas_pair(v, atlas, meta=dict(id="scan"))
+    for pair in (scanned, aligned):
+        assert pair["moving"].shape == pair["fixed"].shape == (1, 40, 48, 56)
+        assert pair["moving_seg"].dtype == pair["fixed_seg"].dtype == torch.int64
+        assert pair["meta"]["id"] == "scan"
+    assert scanned["meta"] == dict(id="scan", prealign=None, seconds=0.0) and aligned["meta"]["seconds"] > 0
+    torch.testing.assert_close(scanned["moving"], normalise_intensity(v.image))
+    before = dice(atlas.seg, scanned["moving_seg"][0].numpy(), labels).mean
+    after = dice(atlas.seg, aligned["moving_seg"][0].numpy(), labels).mean
+    assert after > before + 0.05, (before, after)
+    # The atlas against itself is a perfect pair.
+    self_pair = atlas_pair(atlas, atlas, prealign=None)
+    assert torch.equal(self_pair["moving_seg"], self_pair["fixed_seg"])
+    with pytest.raises(ValueError, match="subject: expected the atlas's voxel size, 4 mm, got 2 mm"):
+        atlas_pair(mni_brain(2, cache_dir=tmp_path / "cache"), atlas)
 
 
 def test_vxm_subject_without_the_scan_says_so(tmp_path, monkeypatch):

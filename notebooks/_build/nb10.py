@@ -37,10 +37,10 @@ import torch
 import matplotlib.pyplot as plt
 
 from regedu import viz
-from regedu.checkpoints import load_checkpoint, load_model, trained_spacing
+from regedu.checkpoints import load_checkpoint, load_model, trained_spacing, training_recipe
 from regedu.classic import SYN_SETTINGS, ants_missing, ants_syn
-from regedu.datasets import (FREESURFER_30, HELD_OUT_ANATOMY, STRUCTURE_NAMES, TRAIN_ANATOMY, RealisticPairs,
-                             mni_brain, normalise_intensity, preprocess, vxm_subject)
+from regedu.datasets import (HELD_OUT_ANATOMY, TRAIN_ANATOMY, RealisticPairs, atlas_pair, mni_brain,
+                             vxm_subject)
 from regedu.evaluate import compare, evaluate, identity
 from regedu.losses import mse
 from regedu.spatial import warp
@@ -87,11 +87,11 @@ Dice is computed over the structures of the papers' list of 30
 map has, background excluded.
 """),
 code(r"""
-structures = {k: STRUCTURE_NAMES[k] for k in FREESURFER_30 if (atlas.seg == k).any()}
+structures = atlas.structures()
 print(f"{len(structures)} structures:", ", ".join(structures.values()))
 
 # SyN costs about 13 s a pair here, and each donor's first use about 25 s (its completion, then cached).
-sizes = {"ci": {"in-distribution": 1, "held-out": 2}, "cpu": {"in-distribution": 3, "held-out": 6}}.get(
+sizes = {"ci": {"in-distribution": 1, "held-out": 1}, "cpu": {"in-distribution": 3, "held-out": 6}}.get(
     profile.name, {"in-distribution": 10, "held-out": 10})
 split = {"in-distribution": ("train", 20_000), "held-out": ("held_out", 30_000)}
 
@@ -117,12 +117,9 @@ if scan is None:
 elif ants_missing():
     print("the real scan needs the ANTs pre-alignment: skipped")
 else:
-    pre = preprocess(scan.image, atlas.image, moving_seg=scan.seg[None], spacing_mm=spacing)
-    fixed = dict(fixed=torch.from_numpy(atlas.image).float(), fixed_seg=torch.from_numpy(atlas.seg)[None].long())
-    meta = dict(id="vxm test scan", dataset="real scan", seconds=pre.seconds)
-    aligned["real scan"] = [dict(fixed, moving=pre.image, moving_seg=pre.seg, meta=meta)]
-    unaligned["real scan"] = [dict(fixed, moving=normalise_intensity(torch.from_numpy(scan.image)),
-                                   moving_seg=torch.from_numpy(scan.seg)[None].long(), meta=meta)]
+    meta = dict(id="vxm test scan", dataset="real scan")
+    aligned["real scan"] = [atlas_pair(scan, atlas, meta=meta)]
+    unaligned["real scan"] = [atlas_pair(scan, atlas, prealign=None, meta=meta)]
 sets = list(aligned)
 print({name: len(pairs) for name, pairs in aligned.items()}, f"pairs ready in {time.perf_counter() - start:.0f} s")
 """),
@@ -145,13 +142,12 @@ themselves, not typed.
 """),
 code(r"""
 def describe(path, state):
-    tc = state["train_config"]
-    return dict(file=path.name, model=state["config"]["name"], seed=tc["seed"], steps=state["step"],
-                batch=tc["batch_size"], lr=tc["lr"], losses=", ".join(f"{k}={v:g}" for k, v in tc["losses"].items()),
-                data=state["metadata"]["cli"]["data"], pairs=state["metadata"]["cli"]["pairs"],
-                grid=" x ".join(map(str, tc["shape"])) + f" at {tc['spacing'][0]:g} mm",
-                parameters=sum(v.numel() for v in state["model"].values()),
-                **{"validation Dice": " -> ".join(f"{d:.3f}" for d in state["history"]["val"]["dice"])})
+    # The recipe as the checkpoint records it, formatted for a table.
+    r = training_recipe(state)
+    return dict(file=path.name, model=r["model"], seed=r["seed"], steps=r["steps"], batch=r["batch"], lr=r["lr"],
+                losses=", ".join(f"{k}={v:g}" for k, v in r["losses"].items()), data=r["data"], pairs=r["pairs"],
+                grid=" x ".join(map(str, r["shape"])) + f" at {r['spacing'][0]:g} mm", parameters=r["parameters"],
+                **{"validation Dice": " -> ".join(f"{d:.3f}" for d in r["validation_dice"])})
 
 
 runs = {f"{label} s{seed}": checkpoint_dir / f"brain_{net}_4mm_mse_s{seed}.pt"

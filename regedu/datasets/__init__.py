@@ -41,7 +41,7 @@ from .fundus import (CATEGORIES, FIRE_SIZE, FundusPair, fire_lines, make_fire_pa
                      retina_green, synthetic_fundus, vessel_contrast)
 from .files import read_image, write_displacement, write_image
 from .freesurfer import FREESURFER_30, FREESURFER_NAMES, STRUCTURE_NAMES
-from .prealign import Preprocessed, normalise_intensity, preprocess
+from .prealign import Preprocessed, atlas_pair, normalise_intensity, preprocess
 from .subjects import (ANATOMIES, HELD_OUT_ANATOMY, TRAIN_ANATOMY, RealisticPairs, anatomy, anatomy_split,
                        complete_donor, random_pose, realistic_subject, vxm_subject)
 from .readers import (FIRE, Learn2RegOASIS, NeuriteOASIS, load_vxm_labels,
@@ -62,7 +62,7 @@ __all__ = [
     "read_label_table",
     "read_image", "write_image", "write_displacement",
     "BrainPairs", "FIREPairs", "FundusPairs", "OfflinePairs", "PairFolder", "SubjectPairs", "brain_slice",
-    "Preprocessed", "normalise_intensity", "preprocess",
+    "Preprocessed", "atlas_pair", "normalise_intensity", "preprocess",
     "ANATOMIES", "HELD_OUT_ANATOMY", "TRAIN_ANATOMY", "anatomy", "anatomy_split", "complete_donor",
     "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs",
     "REGNET_SCALES", "SyntheticPairs", "point_field", "regnet_field",

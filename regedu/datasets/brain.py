@@ -46,7 +46,7 @@ from ..metrics import dice
 from .._files import write_atomic
 from ..spatial import integrate_velocity, resize_field, warp
 from .fetch import data_dir
-from .freesurfer import FREESURFER_30, FREESURFER_NAMES
+from .freesurfer import FREESURFER_30, FREESURFER_NAMES, STRUCTURE_NAMES
 
 __all__ = ["Brain", "MNI_NOTICE", "DONORS", "BRAIN_SHAPES", "label_table", "mni_brain",
            "donor_brain", "synth_subject", "to_freesurfer", "donor_dice"]
@@ -154,6 +154,13 @@ class Brain:
     def as_dict(self) -> dict:
         """``{"image", "seg", "name"}``, the form the pair samplers take."""
         return dict(image=self.image, seg=self.seg, name=self.name)
+
+    def structures(self) -> dict[int, str]:
+        """The evaluation structures (:data:`FREESURFER_30`) this brain labels, ``{number: name}``, in that order.
+
+        Scoring against an atlas uses the atlas's: a structure it lacks has no Dice.
+        """
+        return {k: STRUCTURE_NAMES[k] for k in FREESURFER_30 if (self.seg == k).any()}
 
 
 # ----------------------------------------------------------------------------- construction

@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from .._checks import as_tensor, check_choice, check_finite, check_positive
 
-__all__ = ["preprocess", "normalise_intensity", "Preprocessed"]
+__all__ = ["preprocess", "normalise_intensity", "Preprocessed", "atlas_pair"]
 
 
 def normalise_intensity(image, *, percentile: float = 99.9) -> torch.Tensor:
@@ -179,3 +179,47 @@ def preprocess(moving, fixed, *, moving_seg=None, spacing_mm=1.0, method: str = 
     image = _resample(m, matrix, f.shape, labels=False)
     out_seg = _resample(seg, matrix, f.shape, labels=True) if seg is not None else None
     return Preprocessed(image=image, seg=out_seg, matrix=matrix, scale=scale, method=method, seconds=seconds)
+
+
+def atlas_pair(subject, atlas, *, prealign: str | None = "ants", meta: dict | None = None, seed: int = 0) -> dict:
+    """The pair that registers a subject (moving) to the atlas (fixed), prepared as the paper prepares its data.
+
+    Parameters
+    ----------
+    subject, atlas : Brain
+        Of one voxel size (e.g. :func:`regedu.datasets.vxm_subject` and
+        :func:`regedu.datasets.mni_brain`).
+    prealign : {"ants", "regedu", None}
+        :func:`preprocess` with that method, or None: the subject normalised
+        only (:func:`normalise_intensity`), as scanned, the "before
+        registration" baseline; it must then be on the atlas's grid.
+    meta : dict, optional
+        Kept in the pair's ``meta`` (an ``id``, a ``dataset`` name).
+    seed : int
+        ANTs' sampling seed.
+
+    Returns
+    -------
+    dict: ``moving``, ``fixed`` (1, *atlas) float32; ``moving_seg``,
+    ``fixed_seg`` (1, *atlas) int64; ``meta`` with ``prealign`` and ``seconds``
+    (the pre-alignment's cost, 0 without it), the form of
+    :class:`regedu.datasets.RealisticPairs`' items.
+    """
+    if prealign is not None:
+        check_choice(prealign, ("ants", "regedu"), "prealign")
+    if float(subject.spacing_mm) != float(atlas.spacing_mm):
+        raise ValueError(f"subject: expected the atlas's voxel size, {atlas.spacing_mm:g} mm, got "
+                         f"{subject.spacing_mm:g} mm ({subject.name})")
+    fixed = dict(fixed=torch.as_tensor(atlas.image).float(), fixed_seg=torch.as_tensor(atlas.seg)[None].long())
+    seg = torch.as_tensor(subject.seg)
+    if prealign is None:
+        if tuple(seg.shape) != tuple(atlas.seg.shape):
+            raise ValueError(f"subject: without prealign it must be on the atlas's grid {tuple(atlas.seg.shape)}, "
+                             f"got {tuple(seg.shape)}")
+        moving, moving_seg, seconds = normalise_intensity(subject.image), seg[None].long(), 0.0
+    else:
+        p = preprocess(subject.image, atlas.image, moving_seg=seg, spacing_mm=atlas.spacing_mm, method=prealign,
+                       seed=seed)
+        moving, moving_seg, seconds = p.image, p.seg, p.seconds
+    return dict(fixed, moving=moving, moving_seg=moving_seg,
+                meta=dict(meta or {}, prealign=prealign, seconds=float(seconds)))
