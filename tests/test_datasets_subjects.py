@@ -75,6 +75,11 @@ def test_the_pool_keeps_pre_aligned_pairs_on_disk(cache, atlas):
     labels = _labels(atlas)
     assert dice(atlas.seg, item["moving_seg"][0].numpy(), labels).mean > \
         dice(atlas.seg, raw["moving_seg"][0].numpy(), labels).mean + 0.1
+    # As a list for evaluation: the same items, tagged with their dataset.
+    tagged = again.as_list("train set")
+    assert [p["meta"]["id"] for p in tagged] == ["train set 0 (mni152)", "train set 1 (mni152)"]
+    assert all(p["meta"]["dataset"] == "train set" for p in tagged) and torch.equal(tagged[1]["moving"], item["moving"])
+    assert "dataset" not in again.as_list()[0]["meta"]
 
 
 # ------------------------------------------------------------------ pose

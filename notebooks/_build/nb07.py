@@ -36,10 +36,14 @@ code(PROFILE_CELL),
 md(r"""
 ## 1. Data: subjects slightly out of pose
 
-The atlas and subjects are those of notebook 06. The paper's data were affinely
-pre-aligned with ANTs; to give the affine stage something to do, every subject
-here also gets a small random affine misalignment (a few degrees, a few percent
-of scale, a few voxels of shift), made with `regedu.spatial.affine_to_displacement`.
+The atlas is notebook 06's. The subjects are the simpler kind the project's
+first checkpoints were trained on (`datasets.BrainPairs`): the template under
+random smooth deformations with intensity changes, and the six donors'
+anatomy, already aligned to the template. The paper's data were affinely
+pre-aligned with ANTs (notebook 06 does that to subjects that arrive out of
+pose); here the pose is left to the network, so every subject gets a small
+random affine misalignment (a few degrees, a few percent of scale, a few
+voxels of shift), made with `regedu.spatial.affine_to_displacement`.
 """),
 code(r"""
 import math
@@ -114,8 +118,8 @@ print(f"misalignment of the test pairs: rotations up to {max(angles):.1f} degree
 md(r"""
 **Budget.** Training five 3D networks from scratch is far beyond a CPU
 notebook. So every variant that contains a VoxelMorph U-Net **starts from the
-pre-trained one of notebook 06** (`checkpoints/brain_unet_4mm.pt`, made by
-`regedu train`; the command is printed below) and is fine-tuned for a few
+VoxelMorph the project trained on these subjects** (`checkpoints/brain_unet_4mm.pt`,
+made by `regedu train`; the command is printed below) and is fine-tuned for a few
 steps (the number is printed with each run) at $10^{-4}$ on this notebook's
 misaligned pairs. The pyramid
 network has different layers: it starts from its own checkpoint, made by the

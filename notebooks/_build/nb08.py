@@ -97,8 +97,9 @@ the measured peak.
 
 ## 3. Training VV-Net
 
-The atlas and subjects are those of notebook 06 (synthetic subjects and donor
-anatomy). The paper trains with MSE because its intensities are normalised the
+The atlas and subjects are those of notebook 07 before its misalignment
+(`datasets.BrainPairs`: synthetic subjects of the template and the donors'
+anatomy, the data the pre-trained VV-Net below was trained on). The paper trains with MSE because its intensities are normalised the
 same way for every scan; our subjects have a bias field and a gamma change, so
 we use local NCC, as VoxelMorph, plus the diffusion regulariser.
 
@@ -111,7 +112,7 @@ project made with its own command `regedu train` at 4 mm (printed below; NCC +
 diffusion + Dice, deep supervision on, 500 steps) and continue it for a few
 steps at the paper's learning rate $10^{-4}$, twice (with and without deep
 supervision), on the 4 mm grid; in the `cpu` profile the networks then run on
-the 2 mm test pairs through `nets.Rescaled(model, 2)`, as in notebook 06. The
+the 2 mm test pairs through `nets.Rescaled(model, 2)`, as in notebook 07. The
 `gpu` profile trains two new VV-Nets on the full grid for the profile's steps.
 """),
 code(r"""
@@ -120,7 +121,7 @@ table = datasets.label_table()
 labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
 names = {k: datasets.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
 donors = [datasets.donor_brain(d) for d in datasets.DONORS]
-# The short runs of the ci and cpu profiles train on the 4 mm grid (as in notebook 06).
+# The short runs of the ci and cpu profiles train on the 4 mm grid (as in notebook 07).
 train_spacing = profile.train_spacing_mm
 atlas_train = datasets.mni_brain(train_spacing)
 train_pairs = datasets.BrainPairs(profile.n_train_pairs, atlas=atlas_train, seed=0, cache=True,

@@ -96,19 +96,12 @@ sizes = {"ci": {"in-distribution": 1, "held-out": 1}, "cpu": {"in-distribution":
 split = {"in-distribution": ("train", 20_000), "held-out": ("held_out", 30_000)}
 
 
-def as_pairs(data, name):
-    items = [data[i] for i in range(len(data))]
-    return [dict(p, meta=dict(p["meta"], id=f"{name} {i} ({p['meta']['anatomy']})", dataset=name))
-            for i, p in enumerate(items)]
-
-
 start = time.perf_counter()
 aligned, unaligned = {}, {}     # the pairs after the paper's preprocessing, and as scanned
 for name, (anatomy, seed) in split.items():
     n = sizes[name]
-    aligned[name] = as_pairs(RealisticPairs(n, anatomy=anatomy, seed=seed, spacing_mm=spacing), name)
-    unaligned[name] = as_pairs(RealisticPairs(n, anatomy=anatomy, seed=seed, spacing_mm=spacing,
-                                              prealign=None), name)
+    aligned[name] = RealisticPairs(n, anatomy=anatomy, seed=seed, spacing_mm=spacing).as_list(name)
+    unaligned[name] = RealisticPairs(n, anatomy=anatomy, seed=seed, spacing_mm=spacing, prealign=None).as_list(name)
 
 scan = vxm_subject(int(spacing))
 if scan is None:

@@ -567,6 +567,19 @@ class RealisticPairs(torch.utils.data.Dataset):
                     meta=dict(anatomy=name, seed=item_seed, index=index, prealign=self.prealign,
                               matrix=arrays["matrix"].tolist(), seconds=float(arrays["seconds"])))
 
+    def as_list(self, dataset: str | None = None) -> list[dict]:
+        """Every item, made (or loaded) now, as a list, the form evaluation takes.
+
+        With ``dataset``, each item's ``meta`` also gets ``dataset`` (the
+        column :func:`regedu.evaluate.summary` groups by) and an ``id``,
+        ``"<dataset> <index> (<anatomy>)"``.
+        """
+        items = [self[i] for i in range(self.n)]
+        if dataset is None:
+            return items
+        return [dict(p, meta=dict(p["meta"], dataset=dataset, id=f"{dataset} {i} ({p['meta']['anatomy']})"))
+                for i, p in enumerate(items)]
+
     def build(self, progress: bool = False) -> float:
         """Make (or load) every item now; return the seconds it took."""
         import time as _time
