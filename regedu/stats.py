@@ -85,18 +85,29 @@ class PairedBootstrap:
     metric: str = ""
     higher_is_better: bool = True
 
+    def _winner(self, agrees: bool = True) -> str | None:
+        # A winner only when the interval excludes 0 (and the other test, if any, agrees).
+        if not ((self.ci_low > 0 or self.ci_high < 0) and agrees):
+            return None
+        a, b = self.names
+        return b if (self.mean_difference > 0) == self.higher_is_better else a
+
+    @property
+    def winner(self) -> str | None:
+        """The better method's name when the interval excludes 0, else None ("do not differ clearly")."""
+        return self._winner()
+
     def _sentence(self, digits: int, test: str, agrees: bool = True) -> str:
         a, b = self.names
         d, lo, hi = self.mean_difference, self.ci_low, self.ci_high
         unit = f" {self.metric}" if self.metric else ""
-        clear = (lo > 0 or hi < 0) and agrees    # the interval excludes 0 (and the test agrees)
-        if clear:
+        winner = self._winner(agrees)
+        if winner is not None:
             # The interval of the winner's advantage, so that it reads beside "beats ... by".
             lo, hi = sorted((abs(lo), abs(hi)))
         interval = f"{self.ci * 100:g} % CI {_fmt(lo, digits)} to {_fmt(hi, digits)}, {self.n} pairs; {test}"
-        if clear:
-            b_better = (d > 0) == self.higher_is_better
-            winner, loser = (b, a) if b_better else (a, b)
+        if winner is not None:
+            winner, loser = (b, a) if (d > 0) == self.higher_is_better else (a, b)
             return f"{winner} beats {loser} by {_fmt(abs(d), digits)}{unit} ({interval})"
         return (f"{b} and {a} do not differ clearly: {b} - {a} = {_fmt(d, digits)}{unit} "
                 f"({interval})")
@@ -199,8 +210,17 @@ class PairedTest:
         that excludes 0, while no test on 3 pairs can reach p < 0.25); the
         sentence then says "do not differ clearly".
         """
-        agrees = self.wilcoxon_p < 1 - self.bootstrap.ci
-        return self.bootstrap._sentence(digits, f"Wilcoxon p {_p(self.wilcoxon_p)}", agrees)
+        return self.bootstrap._sentence(digits, f"Wilcoxon p {_p(self.wilcoxon_p)}", self._agrees)
+
+    @property
+    def _agrees(self) -> bool:
+        return self.wilcoxon_p < 1 - self.bootstrap.ci
+
+    @property
+    def winner(self) -> str | None:
+        """The better method's name when the interval and the Wilcoxon test both say so
+        (:meth:`summary`'s "beats"), else None."""
+        return self.bootstrap._winner(self._agrees)
 
 
 def paired_test(a, b, *, n_boot: int = 10000, seed: int = 0, ci: float = 0.95,

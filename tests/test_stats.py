@@ -57,10 +57,12 @@ def test_direction_and_names_in_the_summary():
     a, b = _scores()
     # TRE: lower is better, so B (higher) loses.
     r = stats.paired_test(a, b, names=("ANTs", "VoxelMorph"), metric="mm", higher_is_better=False)
-    assert r.summary().startswith("ANTs beats VoxelMorph by 0.01")
+    assert r.summary().startswith("ANTs beats VoxelMorph by 0.01") and r.winner == "ANTs"
     assert "30 pairs; Wilcoxon p < 0.001)" in r.summary()
     noisy_a, noisy_b = _scores(shift=0.0, noise=0.02, seed=5)
-    assert "do not differ clearly" in stats.paired_test(noisy_a, noisy_b).summary()
+    noisy = stats.paired_test(noisy_a, noisy_b)
+    assert "do not differ clearly" in noisy.summary() and noisy.winner is None
+    assert stats.paired_test(a, b, names=("ANTs", "VoxelMorph")).winner == "VoxelMorph"   # Dice: higher is better
 
 
 def test_seed_reproducibility():
@@ -89,8 +91,8 @@ def test_a_verdict_needs_the_test_to_agree_with_the_interval():
     a = np.array([0.60, 0.70, 0.65])
     r = stats.paired_test(a, a + [0.010, 0.012, 0.011], metric="Dice")
     assert r.bootstrap.ci_low > 0 and r.wilcoxon_p == pytest.approx(0.25)
-    assert r.bootstrap.summary().startswith("B beats A")
-    assert r.summary().startswith("B and A do not differ clearly: B - A = 0.011 Dice")
+    assert r.bootstrap.summary().startswith("B beats A") and r.bootstrap.winner == "B"
+    assert r.summary().startswith("B and A do not differ clearly: B - A = 0.011 Dice") and r.winner is None
 
 
 def test_the_winners_interval_is_its_advantage():

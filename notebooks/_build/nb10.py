@@ -458,48 +458,52 @@ per-pair Dice, folding and time with each checkpoint's recipe in
 every mean, spread and test below from it (nothing is typed).
 """),
 code(r"""
-seeds_file = Path("../benchmarks/results/seeds_ncc.json")
-seeds_run = json.loads(seeds_file.read_text())
-print(f"{seeds_file.name}: {seeds_run['date']}, {seeds_run['threads']} thread(s), {seeds_run['spacing_mm']:g} mm, "
-      f"{seeds_run['structures']} structures; pairs {seeds_run['sets']}\n  {seeds_run['command']}")
-seed_recipes = pd.DataFrame({k: dict(v["recipe"], losses=", ".join(f"{n}={w:g}" for n, w in v["recipe"]["losses"].items()))
-                             for k, v in seeds_run["checkpoints"].items()}).T
-same = ["steps", "batch", "lr", "losses", "data", "pairs"]
-equal_budgets = all(seed_recipes[c].astype(str).nunique() == 1 for c in same)
-print(seed_recipes[["model", "seed", "parameters"] + same].to_string())
-print("equal budgets (the same " + ", ".join(same) + " for every run):", equal_budgets)
+def read_seeds(path):
+    # One run of benchmarks/eval_seeds.py: its recipes (with an equal-budget check) and a table of mean Dice.
+    run = json.loads(Path(path).read_text())
+    print(f"{Path(path).name}: {run['date']}, {run['threads']} thread(s), {run['spacing_mm']:g} mm, "
+          f"{run['structures']} structures; pairs {run['sets']}\n  {run['command']}")
+    recipes = pd.DataFrame({k: dict(v["recipe"], losses=", ".join(f"{n}={w:g}" for n, w in v["recipe"]["losses"].items()))
+                            for k, v in run["checkpoints"].items()}).T
+    equal = all(recipes[c].astype(str).nunique() == 1 for c in same)
+    print(recipes[["model", "seed", "parameters"] + same].to_string())
+    print("equal budgets (the same " + ", ".join(same) + " for every run):", equal)
+    groups, scores = run["groups"], run["scores"]
+    methods = [m for m in ["Affine", "SyN", *groups] if all(k in scores for k in groups.get(m, [m]))]
+    table = {}
+    for s in run["sets"]:
+        for m in methods:
+            means = [np.mean(scores[k][s]["dice"]) for k in groups.get(m, [m])]
+            table[m, s] = f"{np.mean(means):.3f}" + (f" ({np.std(means):.3f})" if len(means) > 1 else "")
+    table = pd.Series(table).unstack().loc[methods, list(run["sets"])]
+    table["% det J <= 0, held-out"] = [f"{np.mean([np.mean(scores[k]['held-out']['folding']) for k in groups.get(m, [m])]):.3f}"
+                                       for m in methods]
+    table.index.name = "Dice (seed std)"
+    return run, recipes, equal, table
 
+
+def held_out_tests(run):
+    # Per held-out pair (held-out anatomy, then the real scan): Dice averaged over each method's seeds, and
+    # the paired tests of every network against the other, the affine and SyN.
+    groups, scores = run["groups"], run["scores"]
+    sets = [s for s in ("held-out", "real scan") if s in run["sets"]]
+    held = {m: np.concatenate([np.mean([scores[k][s]["dice"] for k in groups.get(m, [m])], axis=0) for s in sets])
+            for m in ["Affine", "SyN", *groups] if all(k in scores for k in groups.get(m, [m]))}
+    tests = {(a, b): paired_test(held[a], held[b], names=(a, b), metric="Dice")
+             for a, b in [("VoxelMorph", "VV-Net"), ("Affine", "VoxelMorph"), ("Affine", "VV-Net"),
+                          ("SyN", "VoxelMorph"), ("SyN", "VV-Net")] if a in held and b in held}
+    for t in tests.values():
+        print(t.summary())
+    return held, tests
+
+
+same = ["steps", "batch", "lr", "losses", "data", "pairs"]
+seeds_run, seed_recipes, equal_budgets, seed_table = read_seeds("../benchmarks/results/seeds_ncc.json")
 groups, scores = seeds_run["groups"], seeds_run["scores"]
-seed_table = {}
-for s in seeds_run["sets"]:
-    for m in ["Affine", "SyN", *groups]:
-        members = groups.get(m, [m])
-        if not all(k in scores for k in members):
-            continue
-        means = [np.mean(scores[k][s]["dice"]) for k in members]
-        seed_table[m, s] = (f"{np.mean(means):.3f}" + (f" ({np.std(means):.3f})" if len(means) > 1 else ""))
-seed_table = pd.Series(seed_table).unstack()
-seed_table = seed_table.loc[[m for m in ["Affine", "SyN", *groups] if m in seed_table.index], list(seeds_run["sets"])]
-seed_table["% det J <= 0, held-out"] = [f"{np.mean([np.mean(scores[k]['held-out']['folding']) for k in groups.get(m, [m])]):.3f}"
-                                        for m in seed_table.index]
-seed_table.index.name = "Dice (seed std)"
 seed_table
 """),
 code(r"""
-seed_sets = [s for s in ("held-out", "real scan") if s in seeds_run["sets"]]
-
-
-def seed_pairs(m):
-    # Per held-out pair (held-out anatomy, then the real scan): Dice averaged over the method's seeds.
-    return np.concatenate([np.mean([scores[k][s]["dice"] for k in groups.get(m, [m])], axis=0) for s in seed_sets])
-
-
-held = {m: seed_pairs(m) for m in ["Affine", "SyN", *groups] if all(k in scores for k in groups.get(m, [m]))}
-seed_tests = {(a, b): paired_test(held[a], held[b], names=(a, b), metric="Dice")
-              for a, b in [("VoxelMorph", "VV-Net"), ("Affine", "VoxelMorph"), ("Affine", "VV-Net"),
-                           ("SyN", "VoxelMorph"), ("SyN", "VV-Net")] if a in held and b in held}
-for t in seed_tests.values():
-    print(t.summary())
+held, seed_tests = held_out_tests(seeds_run)
 seed_order = sorted(held, key=lambda m: -held[m].mean())
 oasis = paper["OASIS"].str.split().str[0].astype(float)
 print(f"\nThe NCC recipe, mean Dice over the {len(held['Affine'])} held-out pairs (held-out anatomy and the real scan): "
@@ -535,6 +539,39 @@ and its size at once (the last line). Notebook 17 compares two architectures
 at a similar parameter count; notebook 08 measures what deep supervision does.
 And SyN's place is a statement about budgets as much as methods: its iterations
 are spent on each pair, the networks' training on a CPU afternoon.
+"""),
+md(r"""
+### With labels: the semi-supervised recipe, three seeds each
+
+The same runs with VoxelMorph's Dice loss on the training subjects' labels
+added (`dice=1`; the data, steps, batch, learning rate and seeds unchanged,
+checked below), evaluated by the same command on the same test pairs
+(`benchmarks/results/seeds_semi.json`). This is the semi-supervised variant,
+labelled as such. Read it with notebook 13's warning on label leakage: the
+loss saw these 26 structures on the training brains, and Dice scores the same
+structures on new brains, while SyN saw no labels at all. So it answers "can
+a network that was shown these structures on other brains align them on new
+brains as well as SyN does?", not "does unsupervised learning match SyN?".
+"""),
+code(r"""
+semi_run, semi_recipes, semi_equal, semi_table = read_seeds("../benchmarks/results/seeds_semi.json")
+semi_held, semi_tests = held_out_tests(semi_run)
+only_dice_added = all(semi_run["checkpoints"][k]["recipe"]["losses"] == {**seeds_run["checkpoints"][k]["recipe"]["losses"], "dice": 1.0}
+                      and all(semi_run["checkpoints"][k]["recipe"][c] == seeds_run["checkpoints"][k]["recipe"][c]
+                              for c in ("steps", "batch", "lr", "data", "pairs", "seed", "model"))
+                      for k in seeds_run["checkpoints"])
+same_test_pairs = semi_run["pair_ids"] == seeds_run["pair_ids"] and semi_run["split_seeds"] == seeds_run["split_seeds"]
+print(f"\nthe same runs as the NCC recipe's but for the Dice term: {only_dice_added}; the same test pairs: {same_test_pairs}")
+verdicts = {}
+for m in semi_run["groups"]:
+    t = semi_tests["SyN", m]
+    verdicts[m] = {m: "beats SyN", "SyN": "stays below SyN", None: "does not differ clearly from SyN"}[t.winner]
+    print(f"{m} with labels {verdicts[m]} on the held-out pairs (mean Dice {semi_held[m].mean():.3f}, SyN "
+          f"{semi_held['SyN'].mean():.3f}, without labels {held[m].mean():.3f}): {t.summary()}")
+met = all(v != "stays below SyN" for v in verdicts.values())
+print("Goal (each network at least matching SyN on held-out anatomy): "
+      + ("met by the semi-supervised recipe." if met else "not met by the semi-supervised recipe either."))
+semi_table
 """),
 md(r"""
 **How to read the comparison honestly.**
@@ -670,6 +707,10 @@ used = {0: "training", 10_000: "validation", **{seed: f"notebook 10's {name} set
 assert not set(seeds_run["split_seeds"].values()) & set(used), f"the seeds comparison's test sets reuse seeds: {seeds_run['split_seeds']} vs {used}"
 for m in groups:
     assert seed_tests["Affine", m].bootstrap.ci_low > 0.02, f"{m} (NCC recipe, 3 seeds) should beat the affine by > 0.02 Dice: {seed_tests['Affine', m].summary()}"
+# The semi-supervised runs are the NCC runs plus the Dice term, on the same test pairs, and they learned.
+assert semi_equal and only_dice_added and same_test_pairs, (semi_equal, only_dice_added, same_test_pairs)
+for m in semi_run["groups"]:
+    assert semi_tests["Affine", m].bootstrap.ci_low > 0.02, f"{m} (semi-supervised, 3 seeds) should beat the affine by > 0.02 Dice: {semi_tests['Affine', m].summary()}"
 print("all checks passed")
 """),
 ]

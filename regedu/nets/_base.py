@@ -300,7 +300,10 @@ def pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     w, b = conv.weight.flatten(1), conv.bias      # (out, in), (out,)
     if x.is_contiguous():                         # (B, C, *S): W @ (C, N) per item
-        y = torch.matmul(w, x.flatten(2))
+        # bmm, not matmul: for a weight that requires grad, matmul folds the batch into
+        # one (N, C) @ (C, out) product, a shape BLAS runs 10x slower (200 ms against
+        # 16 ms at 32 channels of 80x96x112, forward; 280 against 96 ms with backward).
+        y = torch.bmm(w.expand(x.shape[0], -1, -1), x.flatten(2))
         if b is not None:
             y = y + b[:, None]
         return y.view(x.shape[0], w.shape[0], *x.shape[2:])
