@@ -83,7 +83,8 @@ def training_recipe(state: Mapping) -> dict:
     """What a run was trained with, read from its checkpoint (never retyped).
 
     Returns ``model`` (registry name), ``seed``, ``steps`` (the step it was
-    saved at), ``batch``, ``lr``, ``losses`` (term -> weight), ``data`` and
+    saved at), ``batch``, ``lr``, ``grad_clip`` (None: no clipping),
+    ``losses`` (term -> weight), ``data`` and
     ``pairs`` (the ``regedu train`` command's, None for a run started from
     Python), ``shape`` and ``spacing`` (the grid trained on), ``parameters``
     and ``validation_dice`` (every validation's mean Dice, oldest first).
@@ -95,7 +96,8 @@ def training_recipe(state: Mapping) -> dict:
                          f"'train_config'), got keys {sorted(state)}")
     tc, cli = state["train_config"], (state.get("metadata") or {}).get("cli") or {}
     return dict(model=state["config"]["name"], seed=tc.get("seed"), steps=int(state["step"]),
-                batch=tc.get("batch_size"), lr=tc.get("lr"), losses=dict(tc.get("losses") or {}),
+                batch=tc.get("batch_size"), lr=tc.get("lr"), grad_clip=tc.get("grad_clip"),
+                losses=dict(tc.get("losses") or {}),
                 data=cli.get("data"), pairs=cli.get("pairs"),
                 shape=list(tc["shape"]) if tc.get("shape") is not None else None,
                 spacing=list(tc["spacing"]) if tc.get("spacing") is not None else None,

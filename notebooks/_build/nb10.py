@@ -90,20 +90,22 @@ code(r"""
 structures = atlas.structures()
 print(f"{len(structures)} structures:", ", ".join(structures.values()))
 
+scan = vxm_subject(int(spacing))
+real_scan = scan is not None and not ants_missing()   # its pre-alignment needs ANTs
+prealign = "regedu" if ants_missing() else "ants"      # without ANTs, regedu's own affine pre-aligns
 # SyN costs about 13 s a pair here, and each donor's first use about 25 s (its completion, then cached).
-sizes = {"ci": {"in-distribution": 1, "held-out": 1}, "cpu": {"in-distribution": 3, "held-out": 6}}.get(
-    profile.name, {"in-distribution": 10, "held-out": 10})
+# The paired tests need two held-out pairs: in ci, one subject and the real scan, or two subjects.
+sizes = {"ci": {"in-distribution": 1, "held-out": 1 if real_scan else 2},
+         "cpu": {"in-distribution": 3, "held-out": 6}}.get(profile.name, {"in-distribution": 10, "held-out": 10})
 split = {"in-distribution": ("train", 20_000), "held-out": ("held_out", 30_000)}
-
 
 start = time.perf_counter()
 aligned, unaligned = {}, {}     # the pairs after the paper's preprocessing, and as scanned
 for name, (anatomy, seed) in split.items():
     n = sizes[name]
-    aligned[name] = RealisticPairs(n, anatomy=anatomy, seed=seed, spacing_mm=spacing).as_list(name)
+    aligned[name] = RealisticPairs(n, anatomy=anatomy, seed=seed, spacing_mm=spacing, prealign=prealign).as_list(name)
     unaligned[name] = RealisticPairs(n, anatomy=anatomy, seed=seed, spacing_mm=spacing, prealign=None).as_list(name)
 
-scan = vxm_subject(int(spacing))
 if scan is None:
     print("voxelmorph's test scan is not in the cache or the mirror: the real-scan column is skipped "
           "(regedu fetch vxm-test-scan, or set REGEDU_MIRROR)")
@@ -544,10 +546,13 @@ md(r"""
 ### With labels: the semi-supervised recipe, three seeds each
 
 The same runs with VoxelMorph's Dice loss on the training subjects' labels
-added (`dice=1`; the data, steps, batch, learning rate and seeds unchanged,
-checked below), evaluated by the same command on the same test pairs
-(`benchmarks/results/seeds_semi.json`). This is the semi-supervised variant,
-labelled as such. Read it with notebook 13's warning on label leakage: the
+added (`dice=1`; the data, steps, batch and seeds unchanged, checked below),
+evaluated by the same command on the same test pairs
+(`benchmarks/results/seeds_semi.json`). One more change, printed below: a
+lower learning rate with gradient clipping, for both networks, because VV-Net
+seed 0 diverged with the Dice term at the NCC runs' rate (its fields blew up
+between steps 450 and 500; `benchmarks/README.md` gives the run). This is the
+semi-supervised variant, labelled as such. Read it with notebook 13's warning on label leakage: the
 loss saw these 26 structures on the training brains, and Dice scores the same
 structures on new brains, while SyN saw no labels at all. So it answers "can
 a network that was shown these structures on other brains align them on new
@@ -558,10 +563,18 @@ semi_run, semi_recipes, semi_equal, semi_table = read_seeds("../benchmarks/resul
 semi_held, semi_tests = held_out_tests(semi_run)
 only_dice_added = all(semi_run["checkpoints"][k]["recipe"]["losses"] == {**seeds_run["checkpoints"][k]["recipe"]["losses"], "dice": 1.0}
                       and all(semi_run["checkpoints"][k]["recipe"][c] == seeds_run["checkpoints"][k]["recipe"][c]
-                              for c in ("steps", "batch", "lr", "data", "pairs", "seed", "model"))
+                              for c in ("steps", "batch", "data", "pairs", "seed", "model"))
                       for k in seeds_run["checkpoints"])
+semi_optimiser = {(r["lr"], r["grad_clip"]) for r in (c["recipe"] for c in semi_run["checkpoints"].values())}
 same_test_pairs = semi_run["pair_ids"] == seeds_run["pair_ids"] and semi_run["split_seeds"] == seeds_run["split_seeds"]
-print(f"\nthe same runs as the NCC recipe's but for the Dice term: {only_dice_added}; the same test pairs: {same_test_pairs}")
+semi_lr, semi_clip = sorted(semi_optimiser)[0]   # one setting for every run (checked at the end)
+print(f"\nthe NCC recipe's runs plus the Dice term (data, steps, batch, seeds): {only_dice_added}; Adam lr {semi_lr:g} "
+      f"with the gradient's norm clipped at {semi_clip:g} for every run (the NCC runs: lr "
+      f"{seed_recipes.lr.iloc[0]:g}, no clipping); the same test subjects: {same_test_pairs}")
+# The two files were evaluated on different machines: each pre-aligned its subjects again, and ANTs'
+# result varies with its thread count, so compare within a file; this is by how much the affine moved.
+affine_moved = semi_held["Affine"].mean() - held["Affine"].mean()
+print(f"the affine pre-alignment's mean Dice differs between the two files by {affine_moved:+.3f}")
 verdicts = {}
 for m in semi_run["groups"]:
     t = semi_tests["SyN", m]
@@ -708,7 +721,8 @@ assert not set(seeds_run["split_seeds"].values()) & set(used), f"the seeds compa
 for m in groups:
     assert seed_tests["Affine", m].bootstrap.ci_low > 0.02, f"{m} (NCC recipe, 3 seeds) should beat the affine by > 0.02 Dice: {seed_tests['Affine', m].summary()}"
 # The semi-supervised runs are the NCC runs plus the Dice term, on the same test pairs, and they learned.
-assert semi_equal and only_dice_added and same_test_pairs, (semi_equal, only_dice_added, same_test_pairs)
+assert semi_equal and len(semi_optimiser) == 1 and only_dice_added and same_test_pairs, \
+    (semi_equal, semi_optimiser, only_dice_added, same_test_pairs)
 for m in semi_run["groups"]:
     assert semi_tests["Affine", m].bootstrap.ci_low > 0.02, f"{m} (semi-supervised, 3 seeds) should beat the affine by > 0.02 Dice: {semi_tests['Affine', m].summary()}"
 print("all checks passed")
