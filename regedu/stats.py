@@ -107,7 +107,7 @@ class PairedBootstrap:
             lo, hi = sorted((abs(lo), abs(hi)))
         interval = f"{self.ci * 100:g} % CI {_fmt(lo, digits)} to {_fmt(hi, digits)}, {self.n} pairs; {test}"
         if winner is not None:
-            winner, loser = (b, a) if (d > 0) == self.higher_is_better else (a, b)
+            loser = a if winner == b else b
             return f"{winner} beats {loser} by {_fmt(abs(d), digits)}{unit} ({interval})"
         return (f"{b} and {a} do not differ clearly: {b} - {a} = {_fmt(d, digits)}{unit} "
                 f"({interval})")
