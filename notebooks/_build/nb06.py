@@ -100,7 +100,7 @@ baseline.
 code(r"""
 print("anatomy:", datasets.anatomy_split())
 n_test = max(1, profile.n_test_pairs // 2)
-split = {"in-distribution": ("train", 20_000), "held-out": ("held_out", 30_000)}   # notebook 10's test seeds
+split = datasets.COURSE_TEST_SETS   # notebook 10's test sets: {set: (anatomy, seed)}
 
 
 def test_set(prealign):

@@ -39,8 +39,8 @@ import matplotlib.pyplot as plt
 from regedu import viz
 from regedu.checkpoints import load_checkpoint, load_model, trained_spacing, training_recipe
 from regedu.classic import SYN_SETTINGS, ants_missing, ants_syn
-from regedu.datasets import (HELD_OUT_ANATOMY, TRAIN_ANATOMY, RealisticPairs, atlas_pair, mni_brain,
-                             vxm_subject)
+from regedu.datasets import (COURSE_TEST_SETS, HELD_OUT_ANATOMY, TRAIN_ANATOMY, RealisticPairs, atlas_pair,
+                             mni_brain, vxm_subject)
 from regedu.evaluate import compare, evaluate, identity
 from regedu.losses import mse
 from regedu.spatial import warp
@@ -97,7 +97,7 @@ prealign = "regedu" if ants_missing() else "ants"      # without ANTs, regedu's 
 # The paired tests need two held-out pairs: in ci, one subject and the real scan, or two subjects.
 sizes = {"ci": {"in-distribution": 1, "held-out": 1 if real_scan else 2},
          "cpu": {"in-distribution": 3, "held-out": 6}}.get(profile.name, {"in-distribution": 10, "held-out": 10})
-split = {"in-distribution": ("train", 20_000), "held-out": ("held_out", 30_000)}
+split = COURSE_TEST_SETS   # {set: (anatomy, seed)}, the test sets notebook 06 also uses
 
 start = time.perf_counter()
 aligned, unaligned = {}, {}     # the pairs after the paper's preprocessing, and as scanned

