@@ -266,6 +266,14 @@ class Evaluation:
         """The records as a DataFrame, one row per pair."""
         return pd.DataFrame(self.records)
 
+    def mean_dice(self, dataset: str | None = None) -> float:
+        """Mean Dice over every (pair, structure), as :func:`summary` reports it; of one dataset if given."""
+        keep = [dataset is None or r["dataset"] == dataset for r in self.records]
+        if not any(keep):
+            raise ValueError(f"dataset: expected one of {sorted({r['dataset'] for r in self.records})}, "
+                             f"got {dataset!r}")
+        return float(np.nanmean(self.dice.to_numpy(float)[keep]))
+
     def _repr_html_(self) -> str:
         return f"<p><b>{self.name}</b>: {len(self.records)} pairs</p>" + self.table()._repr_html_()
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from regedu.datasets import (ANATOMIES, DONORS, FREESURFER_30, HELD_OUT_ANATOMY, STRUCTURE_NAMES, TRAIN_ANATOMY,
+from regedu.datasets import (ANATOMIES, COURSE_TEST_SETS, DONORS, FREESURFER_30, HELD_OUT_ANATOMY, STRUCTURE_NAMES, TRAIN_ANATOMY,
                              DataUnavailableError, RealisticPairs, atlas_pair,
-                             anatomy_split, complete_donor, mni_brain, normalise_intensity, preprocess,
+                             anatomy_split, complete_donor, course_test_sets, mni_brain, normalise_intensity, preprocess,
                              random_pose, realistic_subject, vxm_subject)
 from regedu.metrics import dice
 from regedu.spatial import affine_to_displacement, warp
@@ -81,6 +81,25 @@ def test_the_pool_keeps_pre_aligned_pairs_on_disk(cache, atlas):
     assert all(p["meta"]["dataset"] == "train set" for p in tagged) and torch.equal(tagged[1]["moving"], item["moving"])
     assert "dataset" not in again.as_list()[0]["meta"]
 
+
+
+def test_course_test_sets_are_the_named_splits_and_seeds(cache):
+    sets = course_test_sets({"held-out": 1, "in-distribution": 2}, spacing_mm=4, prealign=None, cache_dir=cache)
+    assert list(sets) == ["held-out", "in-distribution"] and [len(v) for v in sets.values()] == [1, 2]
+    assert sets["held-out"][0]["meta"]["anatomy"] in HELD_OUT_ANATOMY
+    assert {p["meta"]["anatomy"] for p in sets["in-distribution"]} <= set(TRAIN_ANATOMY)
+    assert [p["meta"]["id"] for p in sets["in-distribution"]] == [
+        f"in-distribution {i} ({p['meta']['anatomy']})" for i, p in enumerate(sets["in-distribution"])]
+    # The subjects of COURSE_TEST_SETS' seeds, never those of training (seed 0).
+    anatomy, seed = COURSE_TEST_SETS["in-distribution"]
+    same = RealisticPairs(2, anatomy=anatomy, seed=seed, spacing_mm=4, prealign=None, cache_dir=cache)[1]
+    train = RealisticPairs(2, anatomy=anatomy, seed=0, spacing_mm=4, prealign=None, cache_dir=cache)[1]
+    assert torch.equal(sets["in-distribution"][1]["moving"], same["moving"])
+    assert not torch.equal(same["moving"], train["moving"])
+    with pytest.raises(ValueError, match="sizes.*'held-out'"):
+        course_test_sets({"held_out": 1}, spacing_mm=4, cache_dir=cache)
+    with pytest.raises(ValueError, match="sizes\\['held-out'\\]"):
+        course_test_sets({"held-out": 0}, spacing_mm=4, cache_dir=cache)
 
 # ------------------------------------------------------------------ pose
 

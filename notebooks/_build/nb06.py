@@ -100,15 +100,12 @@ baseline.
 code(r"""
 print("anatomy:", datasets.anatomy_split())
 n_test = max(1, profile.n_test_pairs // 2)
-split = datasets.COURSE_TEST_SETS   # notebook 10's test sets: {set: (anatomy, seed)}
+sizes = {name: n_test for name in datasets.COURSE_TEST_SETS}   # notebook 10's test sets, the first pairs
 
 
 def test_set(prealign):
-    pairs = []
-    for name, (anatomy, seed) in split.items():
-        pairs += datasets.RealisticPairs(n_test, anatomy=anatomy, seed=seed, spacing_mm=spacing,
-                                         prealign=prealign).as_list(name)
-    return pairs
+    sets = datasets.course_test_sets(sizes, spacing_mm=spacing, prealign=prealign)
+    return [pair for pairs in sets.values() for pair in pairs]
 
 
 start = time.perf_counter()
@@ -229,12 +226,7 @@ fig = viz.plot_dice(dice, labels=labels)
 fig
 """),
 code(r"""
-def mean_dice_of(ev, dataset=None):
-    keep = [dataset is None or p["meta"]["dataset"] == dataset for p in test_pairs]
-    return float(np.nanmean(ev.dice.to_numpy(float)[keep]))
-
-
-by_set = {ds: {ev.name: mean_dice_of(ev, ds) for ev in results} for ds in split}
+by_set = {ds: {ev.name: ev.mean_dice(ds) for ev in results} for ds in sizes}
 for ds, d in by_set.items():
     print(f"{ds}: before {d['before registration']:.3f} -> Affine {d['Affine']:.3f} -> pre-trained VoxelMorph "
           f"{d['VoxelMorph (pre-trained)']:.3f} ({d['VoxelMorph (pre-trained)'] - d['Affine']:+.3f} over the affine)")
@@ -304,7 +296,7 @@ table_all = evaluate.summary(results, metrics=("dice", "percent_folding"), by="d
 table_all
 """),
 code(r"""
-mean_dice = {ev.name: mean_dice_of(ev) for ev in results}
+mean_dice = {ev.name: ev.mean_dice() for ev in results}
 folds = {ev.name: float(ev.table()["percent_folding"].mean()) for ev in results}
 for name in mean_dice:
     print(f"{name:<26} mean Dice {mean_dice[name]:.3f}   % det J <= 0: {folds[name]:.3f}")

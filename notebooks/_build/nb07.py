@@ -372,7 +372,7 @@ table_all = evaluate.summary(results, metrics=("dice", "percent_folding", "secon
 table_all
 """),
 code(r"""
-mean_dice = {ev.name: float(np.nanmean(ev.dice.to_numpy(float))) for ev in results}
+mean_dice = {ev.name: ev.mean_dice() for ev in results}
 folds = {ev.name: float(ev.table()["percent_folding"].mean()) for ev in results}
 fig = viz.plot_dice({k: ev.dice.to_numpy(float) for k, ev in zip(methods, results)
                      if k in ("identity", "affine + deformable", "cascade, 1 stage", "cascade, 3 stages", "pyramid")},

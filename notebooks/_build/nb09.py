@@ -164,7 +164,7 @@ with torch.no_grad():
     held_out.update({k: float(np.mean([float(losses.ncc_local(p["fixed"][None], run[0].cpu()(p["moving"][None], p["fixed"][None]).warped))
                                        for p in test_pairs])) for k, run in runs.items()})
 print("held-out local NCC (lower is better):", {k: round(v, 4) for k, v in held_out.items()})
-mean_dice = {ev.name: float(np.nanmean(ev.dice.to_numpy(float))) for ev in results}
+mean_dice = {ev.name: ev.mean_dice() for ev in results}
 folds = {ev.name: float(ev.table()["percent_folding"].mean()) for ev in results}
 fig = viz.plot_history(runs["VV-Net"][1], keys=["ncc", "diffusion"])
 fig

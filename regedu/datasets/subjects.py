@@ -49,7 +49,7 @@ from . import brain as _brain
 from .brain import BRAIN_SHAPES, DONORS, Brain, mni_brain, to_freesurfer
 from .freesurfer import FREESURFER_30
 
-__all__ = ["TRAIN_ANATOMY", "HELD_OUT_ANATOMY", "ANATOMIES", "COURSE_TEST_SETS", "anatomy_split", "anatomy",
+__all__ = ["TRAIN_ANATOMY", "HELD_OUT_ANATOMY", "ANATOMIES", "COURSE_TEST_SETS", "anatomy_split", "anatomy", "course_test_sets",
            "complete_donor", "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs"]
 
 #: Anatomy a network may train on: the atlas itself and four donors.
@@ -592,6 +592,24 @@ class RealisticPairs(torch.utils.data.Dataset):
         for i in tqdm(range(self.n), disable=not progress, desc="realistic pairs"):
             self[i]
         return _time.perf_counter() - start
+
+
+def course_test_sets(sizes: dict[str, int], *, spacing_mm: int | None = None,
+                     prealign: str | None = "ants", cache_dir=None) -> dict[str, list[dict]]:
+    """The course's test pairs, ``{set: pairs}``, for ``sizes = {set: n}`` of :data:`COURSE_TEST_SETS`.
+
+    Set ``"in-distribution"`` holds new subjects of the training brains,
+    ``"held-out"`` subjects of the held-out donors; each pair's ``meta`` names
+    its set (:meth:`RealisticPairs.as_list`). The same ``sizes`` give the
+    same first pairs in every notebook (notebooks 06, 08 and 10), with
+    ``prealign=None`` the same subjects as scanned.
+    """
+    for name, n in sizes.items():
+        check_choice(name, tuple(COURSE_TEST_SETS), "sizes")
+        check_positive(n, f"sizes[{name!r}]", integer=True)
+    return {name: RealisticPairs(n, anatomy=COURSE_TEST_SETS[name][0], seed=COURSE_TEST_SETS[name][1],
+                                 spacing_mm=spacing_mm, prealign=prealign, cache_dir=cache_dir).as_list(name)
+            for name, n in sizes.items()}
 
 
 def _save_atomic(path, arrays: dict) -> None:
