@@ -7,6 +7,7 @@ disk or kill ever leaves half a file where a reader expects a whole one.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -42,11 +43,20 @@ def write_atomic(path, write: Callable[[Path], object], *, suffix: str = ".tmp")
             os.fsync(fd)
         finally:
             os.close(fd)
+        # mkstemp makes the file private (0600): give it the mode open() would have given.
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else _open_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _open_mode() -> int:
+    """The mode of a file that open() creates: 0666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _remove_stale_temporaries(path: Path) -> None:
