@@ -18,7 +18,8 @@ it edges out VoxelMorph (Table 2: ADNI 0.733 vs 0.720 mean Dice).
    `regedu.nets.VVNet`;
 2. read the shapes and parameter counts of the three V-Nets with `nets.summary`,
    at the paper's 160x192x224, and estimate the memory of training;
-3. train VV-Net with the paper's loss (similarity + $\lambda$ diffusion);
+3. train VV-Net with the paper's kind of loss (similarity + $\lambda$ diffusion),
+   here with VoxelMorph's Dice term added;
 4. say what deep supervision adds to the loss, and measure what it changes in
    V-Net 1's coarse field $\varphi_1$.
 """),
@@ -97,61 +98,67 @@ the measured peak.
 
 ## 3. Training VV-Net
 
-The atlas and subjects are those of notebook 07 before its misalignment
-(`datasets.BrainPairs`: synthetic subjects of the template and the donors'
-anatomy, the data the pre-trained VV-Net below was trained on). The paper trains with MSE because its intensities are normalised the
-same way for every scan; our subjects have a bias field and a gamma change, so
-we use local NCC, as VoxelMorph, plus the diffusion regulariser.
+The atlas and subjects are notebook 06's: realistic subjects (pose, anatomy of
+a real brain, intensity changes) **pre-aligned to the atlas with ANTs affine**,
+as the paper prepares its data (`datasets.RealisticPairs`). The network trains
+on subjects of the training brains and is tested on notebook 10's test sets:
+new subjects of the training brains ("in-distribution") and subjects of the
+two held-out donors ("held-out"), reported separately. The baseline is the
+pre-alignment alone (no deformable step). The paper trains with MSE because its
+intensities are normalised the same way for every scan; our subjects have a
+bias field and a gamma change, so we use local NCC, as VoxelMorph, plus the
+diffusion regulariser and VoxelMorph's Dice loss on the training subjects'
+labels (the semi-supervised recipe of notebooks 06 and 10).
 
 **Budget.** A VV-Net step of the paper's width takes seconds at 4 mm on two
 CPU cores (the time per step is printed below), and the pre-trained network
-below took 500 such steps to climb from the identity's validation Dice to its
-own (its note, printed below, gives both). So the `ci` and `cpu` profiles **fine-tune**:
-they start from the **pre-trained VV-Net** of the paper's width that the
-project made with its own command `regedu train` at 4 mm (printed below; NCC +
-diffusion + Dice, deep supervision on, 500 steps) and continue it for a few
-steps at the paper's learning rate $10^{-4}$, twice (with and without deep
-supervision), on the 4 mm grid; in the `cpu` profile the networks then run on
-the 2 mm test pairs through `nets.Rescaled(model, 2)`, as in notebook 07. The
-`gpu` profile trains two new VV-Nets on the full grid for the profile's steps.
+below took about a thousand such steps, its validation Dice still climbing
+(its recipe and validation curve are printed from the file below). So the `ci` and `cpu` profiles **fine-tune**: they start from the
+**pre-trained VV-Net** of the paper's width that the project made with its own
+command `regedu train` on these subjects (notebook 10's semi-supervised recipe:
+NCC + diffusion + Dice, deep supervision on) and continue it for a few steps
+at the paper's learning rate $10^{-4}$, twice (with and without deep
+supervision), with the checkpoint's own loss (read from the file). Everything runs on the 4 mm grid, the
+checkpoint's, in every profile; the `gpu` profile trains two new VV-Nets from
+scratch for the profile's steps.
 """),
 code(r"""
-atlas = datasets.mni_brain()
-table = datasets.label_table()
-labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
-names = {k: datasets.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
-donors = [datasets.donor_brain(d) for d in datasets.DONORS]
-# The short runs of the ci and cpu profiles train on the 4 mm grid (as in notebook 07).
-train_spacing = profile.train_spacing_mm
-atlas_train = datasets.mni_brain(train_spacing)
-train_pairs = datasets.BrainPairs(profile.n_train_pairs, atlas=atlas_train, seed=0, cache=True,
-                                  subjects=[atlas_train] + [datasets.donor_brain(d, train_spacing) for d in datasets.DONORS[:4]])
-n_test = max(1, profile.n_test_pairs // 2)
-test_pairs = []
-for name, subjects, seed in (("synthetic", None, 100), ("donors", donors[4:], 101)):
-    source = datasets.BrainPairs(n_test, atlas=atlas, subjects=subjects, seed=seed)
-    test_pairs += [{**source[i], "meta": {"dataset": name, "id": f"{name}-{i}"}} for i in range(n_test)]
-
 fine_tune = not profile.paper_scale
-checkpoint = Path("checkpoints/brain_vvnet_4mm.pt")
-steps = {"ci": 8, "cpu": 20}.get(profile.name, profile.steps_3d)
+checkpoint = Path("checkpoints/brain_vvnet_4mm_semi_lr5e-4_s0.pt")
+pre_state = checkpoints.load_checkpoint(checkpoint)
+pre_recipe = checkpoints.training_recipe(pre_state)
+spacing = pre_recipe["spacing"][0]
+atlas = datasets.mni_brain(int(spacing))
+structures = atlas.structures()
+labels = list(structures)
+train_pairs = datasets.RealisticPairs(profile.n_train_pairs, anatomy="train", seed=0, spacing_mm=spacing)
+n_test = max(1, profile.n_test_pairs // 2)
+test_sets = datasets.course_test_sets({name: n_test for name in datasets.COURSE_TEST_SETS}, spacing_mm=spacing)
+test_pairs = [pair for pairs in test_sets.values() for pair in pairs]
+print(f"{len(train_pairs)} training pairs of {', '.join(train_pairs.names)}; test pairs:",
+      {name: len(pairs) for name, pairs in test_sets.items()}, f"on the {spacing:g} mm grid")
+print("the checkpoint's recipe:", {k: v for k, v in pre_recipe.items() if k != "validation_dice"})
+val = pre_state["history"]["val"]
+print("its validation Dice (subjects of the training brains):",
+      ", ".join(f"{d:.3f} at step {s}" for s, d in zip(val["step"], val["dice"])))
+
+steps = {"ci": 5, "cpu": 20}.get(profile.name, profile.steps_3d)
 lr = 1e-4
-objective = {"ncc": 1.0, "diffusion": 1.0}
-grid = checkpoints.choose_factor(train_spacing, atlas.spacing_mm)     # 2 in cpu: trained at 4 mm, used at 2 mm
+objective = pre_recipe["losses"]
 
 
 def train_vvnet(deep_weight):
     torch.manual_seed(0)
-    model = checkpoints.load_model(checkpoint).train() if fine_tune else nets.create("vvnet", spatial_dims=3)
+    model = checkpoints.load_model(pre_state).train() if fine_tune else nets.create("vvnet", spatial_dims=3)
     start = time.perf_counter()
     history = train.fit(model, train_pairs, losses=objective, steps=steps, lr=lr, deep_weight=deep_weight,
-                        progress=False)
+                        labels=labels, grad_clip=1.0, progress=False)
     seconds = time.perf_counter() - start
     print(f"deep_weight={deep_weight}: {'fine-tuned from ' + checkpoint.name if fine_tune else 'new'}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{steps} steps at {train_spacing:g} mm, lr {lr:g}, in {seconds:.0f} s ({seconds / steps:.1f} s a step); "
+          f"{steps} steps at {spacing:g} mm, lr {lr:g}, losses {objective}, in {seconds:.0f} s ({seconds / steps:.1f} s a step); "
           f"logged terms: {sorted(history['train'])}")
-    return (nets.Rescaled(model, grid) if grid > 1 else model).eval(), history
+    return model.eval(), history
 
 
 vvnet, history = train_vvnet(deep_weight=1.0)
@@ -163,7 +170,8 @@ md(r"""
 
 With deep supervision the loss has one more term: V-Net 1's field $\varphi_1$ is
 scored exactly like the final field (similarity of $F$ and $M \circ \varphi_1$,
-plus its regulariser), and the `"deep"` term is its weighted loss:
+its regulariser and the Dice term of its warped labels), and the `"deep"` term
+is its weighted loss:
 
 $$\mathcal{L} = \mathcal{L}(\varphi) + w_{\text{deep}}\,\mathcal{L}(\varphi_1).$$
 
@@ -177,8 +185,9 @@ pair = test_pairs[0]
 moving, fixed = pair["moving"][None], pair["fixed"][None]
 with torch.no_grad():
     out = vvnet(moving, fixed)
-    terms_ds = losses.loss_terms(out, moving, fixed, losses=objective, deep_weight=1.0)
-    terms_no = losses.loss_terms(out, moving, fixed, losses=objective, deep_weight=0.0)
+    segs = dict(moving_seg=pair["moving_seg"][None], fixed_seg=pair["fixed_seg"][None], labels=labels)
+    terms_ds = losses.loss_terms(out, moving, fixed, losses=objective, deep_weight=1.0, **segs)
+    terms_no = losses.loss_terms(out, moving, fixed, losses=objective, deep_weight=0.0, **segs)
 print("same output, deep_weight=1:", {k: round(float(v), 4) for k, v in terms_ds.items()})
 print("same output, deep_weight=0:", {k: round(float(v), 4) for k, v in terms_no.items()})
 """),
@@ -191,34 +200,33 @@ def coarse(model):
     return method
 
 
-print(checkpoints.checkpoint_note(checkpoint))
-pretrained = checkpoints.load_model(checkpoint, factor=checkpoints.choose_factor(4, atlas.spacing_mm))
-methods = {"identity": evaluate.identity, "VV-Net": vvnet, "VV-Net, no deep supervision": vvnet_no_ds,
+pretrained = checkpoints.load_model(pre_state).eval()
+methods = {"affine (pre-alignment)": evaluate.identity, "VV-Net": vvnet, "VV-Net, no deep supervision": vvnet_no_ds,
            "phi1 of VV-Net": coarse(vvnet), "phi1 without deep supervision": coarse(vvnet_no_ds),
            "VV-Net (pre-trained)": pretrained, "phi1 of VV-Net (pre-trained)": coarse(pretrained)}
-results = evaluate.compare(methods, test_pairs, labels=names, progress=False)
-evaluate.summary(results, metrics=("dice", "percent_folding", "seconds"), by=None)
+results = evaluate.compare(methods, test_pairs, labels=structures, progress=False)
+evaluate.summary(results, metrics=("dice", "percent_folding"), by="dataset")
 """),
 code(r"""
-mean_dice = {ev.name: float(np.nanmean(ev.dice.to_numpy(float))) for ev in results}
+mean_dice = {ev.name: ev.mean_dice() for ev in results}
 folds = {ev.name: float(ev.table()["percent_folding"].mean()) for ev in results}
 fig = viz.plot_dice({k: ev.dice.to_numpy(float) for k, ev in zip(methods, results)
-                     if k in ("identity", "VV-Net", "VV-Net, no deep supervision", "VV-Net (pre-trained)")}, labels=labels)
+                     if k in ("affine (pre-alignment)", "VV-Net", "VV-Net, no deep supervision", "VV-Net (pre-trained)")}, labels=labels)
 fig
 """),
 code(r"""
 with torch.no_grad():
     out_pre = pretrained(moving, fixed)
 viewer = viz.SliceViewer(pair["fixed"][0], pair["moving"][0], out_pre.warped[0, 0], disp=out_pre.disp,
-                         rows=["fixed", "warped", "grid"], index=profile.slices)
+                         rows=["fixed", "warped", "grid"], index=tuple(n // 2 for n in atlas.image.shape[1:]))
 viewer
 """),
 md(r"""
 What to look for:
 
 * with deep supervision, $\varphi_1$ alone is already a registration: it makes
-  held-out pairs more similar (local NCC, checked at the end) and, after
-  enough training, its Dice is above identity's (the pre-trained row); without
+  the test pairs more similar (local NCC, checked at the end) and, after
+  enough training, its Dice is above the pre-alignment's (the pre-trained row); without
   it, $\varphi_1$ is free to be anything V-Net 2 can use, and its Dice on its
   own tells you little;
 * deep supervision mainly helps the *optimisation* (gradients reach V-Net 1
@@ -226,21 +234,26 @@ What to look for:
   in training and for deep networks (Lee et al., *Deeply-Supervised Nets*,
   AISTATS 2015); these runs do not measure that. In the `ci` and `cpu` profiles both runs start from a
   network trained *with* deep supervision and take a few steps only, so their
-  $\varphi_1$ is a registration either way (its Dice above identity's: checked)
+  $\varphi_1$ is a registration either way (its Dice above the pre-alignment's: checked)
   and their differences, printed below, are small (checked: under 0.02 Dice);
   the `gpu` profile trains both from scratch, long enough to compare them;
 * the pre-trained VV-Net (trained with deep supervision) shows the end state:
-  Dice above identity by more than 0.02, and its $\varphi_1$ alone already a registration
-  (both checked, and printed below).
+  Dice above the pre-alignment's by more than 0.02, on the held-out donors as
+  well as on new subjects of its training brains, and its $\varphi_1$ alone
+  already a registration (all checked, and printed below).
 """),
 code(r"""
-identity = mean_dice["identity"]
+baseline = "affine (pre-alignment)"
 for name in methods:
-    if name != "identity":
-        print(f"{name:<32} {mean_dice[name]:.3f} Dice ({mean_dice[name] - identity:+.3f} over identity)")
+    if name != baseline:
+        print(f"{name:<32} {mean_dice[name]:.3f} Dice ({mean_dice[name] - mean_dice[baseline]:+.3f} over the pre-alignment)")
 ds_gap = mean_dice["VV-Net"] - mean_dice["VV-Net, no deep supervision"]
 phi1_gap = mean_dice["phi1 of VV-Net"] - mean_dice["phi1 without deep supervision"]
 print(f"with minus without deep supervision: final field {ds_gap:+.3f}, phi1 {phi1_gap:+.3f} Dice")
+by_set = {ds: {ev.name: ev.mean_dice(ds) for ev in results} for ds in test_sets}
+for ds, d in by_set.items():
+    print(f"{ds}: pre-alignment {d[baseline]:.3f}, pre-trained VV-Net {d['VV-Net (pre-trained)']:.3f}, "
+          f"fine-tuned here {d['VV-Net']:.3f}")
 """),
 md(r"""
 
@@ -268,22 +281,24 @@ assert "deep" in terms_ds and "deep" not in terms_no and float(terms_ds["loss"])
 with torch.no_grad():
     ncc = {k: float(np.mean([float(losses.ncc_local(p["fixed"][None], warp(p["moving"][None], disp(p))))
                              for p in test_pairs]))
-           for k, disp in {"identity": lambda p: torch.zeros(1, 3, *p["fixed"].shape[1:]),
+           for k, disp in {baseline: lambda p: torch.zeros(1, 3, *p["fixed"].shape[1:]),
                            "VV-Net": lambda p: vvnet(p["moving"][None], p["fixed"][None]).disp,
                            "phi1 of VV-Net": lambda p: vvnet(p["moving"][None], p["fixed"][None]).stages[0]}.items()}
-print("held-out local NCC (lower is better):", {k: round(v, 4) for k, v in ncc.items()})
+print("local NCC over the test pairs (lower is better):", {k: round(v, 4) for k, v in ncc.items()})
 MARGIN = 0.02
 for name in ("VV-Net", "VV-Net, no deep supervision"):
-    assert mean_dice[name] > mean_dice["identity"] + MARGIN, f"{name} (trained or fine-tuned here) should beat identity by more than {MARGIN} Dice: {mean_dice}"
-assert ncc["VV-Net"] < ncc["identity"], f"trained VV-Net should make held-out pairs more similar: {ncc}"
-assert ncc["phi1 of VV-Net"] < ncc["identity"], f"with deep supervision, phi1 alone should already improve the similarity: {ncc}"
-assert mean_dice["VV-Net (pre-trained)"] > mean_dice["identity"] + 0.02, f"the pre-trained VV-Net should beat identity by more than 0.02 Dice: {mean_dice}"
-assert mean_dice["phi1 of VV-Net (pre-trained)"] > mean_dice["identity"], f"with deep supervision, the pre-trained phi1 alone should beat identity: {mean_dice}"
+    assert mean_dice[name] > mean_dice[baseline] + MARGIN, f"{name} (trained or fine-tuned here) should beat the pre-alignment by more than {MARGIN} Dice: {mean_dice}"
+assert ncc["VV-Net"] < ncc[baseline], f"trained VV-Net should make the test pairs more similar: {ncc}"
+assert ncc["phi1 of VV-Net"] < ncc[baseline], f"with deep supervision, phi1 alone should already improve the similarity: {ncc}"
+assert mean_dice["VV-Net (pre-trained)"] > mean_dice[baseline] + 0.02, f"the pre-trained VV-Net should beat the pre-alignment by more than 0.02 Dice: {mean_dice}"
+assert by_set["held-out"]["VV-Net (pre-trained)"] > by_set["held-out"][baseline] + MARGIN, f"on held-out anatomy too: {by_set}"
+assert mean_dice["phi1 of VV-Net (pre-trained)"] > mean_dice[baseline], f"with deep supervision, the pre-trained phi1 alone should beat the pre-alignment: {mean_dice}"
 assert mean_dice["VV-Net (pre-trained)"] >= mean_dice["phi1 of VV-Net (pre-trained)"] - 0.005, f"V-Net 2 should not undo phi1's work: {mean_dice}"
 assert folds["VV-Net"] < 1.0 and folds["VV-Net (pre-trained)"] < 1.0, f"folding should stay below 1% of the voxels: {folds}"
-assert checkpoints.load_checkpoint(checkpoint)["step"] == 500, "the prose says the pre-trained VV-Net took 500 steps"
+assert 500 <= pre_recipe["steps"] <= 2000, f"the prose says the pre-trained VV-Net took about a thousand steps: {pre_recipe['steps']}"
+assert val["dice"][-1] > max(val["dice"][:-1]) and val["dice"][-1] > val["dice"][0] + 0.05, f"the prose says its validation Dice climbed and was still climbing: {val['dice']}"
 if fine_tune:   # the short runs from one deep-supervised start: the claims of "What to look for"
-    assert mean_dice["phi1 without deep supervision"] > mean_dice["identity"], f"starting from a deep-supervised network, phi1 should stay a registration after a few steps without deep supervision: {mean_dice}"
+    assert mean_dice["phi1 without deep supervision"] > mean_dice[baseline], f"starting from a deep-supervised network, phi1 should stay a registration after a few steps without deep supervision: {mean_dice}"
     assert abs(ds_gap) < 0.02 and abs(phi1_gap) < 0.02, f"a few steps from the same start should change little: final {ds_gap:+.3f}, phi1 {phi1_gap:+.3f} Dice"
 assert vnet3_share > 0.5, f"V-Net 3 should hold most of the parameters, holds {vnet3_share:.0%}"
 assert vnet3_activations < 0.1, f"V-Net 3 should add little activation memory (coarse voxels): {vnet3_activations:.1%} of it"
