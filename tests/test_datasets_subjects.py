@@ -82,7 +82,6 @@ def test_the_pool_keeps_pre_aligned_pairs_on_disk(cache, atlas):
     assert "dataset" not in again.as_list()[0]["meta"]
 
 
-
 def test_course_test_sets_are_the_named_splits_and_seeds(cache):
     sets = course_test_sets({"held-out": 1, "in-distribution": 2}, spacing_mm=4, prealign=None, cache_dir=cache)
     assert list(sets) == ["held-out", "in-distribution"] and [len(v) for v in sets.values()] == [1, 2]
@@ -100,6 +99,7 @@ def test_course_test_sets_are_the_named_splits_and_seeds(cache):
         course_test_sets({"held_out": 1}, spacing_mm=4, cache_dir=cache)
     with pytest.raises(ValueError, match="sizes\\['held-out'\\]"):
         course_test_sets({"held-out": 0}, spacing_mm=4, cache_dir=cache)
+
 
 # ------------------------------------------------------------------ pose
 

@@ -50,7 +50,6 @@ def test_identity_gives_the_unregistered_overlap_and_no_folding():
     assert np.isnan(table["tre_mean"]).all()
 
 
-
 def test_mean_dice_is_over_pairs_and_structures_and_by_dataset():
     pairs = [_seg_pair("A", shift=1), _seg_pair("B", shift=2), _seg_pair("B", shift=1)]
     ev = E.evaluate(E.identity, pairs, labels=[1, 2], progress=False)
@@ -60,6 +59,7 @@ def test_mean_dice_is_over_pairs_and_structures_and_by_dataset():
     assert ev.mean_dice("B") == pytest.approx((0.5 + 0.0 + 0.75 + 0.5) / 4)
     with pytest.raises(ValueError, match="dataset: expected one of \\['A', 'B'\\], got 'C'"):
         ev.mean_dice("C")
+
 
 def test_a_perfect_method_scores_dice_one():
     ev = E.evaluate(_shift_method(1.0), [_seg_pair(shift=1)], labels={1: "square", 2: "small"},

@@ -242,7 +242,7 @@ def cell(set_name, row):
     if not evs:
         return None
     values = np.concatenate([ev.dice.to_numpy(float).ravel() for ev in evs])
-    seed_means = [np.nanmean(ev.dice.to_numpy(float)) for ev in evs]
+    seed_means = [ev.mean_dice() for ev in evs]
     return dict(mean=float(np.mean(seed_means)), std=float(np.nanstd(values)),
                 seed_std=float(np.std(seed_means)) if len(evs) > 1 else np.nan,
                 folding=float(np.mean([r["percent_folding"] for ev in evs for r in ev.records])),
@@ -424,7 +424,7 @@ ncc_model = load_model(ncc_state)
 ncc_rows = {}
 for s in sets:
     ev = evaluate(ncc_model, aligned[s], labels=structures, name="VoxelMorph, NCC recipe", progress=False)
-    ncc_rows[s] = (float(np.nanmean(ev.dice.to_numpy(float))), float(np.mean([r["percent_folding"] for r in ev.records])))
+    ncc_rows[s] = (ev.mean_dice(), float(np.mean([r["percent_folding"] for r in ev.records])))
 print("\n" + "\n".join(
     f"{s}: Dice {d:.3f} (Affine {dice_mean.loc['Affine', s]:.3f}"
     + (f", SyN {dice_mean.loc['SyN', s]:.3f}" if "SyN" in rows else "")

@@ -49,7 +49,8 @@ from . import brain as _brain
 from .brain import BRAIN_SHAPES, DONORS, Brain, mni_brain, to_freesurfer
 from .freesurfer import FREESURFER_30
 
-__all__ = ["TRAIN_ANATOMY", "HELD_OUT_ANATOMY", "ANATOMIES", "COURSE_TEST_SETS", "anatomy_split", "anatomy", "course_test_sets",
+__all__ = ["TRAIN_ANATOMY", "HELD_OUT_ANATOMY", "ANATOMIES", "COURSE_TEST_SETS", "anatomy_split", "anatomy",
+           "course_test_sets",
            "complete_donor", "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs"]
 
 #: Anatomy a network may train on: the atlas itself and four donors.
@@ -59,8 +60,8 @@ TRAIN_ANATOMY = ("mni152", "9861", "10021", "12876", "14380")
 HELD_OUT_ANATOMY = ("15496", "15697")
 ANATOMIES = TRAIN_ANATOMY + HELD_OUT_ANATOMY
 #: The course's test sets of :class:`RealisticPairs`, ``{set: (anatomy split, seed)}``: new subjects
-#: of the training brains and subjects of the held-out donors. Notebooks 06 and 10 evaluate on
-#: them; training (seed 0) and validation (seed 10000) never use these seeds.
+#: of the training brains and subjects of the held-out donors. Notebooks 06, 08 and 10 evaluate
+#: on them (:func:`course_test_sets`); training (seed 0) and validation (seed 10000) never use these seeds.
 COURSE_TEST_SETS = {"in-distribution": ("train", 20_000), "held-out": ("held_out", 30_000)}
 
 # regedu parcel numbers the donor maps lack (brainstem, ventricles, CSF,
