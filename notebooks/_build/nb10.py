@@ -585,8 +585,8 @@ for name in ("seeds_semi.json", "seeds_semi_lr5e-4.json"):
     semi[lr_] = dict(run=run, equal=equal_, table=table_, held=held_, tests=tests_, optimiser=optimiser,
                      dice_added=dice_added, same_pairs=same_pairs)
 networks = list(seeds_run["groups"])
-final_val = {(m, lr_): [r["checkpoints"][k]["recipe"]["validation_dice"][-1] for k in r["groups"][m]]
-             for lr_, e in semi.items() for r in [e["run"]] for m in networks}
+final_val = {(m, lr_): [e["run"]["checkpoints"][k]["recipe"]["validation_dice"][-1] for k in e["run"]["groups"][m]]
+             for lr_, e in semi.items() for m in networks}
 chosen = {m: max(semi, key=lambda lr_: np.mean(final_val[m, lr_])) for m in networks}
 print("\nvalidation Dice at the last step, per seed:")
 for m in networks:
@@ -754,8 +754,15 @@ for m in groups:
 for lr_, e in semi.items():
     assert all(len(g) >= 3 for g in e["run"]["groups"].values()), f"lr {lr_:g}: three seeds per network at least: {e['run']['groups']}"
     assert e["equal"] and len(e["optimiser"]) == 1 and e["dice_added"] and e["same_pairs"], (lr_, e["optimiser"])
+# The prose: the files differ in the learning rate alone (2e-4 and 5e-4, both clipped at 1), and the
+# second rate was tried because at 2e-4 VoxelMorph stayed below SyN with its validation still rising.
+assert sorted(semi) == [2e-4, 5e-4] and {c for e in semi.values() for _, c in e["optimiser"]} == {1.0}, \
+    [e["optimiser"] for e in semi.values()]
+low = semi[2e-4]["run"]
+assert semi[2e-4]["tests"]["SyN", "VoxelMorph"].winner == "SyN", semi[2e-4]["tests"]["SyN", "VoxelMorph"].summary()
+assert all(low["checkpoints"][k]["recipe"]["validation_dice"][-1] > low["checkpoints"][k]["recipe"]["validation_dice"][-2]
+           for k in low["groups"]["VoxelMorph"]), "VoxelMorph's validation Dice at 2e-4 should still be rising at the end"
 for m in networks:
-    assert np.mean(final_val[m, chosen[m]]) == max(np.mean(final_val[m, lr_]) for lr_ in semi), "the rate is chosen on validation"
     t = semi[chosen[m]]["tests"]["Affine", m]
     assert t.bootstrap.ci_low > 0.02, f"{m} (semi-supervised, 3 seeds) should beat the affine by > 0.02 Dice: {t.summary()}"
 print("all checks passed")
