@@ -36,14 +36,17 @@ code(PROFILE_CELL),
 md(r"""
 ## 1. Data: subjects slightly out of pose
 
-The atlas is notebook 06's. The subjects are the simpler kind the project's
-first checkpoints were trained on (`datasets.BrainPairs`): the template under
-random smooth deformations with intensity changes, and the six donors'
-anatomy, already aligned to the template. The paper's data were affinely
-pre-aligned with ANTs (notebook 06 does that to subjects that arrive out of
-pose); here the pose is left to the network, so every subject gets a small
-random affine misalignment (a few degrees, a few percent of scale, a few
-voxels of shift), made with `regedu.spatial.affine_to_displacement`.
+The subjects and test sets are notebooks 06, 08 and 10's: realistic subjects
+(pose, the anatomy of a real brain, intensity changes) **pre-aligned to the
+atlas with ANTs affine**, as the VV-Net paper prepares its data
+(`datasets.RealisticPairs`), and new subjects of the training brains
+("in-distribution") and of the two held-out donors ("held-out") for testing.
+Everything runs on the 4 mm grid the pre-trained networks below know, in every
+profile. The pre-alignment has already taken the pose out, so to give the
+affine stage something to find, every subject gets a small random affine
+misalignment on top of it (a few degrees, a few percent of scale, a few
+millimetres of shift), made with `regedu.spatial.affine_to_displacement`. Its
+matrix is kept: it is the known answer the affine stage is checked against.
 """),
 code(r"""
 import math
@@ -58,15 +61,18 @@ from regedu import checkpoints, datasets, evaluate, nets, train, viz
 from regedu.losses import loss_terms
 from regedu.spatial import affine_to_displacement, warp
 
-atlas = datasets.mni_brain()
-table = datasets.label_table()
-labels = sorted(int(v) for v in table.loc[table["in_30"], "freesurfer"].unique())
-names = {k: datasets.STRUCTURE_NAMES.get(k, str(k)) for k in labels}
-shape = atlas.image.shape[1:]
+checkpoint = Path("checkpoints/brain_unet_4mm_semi_lr5e-4_s0.pt")
+pyramid_checkpoint = Path("checkpoints/brain_pyramid_4mm_semi_lr5e-4_s0.pt")
+recipes = {path.name: checkpoints.training_recipe(checkpoints.load_checkpoint(path)) for path in (checkpoint, pyramid_checkpoint)}
+spacing = int(recipes[checkpoint.name]["spacing"][0])
+atlas = datasets.mni_brain(spacing)
+structures = atlas.structures()
+labels = list(structures)
+shape = tuple(atlas.image.shape[1:])
 
 
 def misalign(item, seed):
-    # A random rotation about axis 0 (a few degrees), an anisotropic scaling and a shift (in 2 mm voxels).
+    # A random rotation about axis 0 (a few degrees), an anisotropic scaling and a shift (up to 4 mm).
     shape = item["moving"].shape[1:]
     g = np.random.default_rng(seed)
     angle = math.radians(g.uniform(-4, 4))
@@ -94,21 +100,16 @@ class Misaligned(torch.utils.data.Dataset):
         return self.cache[i]
 
 
-donors = [datasets.donor_brain(d) for d in datasets.DONORS]
-# Fine-tuning runs on the 4 mm grid in every profile but gpu (the grid of the checkpoint, with
-# an eighth of a 2 mm grid's voxels); the test pairs are on this profile's grid.
-train_spacing = profile.train_spacing_mm
-atlas_train = datasets.mni_brain(train_spacing)
-train_pairs = Misaligned(datasets.BrainPairs(profile.n_train_pairs, atlas=atlas_train, seed=0, subjects=[atlas_train] + [
-    datasets.donor_brain(d, train_spacing) for d in datasets.DONORS[:4]]), seed=1)
+train_pairs = Misaligned(datasets.RealisticPairs(profile.n_train_pairs, anatomy="train", seed=0, spacing_mm=spacing), seed=1)
 n_test = max(1, profile.n_test_pairs // 2)
+test_sets = datasets.course_test_sets({name: n_test for name in datasets.COURSE_TEST_SETS}, spacing_mm=spacing)
 test_pairs, applied = [], []
-for name, subjects, seed in (("synthetic", None, 100), ("donors", donors[4:], 101)):
-    source = Misaligned(datasets.BrainPairs(n_test, atlas=atlas, subjects=subjects, seed=seed), seed + 1)
-    for i in range(n_test):
-        test_pairs.append({**source[i], "meta": {"dataset": name, "id": f"{name}-{i}"}})
-        applied.append(source.matrices[i])
-print(f"{len(train_pairs)} training pairs at {train_spacing:g} mm, {len(test_pairs)} test pairs at {'x'.join(map(str, shape))}")
+for k, pairs in enumerate(test_sets.values()):
+    source = Misaligned(pairs, seed=100 + k)
+    test_pairs += [source[i] for i in range(len(pairs))]
+    applied += [source.matrices[i] for i in range(len(pairs))]
+print(f"{len(train_pairs)} training pairs, test pairs:", {name: len(pairs) for name, pairs in test_sets.items()},
+      f"on the {spacing} mm grid, {'x'.join(map(str, shape))}")
 angles = [math.degrees(math.atan2(abs(m[2, 1]), abs(m[2, 2]))) for m in applied]
 scales = [abs(float(np.linalg.norm(m[k, :3])) - 1) for m in applied for k in range(3)]
 shifts = [float(np.linalg.norm(m[:, 3])) * atlas.spacing_mm for m in applied]
@@ -118,50 +119,38 @@ print(f"misalignment of the test pairs: rotations up to {max(angles):.1f} degree
 md(r"""
 **Budget.** Training five 3D networks from scratch is far beyond a CPU
 notebook. So every variant that contains a VoxelMorph U-Net **starts from the
-VoxelMorph the project trained on these subjects** (`checkpoints/brain_unet_4mm.pt`,
-made by `regedu train`; the command is printed below) and is fine-tuned for a few
-steps (the number is printed with each run) at $10^{-4}$ on this notebook's
-misaligned pairs. The pyramid
+VoxelMorph the project trained on these subjects**
+(`checkpoints/brain_unet_4mm_semi_lr5e-4_s0.pt`, seed 0 of notebook 10's
+semi-supervised comparison, made by `regedu train`; the command is printed
+below) and is fine-tuned for a few steps (the number is printed with each run)
+at $10^{-4}$ on this notebook's misaligned pairs, with the checkpoint's own
+loss (local NCC + diffusion + the Dice term, read from the file). The pyramid
 network has different layers: it starts from its own checkpoint, made by the
-same kind of command with `--model pyramid` (`checkpoints/brain_pyramid_4mm.pt`,
-printed in section 4), and is fine-tuned the same way. The loss of every run
-is local NCC + diffusion + the Dice term, as for the checkpoints. Every model
-is fine-tuned on 4 mm pairs (the grid the checkpoints know) and, in the `cpu`
-and `gpu` profiles, runs on the finer test pairs inside `nets.Rescaled`
-(inputs averaged down to 4 mm, fields upsampled back). The `gpu` profile
-trains on its own grid, for the profile's steps.
+same command with `--model pyramid` (`checkpoints/brain_pyramid_4mm_semi_lr5e-4_s0.pt`,
+printed in section 4: the same data, steps, batch, learning rate and loss),
+and is fine-tuned the same way. The `gpu` profile fine-tunes for the profile's
+steps.
 """),
 code(r"""
-checkpoint = Path("checkpoints/brain_unet_4mm.pt")
 print(checkpoints.checkpoint_note(checkpoint))
-unet_4mm = checkpoints.load_model(checkpoint)
-factor = checkpoints.choose_factor(4, atlas.spacing_mm)        # test grid -> the checkpoint's 4 mm grid
-train_factor = checkpoints.choose_factor(4, train_spacing)      # 1 except in the gpu profile
+unet = checkpoints.load_model(checkpoint)
 steps = {"ci": 10, "cpu": 20}.get(profile.name, profile.steps_3d)
 lr = 1e-4
-losses = {"ncc": 1.0, "diffusion": 1.0, "dice": 1.0}
+losses = recipes[checkpoint.name]["losses"]
+print("the checkpoint's loss:", losses)
 seconds = {}
-
-
-def at_4mm(model, f=None):
-    # The whole model runs on the 4 mm grid: trained with f=train_factor, tested with f=factor.
-    return nets.Rescaled(model, train_factor if f is None else f)
 
 
 def fit(model, n_steps, name, lr=lr):
     torch.manual_seed(0)
     start = time.perf_counter()
-    history = train.fit(model, train_pairs, losses=losses, steps=n_steps, lr=lr, labels=labels, progress=False)
+    history = train.fit(model.train(), train_pairs, losses=losses, steps=n_steps, lr=lr, labels=labels,
+                        grad_clip=1.0, progress=False)
     seconds[name] = time.perf_counter() - start
     # (The logged loss of single pairs is too noisy over a few steps to say which way it went.)
-    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {n_steps} steps at {train_spacing:g} mm "
+    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {n_steps} steps at {spacing} mm "
           f"in {seconds[name]:.0f} s")
     return model.eval(), history
-
-
-def on_test_grid(model):
-    # The same weights (a model trained inside at_4mm), with the 4 mm grid reached from this profile's grid.
-    return at_4mm(model.model, factor).eval()
 """),
 md(r"""
 ## 2. Affine, then deformable
@@ -183,18 +172,16 @@ from the identity, so before fine-tuning the pipeline *is* the pre-trained U-Net
 """),
 code(r"""
 inner = nets.create("affine_unet", spatial_dims=3)
-inner.deformable.load_state_dict(unet_4mm.state_dict())
+inner.deformable.load_state_dict(unet.state_dict())
 probe = train_pairs[0]
 with torch.no_grad():
     gap = float((inner(probe["moving"][None], probe["fixed"][None]).disp
-                 - unet_4mm(probe["moving"][None], probe["fixed"][None]).disp).abs().max())
+                 - unet(probe["moving"][None], probe["fixed"][None]).disp).abs().max())
 print(f"before fine-tuning, pipeline vs pre-trained U-Net: fields differ by at most {gap:.1e} voxels")
-pipeline, pipeline_history = fit(at_4mm(inner), steps, "affine + deformable")
-pipeline = on_test_grid(pipeline)
+pipeline, pipeline_history = fit(inner, steps, "affine + deformable")
 pair = test_pairs[0]
 with torch.no_grad():
-    # The affine stage sees the pair on the 4 mm grid, as inside the pipeline.
-    matrix = inner.affine.matrix(pipeline.coarsen(pair["moving"][None]), pipeline.coarsen(pair["fixed"][None]))[0]
+    matrix = pipeline.affine.matrix(pair["moving"][None], pair["fixed"][None])[0]
     out = pipeline(pair["moving"][None], pair["fixed"][None])
 np.set_printoptions(precision=3, suppress=True)
 print("predicted [A | t] of the first test pair (4 mm voxels):\n", matrix.numpy())
@@ -204,9 +191,9 @@ md(r"""
 **Does the affine stage find the pose?** Every test pair was misaligned by a
 known matrix, so the answer is known: the map that undoes it,
 $x \mapsto L^{-1}(x - c - T) + c$ for the applied $x \mapsto L(x - c) + c + T$
-about the image centre $c$. On the synthetic test pairs (the atlas under a
-random deformation with no affine part of its own, so the inverse is the
-whole affine answer) we measure the mean distance, in mm over the brain,
+about the image centre $c$. On every test pair (pre-aligned by ANTs before
+the misalignment was added, so that inverse is the whole affine answer up to
+the pre-alignment's own error) we measure the mean distance, in mm over the brain,
 between each affine stage's map and that answer: for the identity (no stage),
 for the learned stage of the pipeline, and for an affine found by optimisation
 on the pair itself (`regedu.classic.affine_register`, notebook 03; coarse to
@@ -229,22 +216,20 @@ def error_mm(mapping, m):
     return float(np.linalg.norm(mapping(brain) - undo(m)(brain), axis=1).mean()) * atlas.spacing_mm
 
 
-synthetic = [i for i, p in enumerate(test_pairs) if p["meta"]["dataset"] == "synthetic"]
 errors = {"identity": [], "learned affine stage": [], "optimised affine": []}
 dets = {"learned affine stage": [], "optimised affine": []}
 start = time.perf_counter()
-for i in synthetic:
-    p, m = test_pairs[i], applied[i]
-    with torch.no_grad():   # on the 4 mm grid as inside the pipeline; 4 mm voxels are `factor` test voxels
-        learned = inner.affine.matrix(pipeline.coarsen(p["moving"][None]), pipeline.coarsen(p["fixed"][None]))[0].double().numpy()
+for p, m in zip(test_pairs, applied):
+    with torch.no_grad():
+        learned = pipeline.affine.matrix(p["moving"][None], p["fixed"][None])[0].double().numpy()
     optimised = displacement_to_affine(affine_register(p["moving"][None], p["fixed"][None],
-                                                       levels=(4 * factor, 2 * factor, factor), iterations=(60, 30, 10)))
+                                                       levels=(4, 2, 1), iterations=(60, 30, 10)))
     errors["identity"].append(error_mm(lambda x: x, m))
-    errors["learned affine stage"].append(error_mm(lambda x: (x - centre) @ learned[:, :3].T + centre + factor * learned[:, 3], m))
+    errors["learned affine stage"].append(error_mm(lambda x: (x - centre) @ learned[:, :3].T + centre + learned[:, 3], m))
     errors["optimised affine"].append(error_mm(lambda x: x @ optimised[:3, :3].T + optimised[:3, 3], m))
     dets["learned affine stage"].append(float(np.linalg.det(learned[:, :3])))
     dets["optimised affine"].append(float(np.linalg.det(optimised[:3, :3])))
-seconds["optimised affine, per pair"] = (time.perf_counter() - start) / len(synthetic)
+seconds["optimised affine, per pair"] = (time.perf_counter() - start) / len(test_pairs)
 pose_error = {k: float(np.mean(v)) for k, v in errors.items()}
 for k, v in pose_error.items():
     print(f"{k:<22} {v:5.2f} mm from the known answer" + (f", det A {np.round(dets[k], 3).tolist()}" if k in dets else ""))
@@ -273,23 +258,16 @@ warped image). Here the single stage is itself the pre-trained U-Net,
 fine-tuned like the others.
 """),
 code(r"""
-def cascade(n, f=None):
-    model = nets.create("cascade", spatial_dims=3, n_stages=n, shared=True, stage="rescaled",
-                        stage_kwargs={"model": unet_4mm.config, "factor": train_factor if f is None else f})
-    model.stages[0].model.load_state_dict(unet_4mm.state_dict())
+def cascade(n):
+    stage_kwargs = {k: v for k, v in unet.config.items() if k not in ("name", "spatial_dims", "in_channels")}
+    model = nets.create("cascade", spatial_dims=3, n_stages=n, shared=True, stage="unet", stage_kwargs=stage_kwargs)
+    model.stages[0].load_state_dict(unet.state_dict())
     return model
 
 
-def cascade_on_test_grid(trained, n):
-    # Rescaled has no weights of its own: the trained stage loads into stages of the test grid's factor.
-    model = cascade(n, factor)
-    model.load_state_dict(trained.state_dict())
-    return model.eval()
-
-
-cascades = {1: cascade_on_test_grid(fit(cascade(1), steps, "cascade, 1 stage")[0], 1)}
+cascades = {1: fit(cascade(1), steps, "cascade, 1 stage")[0]}
 for n in (2, 3):  # n recursions cost n times a step: fewer steps, the same start
-    cascades[n] = cascade_on_test_grid(fit(cascade(n), max(1, steps // 2), f"cascade, {n} stages")[0], n)
+    cascades[n] = fit(cascade(n), max(1, steps // 2), f"cascade, {n} stages")[0]
 
 with torch.no_grad():
     out3 = cascades[3](pair["moving"][None], pair["fixed"][None])
@@ -344,14 +322,12 @@ def training_loss(model, n=3):
                               for p in (train_pairs[i] for i in range(n))]))
 
 
-pyramid_checkpoint = Path("checkpoints/brain_pyramid_4mm.pt")
 print(checkpoints.checkpoint_note(pyramid_checkpoint))
-pyramid = at_4mm(checkpoints.load_model(pyramid_checkpoint).train())
+pyramid = checkpoints.load_model(pyramid_checkpoint)
 pyramid_before = training_loss(pyramid)
 pyramid, pyramid_history = fit(pyramid, steps, "pyramid")
 pyramid_after = training_loss(pyramid)
 print(f"pyramid: loss on 3 training pairs {pyramid_before:.4f} -> {pyramid_after:.4f}")
-pyramid = on_test_grid(pyramid)
 with torch.no_grad():
     outp = pyramid(pair["moving"][None], pair["fixed"][None])
 print("field after each level, coarse to fine, mean |u| (voxels):",
@@ -360,15 +336,16 @@ print("field after each level, coarse to fine, mean |u| (voxels):",
 md(r"""
 ## 5. One table
 
-Same test pairs, same metrics, every variant. "identity" is the Dice before
-registration. Seconds are per pair on this machine (training times are printed
+Same test pairs, same metrics, every variant, in-distribution and held-out
+apart. "identity" is the Dice of the misaligned pairs before registration.
+Seconds are per pair on this machine (training times are printed
 above).
 """),
 code(r"""
-methods = {"identity": evaluate.identity, "pre-trained U-Net (no fine-tuning)": at_4mm(unet_4mm, factor),
+methods = {"identity": evaluate.identity, "pre-trained U-Net (no fine-tuning)": unet.eval(),
            "affine + deformable": pipeline, **methods, "pyramid": pyramid}
-results = evaluate.compare(methods, test_pairs, labels=names, progress=False)
-table_all = evaluate.summary(results, metrics=("dice", "percent_folding", "seconds"), by=None)
+results = evaluate.compare(methods, test_pairs, labels=structures, progress=False)
+table_all = evaluate.summary(results, metrics=("dice", "percent_folding", "seconds"), by="dataset")
 table_all
 """),
 code(r"""
@@ -402,9 +379,9 @@ so it says what this run measured):
   previous one. The price is time: $k$ stages cost $k$ forward passes;
 * the pyramid network is meant to reach large displacements through its
   coarse levels (the |u| of each level is printed above) at the cost of one
-  network; its checkpoint had a quarter of the U-Net's
-  training steps (compare the two commands printed above), so its row is not a
-  fair ranking against the U-Net variants.
+  network; its checkpoint had the U-Net's data, steps and loss (compare the
+  two commands printed above), but it has more parameters (both counts are
+  printed with the fine-tuning runs).
 
 A few test pairs and short fine-tuning runs make this a demonstration, not a
 ranking; the `gpu` profile trains long enough for the ordering to mean something.
@@ -460,8 +437,9 @@ assert all(0.8 < d < 1.25 for v in dets.values() for d in v), f"each affine stag
 assert sharpness["warped once by the composed field"] > sharpness["warped three times, stage by stage"], f"warping once by the composed field should keep the image sharper than warping three times: {sharpness}"
 assert all(f < 1.0 for f in folds.values()), f"folding should stay below 1% of the voxels: {folds}"
 assert gap < 1e-3, f"before fine-tuning the pipeline should be the pre-trained U-Net (fields differ by {gap:.1e} voxels)"
-steps_of = {p.name: checkpoints.load_checkpoint(p)["step"] for p in (checkpoint, pyramid_checkpoint)}
-assert 4 * steps_of[pyramid_checkpoint.name] == steps_of[checkpoint.name], f"the prose says the pyramid had a quarter of the U-Net's steps: {steps_of}"
+budgets = {name: {k: v for k, v in r.items() if k not in ("model", "parameters", "validation_dice")} for name, r in recipes.items()}
+assert budgets[checkpoint.name] == budgets[pyramid_checkpoint.name], f"the prose says the pyramid had the U-Net's data, steps and loss: {budgets}"
+assert recipes[pyramid_checkpoint.name]["parameters"] > recipes[checkpoint.name]["parameters"], f"the prose says the pyramid has more parameters: {recipes}"
 print("all checks passed")
 print(f"peak memory of this kernel: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 """),
