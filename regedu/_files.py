@@ -7,8 +7,8 @@ disk or kill ever leaves half a file where a reader expects a whole one.
 from __future__ import annotations
 
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,8 +33,7 @@ def write_atomic(path, write: Callable[[Path], object], *, suffix: str = ".tmp")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = _new_temporary(path, suffix)
     try:
         write(Path(tmp))
         # Renamed before its data reach the disk, a file can come back empty after a crash.
@@ -43,8 +42,8 @@ def write_atomic(path, write: Callable[[Path], object], *, suffix: str = ".tmp")
             os.fsync(fd)
         finally:
             os.close(fd)
-        # mkstemp makes the file private (0600): give it the mode open() would have given.
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else _open_mode())
+        if path.exists():  # a replaced file keeps its mode; a new one has open()'s already
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -52,11 +51,20 @@ def write_atomic(path, write: Callable[[Path], object], *, suffix: str = ".tmp")
     return path
 
 
-def _open_mode() -> int:
-    """The mode of a file that open() creates: 0666 less the process's umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+def _new_temporary(path: Path, suffix: str) -> str:
+    """Create an empty, new temporary file beside ``path``; return its name.
+
+    Created with mode 0666, so the kernel applies the umask just as for a plain
+    open() (tempfile.mkstemp would make it 0600, and reading the umask means
+    setting it, which races with other threads).
+    """
+    while True:
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _remove_stale_temporaries(path: Path) -> None:

@@ -84,8 +84,8 @@ def training_recipe(state: Mapping) -> dict:
 
     Returns ``model`` (registry name), ``seed``, ``steps`` (the step it was
     saved at), ``batch``, ``lr``, ``grad_clip`` (None: no clipping),
-    ``losses`` (term -> weight), ``data`` and
-    ``pairs`` (the ``regedu train`` command's, None for a run started from
+    ``losses`` (term -> weight), ``data``, ``pairs`` and ``misalign`` (the
+    ``regedu train`` command's; None, None and False for a run started from
     Python), ``shape`` and ``spacing`` (the grid trained on), ``parameters``
     and ``validation_dice`` (every validation's mean Dice, oldest first).
     Two runs had equal budgets when every key but ``model``, ``seed``,
@@ -98,7 +98,7 @@ def training_recipe(state: Mapping) -> dict:
     return dict(model=state["config"]["name"], seed=tc.get("seed"), steps=int(state["step"]),
                 batch=tc.get("batch_size"), lr=tc.get("lr"), grad_clip=tc.get("grad_clip"),
                 losses=dict(tc.get("losses") or {}),
-                data=cli.get("data"), pairs=cli.get("pairs"),
+                data=cli.get("data"), pairs=cli.get("pairs"), misalign=bool(cli.get("misalign")),
                 shape=list(tc["shape"]) if tc.get("shape") is not None else None,
                 spacing=list(tc["spacing"]) if tc.get("spacing") is not None else None,
                 parameters=sum(v.numel() for v in state["model"].values()),

@@ -166,7 +166,8 @@ def _fetch(args) -> int:
 # fit's and take its defaults (fit's signature is their one home).
 _COMMAND_DEFAULTS = {"model": "unet", "data": None, "atlas": None, "val_data": None,
                      "out": "regedu_model.pt", "resume": False, "force": False, "init_from": None,
-                     "device": None, "progress": True, "model_args": {}, "pairs": None}
+                     "device": None, "progress": True, "model_args": {}, "pairs": None,
+                     "misalign": False}
 _FIT_OPTIONS = ("steps", "epochs", "lr", "batch_size", "losses", "labels", "val_every",
                 "checkpoint_every", "seed", "grad_clip")
 
@@ -180,7 +181,7 @@ def _train_defaults() -> dict:
 # Options a resumed run takes from its checkpoint unless given again: from the
 # training settings, and from what the command line recorded.
 _FROM_TRAIN_CONFIG = ("lr", "losses", "batch_size", "labels", "grad_clip", "seed", "steps", "epochs")
-_FROM_COMMAND = ("data", "atlas", "val_data", "pairs", "val_every", "checkpoint_every")
+_FROM_COMMAND = ("data", "atlas", "val_data", "pairs", "misalign", "val_every", "checkpoint_every")
 
 
 def _parse_weights(text: str) -> dict[str, float]:
@@ -363,7 +364,10 @@ _OFFLINE = ("fundus", "brain", "subjects")
 
 def _training_pairs(config: dict, profile):
     """The training and validation pairs of --data and --val-data."""
-    from .datasets import FREESURFER_30, OfflinePairs, PairFolder, RealisticPairs
+    from .datasets import FREESURFER_30, Misaligned, OfflinePairs, PairFolder, RealisticPairs
+    if config["misalign"] and config["data"] != "subjects":
+        raise CLIError(f"--misalign: only for --data subjects (pre-aligned pairs it can misalign "
+                       f"again), got --data {config['data']!r}")
     if config["pairs"] is not None and (not isinstance(config["pairs"], int) or config["pairs"] < 1):
         raise CLIError(f"--pairs: expected a positive number of pairs, got {config['pairs']!r}")
     if config["pairs"] is not None and config["data"] not in _OFFLINE:
@@ -376,6 +380,9 @@ def _training_pairs(config: dict, profile):
             # validation on other subjects of the same anatomy (the held-out brains stay unseen).
             data = RealisticPairs(config["pairs"] or profile.n_train_pairs, anatomy="train", seed=0)
             val = RealisticPairs(profile.n_test_pairs, anatomy="train", seed=10_000)
+            if config["misalign"]:
+                # A known pose for an affine stage to learn; other seeds for validation.
+                data, val = Misaligned(data, seed=1), Misaligned(val, seed=2)
             if config["val_data"] not in (None, "subjects"):
                 val = PairFolder(config["val_data"], what="--val-data", progress=progress)
             if config["labels"] is None:
@@ -831,6 +838,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="structures for the Dice term and validation: 2,3,4 or freesurfer30")
     p.add_argument("--pairs", type=int, help="with --data fundus/brain: how many different training "
                                              "pairs to draw (default: the profile's n_train_pairs)")
+    p.add_argument("--misalign", action="store_const", const=True, default=None,
+                   help="with --data subjects: add a small known affine misalignment to each pre-aligned "
+                        "pair (regedu.datasets.Misaligned), for training an affine stage")
     p.add_argument("--steps", type=int, help="optimiser steps (default: the profile's, 2D or 3D)")
     p.add_argument("--epochs", type=int, help="passes over the pairs, instead of --steps")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")

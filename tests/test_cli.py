@@ -11,7 +11,7 @@ import torch
 
 from regedu import nets
 from regedu.cli import main
-from regedu.checkpoints import load_checkpoint, load_model, save_checkpoint
+from regedu.checkpoints import load_checkpoint, load_model, save_checkpoint, training_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,6 +140,42 @@ def test_train_on_the_offline_fundus_pairs(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert "on 3 pairs of 128x128 from fundus" in out
     assert load_checkpoint(ckpt)["train_config"]["grad_clip"] == 1.0
+
+
+class FakeSubjects(torch.utils.data.Dataset):
+    """Stands in for RealisticPairs (whose pairs take ANTs to make): small 3D pairs, moving = fixed."""
+
+    spacing, shape = 4.0, (12, 14, 16)
+
+    def __init__(self, n, anatomy, seed):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def labels_present(self):
+        return {2, 3}
+
+    def __getitem__(self, i):
+        image = torch.rand(1, *self.shape, generator=torch.Generator().manual_seed(i))
+        seg = (image > 0.5).long() + 2
+        return {"moving": image, "fixed": image, "moving_seg": seg, "fixed_seg": seg}
+
+
+def test_train_misaligns_the_subjects_for_an_affine_stage_and_records_it(tmp_path, capsys, monkeypatch):
+    import regedu.datasets
+    monkeypatch.setattr(regedu.datasets, "RealisticPairs", FakeSubjects)
+    ckpt = tmp_path / "affine.pt"
+    code, out, err = run(["train", "--data", "subjects", "--pairs", 3, "--misalign", "--model", "affine",
+                          "--losses", "mse=1", "--labels", "2,3", "--steps", 2, "--out", ckpt, "--no-progress"],
+                         capsys)
+    assert code == 0, err
+    assert "training affine (3D) on 3 pairs of 12x14x16 from subjects" in out
+    state = load_checkpoint(ckpt)
+    recipe = training_recipe(state)
+    assert (recipe["data"], recipe["pairs"], recipe["misalign"], recipe["spacing"]) == ("subjects", 3, True, [4.0])
+    # Misaligned, the moving image is no longer the fixed one: the loss starts above zero.
+    assert state["history"]["train"]["loss"][0] > 1e-3
 
 
 def test_train_from_a_toml_config_and_resume(folder2d, tmp_path, capsys):
@@ -271,6 +307,9 @@ def test_bad_options_are_explained(folder2d, tmp_path, capsys):
     one_line_error(code, err, "--pairs: only for the offline data")
     code, _, err = run(["train", "--data", "brain", "--pairs", 0], capsys)
     one_line_error(code, err, "--pairs: expected a positive number")
+    code, _, err = run(["train", "--data", "fundus", "--misalign"], capsys)
+    one_line_error(code, err, "--misalign: only for --data subjects (pre-aligned pairs it can misalign again), "
+                              "got --data 'fundus'")
     code, _, err = run(["frobnicate"], capsys)
     one_line_error(code, err, "invalid choice: 'frobnicate'")
     code, _, err = run(["train", "--data", folder2d, "--device", "tpu:0"], capsys)

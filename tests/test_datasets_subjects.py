@@ -7,7 +7,7 @@ import torch
 
 from conftest import SHARED_DATA
 from regedu.datasets import (ANATOMIES, COURSE_TEST_SETS, DONORS, FREESURFER_30, HELD_OUT_ANATOMY, STRUCTURE_NAMES, TRAIN_ANATOMY,
-                             DataUnavailableError, RealisticPairs, atlas_pair,
+                             DataUnavailableError, Misaligned, RealisticPairs, atlas_pair,
                              anatomy_split, complete_donor, course_test_sets, mni_brain, normalise_intensity, preprocess,
                              random_pose, realistic_subject, vxm_subject)
 from regedu.metrics import dice
@@ -179,6 +179,51 @@ def test_preprocessing_raises_dice_on_a_pose_perturbed_pair(atlas):
     assert after > before + 0.15, (before, after)
     # The same resampling applies to any other volume of the subject.
     assert torch.equal(p.apply(s["seg"], labels=True), p.seg)
+
+
+def _ramps(shape=(20, 24, 28)):
+    # One pair per axis: moving = that voxel coordinate, which linear interpolation resamples exactly.
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    seg = torch.zeros(1, *shape, dtype=torch.long)
+    seg[:, 5:15, 6:18, 7:21] = 3
+    return [{"moving": torch.from_numpy(g)[None], "fixed": torch.zeros(1, *shape), "moving_seg": seg,
+             "fixed_seg": seg, "meta": {"index": k}} for k, g in enumerate(grids)]
+
+
+def test_misaligned_pairs_are_the_moving_side_under_their_known_matrix():
+    pairs = Misaligned(_ramps(), seed=3, spacing_mm=2)
+    shape = pairs[0]["moving"].shape[1:]
+    centre = np.array([(n - 1) / 2 for n in shape])
+    inner = tuple(slice(4, n - 4) for n in shape)                # away from the border's padding
+    x = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)[inner].reshape(-1, 3)
+    for k in range(3):
+        item, m = pairs[k], pairs.matrix(k)
+        assert item["meta"] == {"index": k, "misalignment": m.tolist()}
+        # Item k of the ramps is axis k: its warped value is axis k of the map L (x - c) + c + T.
+        expected = ((x - centre) @ m[:, :3].T + centre + m[:, 3])[:, k]
+        np.testing.assert_allclose(item["moving"][0][inner].reshape(-1).numpy(), expected, atol=1e-3)
+        assert item["moving_seg"].dtype == torch.long and set(item["moving_seg"].unique().tolist()) == {0, 3}
+    # The same (seed, index) gives the same matrix; within the ranges: 4 degrees, 4 %, 4 mm = 2 voxels.
+    again = Misaligned(_ramps(), seed=3, spacing_mm=2)
+    matrices = [Misaligned(_ramps(), seed=s, spacing_mm=2).matrix(0) for s in range(50)]
+    np.testing.assert_array_equal(again.matrix(1), pairs.matrix(1))
+    assert not np.array_equal(pairs.matrix(0), pairs.matrix(1))
+    assert all(np.abs(m[:, 3]).max() <= 2 for m in matrices)
+    assert max(np.abs(m[:, 3]).max() for m in matrices) > 1.5
+    scales = [np.linalg.norm(m[k, :3]) for m in matrices for k in range(3)]
+    assert 0.96 <= min(scales) and max(scales) <= 1.04
+    angles = [np.degrees(np.arctan2(m[2, 1], m[2, 2])) for m in matrices]
+    assert max(np.abs(angles)) <= 4 and max(np.abs(angles)) > 3
+
+
+def test_misaligned_refuses_what_it_cannot_misalign():
+    with pytest.raises(ValueError, match="spacing_mm: these pairs carry no .spacing"):
+        Misaligned(_ramps())
+    with pytest.raises(ValueError, match="max_degrees: expected a small non-negative amount, got -1"):
+        Misaligned(_ramps(), spacing_mm=2, max_degrees=-1)
+    flat = [{"moving": torch.zeros(1, 8, 8), "moving_seg": torch.zeros(1, 8, 8, dtype=torch.long)}]
+    with pytest.raises(ValueError, match=r"pairs\[0\]\['moving'\]: expected a 3D image \(1, D, H, W\), got shape \(1, 8, 8\)"):
+        Misaligned(flat, spacing_mm=2)[0]
 
 
 def test_normalise_intensity_divides_by_a_high_percentile():

@@ -274,16 +274,17 @@ def test_training_recipe_reads_the_run_back_from_its_checkpoint(tmp_path):
     data = ShiftPairs()
     train.fit(TinyNet(), data, losses={"mse": 1.0, "diffusion": 0.5}, steps=3, lr=2e-3, batch_size=2, grad_clip=1.5,
               checkpoint=ckpt, progress=False, device="cpu", seed=7, spacing=(2.0, 2.0),
-              metadata={"cli": {"data": "shift", "pairs": 16}})
+              metadata={"cli": {"data": "shift", "pairs": 16, "misalign": True}})
     recipe = checkpoints.training_recipe(checkpoints.load_checkpoint(ckpt))
     assert recipe == dict(model="tiny", seed=7, steps=3, batch=2, lr=2e-3, grad_clip=1.5,
                           losses={"mse": 1.0, "diffusion": 0.5},
-                          data="shift", pairs=16, shape=list(data[0]["moving"].shape[1:]), spacing=[2.0, 2.0],
+                          data="shift", pairs=16, misalign=True, shape=list(data[0]["moving"].shape[1:]), spacing=[2.0, 2.0],
                           parameters=sum(p.numel() for p in TinyNet().parameters()), validation_dice=[])
     # A run started from Python has no command line: its data are unknown, not invented.
     train.fit(TinyNet(), data, losses={"mse": 1.0}, steps=1, checkpoint=tmp_path / "b.pt", progress=False,
               device="cpu")
-    assert checkpoints.training_recipe(checkpoints.load_checkpoint(tmp_path / "b.pt"))["data"] is None
+    recipe = checkpoints.training_recipe(checkpoints.load_checkpoint(tmp_path / "b.pt"))
+    assert (recipe["data"], recipe["pairs"], recipe["misalign"]) == (None, None, False)
     with pytest.raises(ValueError, match="state: expected a checkpoint written by regedu.train.fit"):
         checkpoints.training_recipe({"model": {}})
 

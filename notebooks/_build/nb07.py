@@ -45,8 +45,8 @@ Everything runs on the 4 mm grid the pre-trained networks below know, in every
 profile. The pre-alignment has already taken the pose out, so to give the
 affine stage something to find, every subject gets a small random affine
 misalignment on top of it (a few degrees, a few percent of scale, a few
-millimetres of shift), made with `regedu.spatial.affine_to_displacement`. Its
-matrix is kept: it is the known answer the affine stage is checked against.
+millimetres of shift): `datasets.Misaligned`, which draws each pair's matrix
+from a seed and keeps it, the known answer the affine stage is checked against.
 """),
 code(r"""
 import math
@@ -59,11 +59,13 @@ import torch
 
 from regedu import checkpoints, datasets, evaluate, nets, train, viz
 from regedu.losses import loss_terms
-from regedu.spatial import affine_to_displacement, warp
+from regedu.spatial import warp
 
 checkpoint = Path("checkpoints/brain_unet_4mm_semi_lr5e-4_s0.pt")
 pyramid_checkpoint = Path("checkpoints/brain_pyramid_4mm_semi_lr5e-4_s0.pt")
-recipes = {path.name: checkpoints.training_recipe(checkpoints.load_checkpoint(path)) for path in (checkpoint, pyramid_checkpoint)}
+affine_checkpoint = Path("checkpoints/brain_affine_4mm_mse_s0.pt")
+states = {path: checkpoints.load_checkpoint(path) for path in (checkpoint, pyramid_checkpoint, affine_checkpoint)}
+recipes = {path.name: checkpoints.training_recipe(state) for path, state in states.items()}
 spacing = int(recipes[checkpoint.name]["spacing"][0])
 atlas = datasets.mni_brain(spacing)
 structures = atlas.structures()
@@ -71,43 +73,15 @@ labels = list(structures)
 shape = tuple(atlas.image.shape[1:])
 
 
-def misalign(item, seed):
-    # A random rotation about axis 0 (a few degrees), an anisotropic scaling and a shift (up to 4 mm).
-    shape = item["moving"].shape[1:]
-    g = np.random.default_rng(seed)
-    angle = math.radians(g.uniform(-4, 4))
-    matrix = np.eye(3, 4)
-    matrix[1:, 1:3] = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
-    matrix[:, :3] *= g.uniform(0.96, 1.04, size=3)[:, None]
-    matrix[:, 3] = g.uniform(-2, 2, size=3) * shape[0] / 80
-    disp = affine_to_displacement(torch.tensor(matrix, dtype=torch.float32)[None], shape, center="image")
-    return {**item, "moving": warp(item["moving"][None], disp)[0],
-            "moving_seg": warp(item["moving_seg"][None], disp, mode="nearest")[0]}, matrix
-
-
-class Misaligned(torch.utils.data.Dataset):
-    def __init__(self, pairs, seed):
-        self.pairs, self.seed, self.cache, self.matrices = pairs, seed, {}, {}
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        if i not in self.cache:
-            # The applied matrix is kept aside (a pair's dict goes to the trainer as it is): the known
-            # answer the affine stage is checked against.
-            self.cache[i], self.matrices[i] = misalign(self.pairs[i], (self.seed, i))
-        return self.cache[i]
-
-
-train_pairs = Misaligned(datasets.RealisticPairs(profile.n_train_pairs, anatomy="train", seed=0, spacing_mm=spacing), seed=1)
+train_pairs = datasets.Misaligned(datasets.RealisticPairs(profile.n_train_pairs, anatomy="train", seed=0,
+                                                         spacing_mm=spacing), seed=1)
 n_test = max(1, profile.n_test_pairs // 2)
 test_sets = datasets.course_test_sets({name: n_test for name in datasets.COURSE_TEST_SETS}, spacing_mm=spacing)
 test_pairs, applied = [], []
 for k, pairs in enumerate(test_sets.values()):
-    source = Misaligned(pairs, seed=100 + k)
+    source = datasets.Misaligned(pairs, seed=100 + k, spacing_mm=spacing)
     test_pairs += [source[i] for i in range(len(pairs))]
-    applied += [source.matrices[i] for i in range(len(pairs))]
+    applied += [source.matrix(i) for i in range(len(pairs))]
 print(f"{len(train_pairs)} training pairs, test pairs:", {name: len(pairs) for name, pairs in test_sets.items()},
       f"on the {spacing} mm grid, {'x'.join(map(str, shape))}")
 angles = [math.degrees(math.atan2(abs(m[2, 1]), abs(m[2, 2]))) for m in applied]
@@ -133,7 +107,7 @@ steps.
 """),
 code(r"""
 print(checkpoints.checkpoint_note(checkpoint))
-unet = checkpoints.load_model(checkpoint)
+unet = checkpoints.load_model(states[checkpoint])
 steps = {"ci": 10, "cpu": 20}.get(profile.name, profile.steps_3d)
 lr = 1e-4
 losses = recipes[checkpoint.name]["losses"]
@@ -166,18 +140,28 @@ warping the *original* image once. The affine field is also returned in
 `output.deep`, so the trainer supervises the affine stage on its own: it must
 align the pair as well as an affine map can, a true pre-alignment.
 
-The deformable stage starts from the pre-trained U-Net and the affine stage
-from the identity, so before fine-tuning the pipeline *is* the pre-trained U-Net
-(checked on a training pair below).
+**Both stages start trained.** A few fine-tuning steps cannot teach an affine
+network to read a pose from two images (exercise 5 lets you watch one started
+at the identity barely move). So the affine stage starts from an `AffineNet` the project trained
+alone, on the training subjects misaligned by the same generator
+(`regedu train --misalign --model affine`, MSE; the command is printed below),
+and the deformable stage from the pre-trained U-Net. Before fine-tuning, the
+pipeline is exactly those two networks one after the other (checked below on a
+training pair).
 """),
 code(r"""
+print(checkpoints.checkpoint_note(affine_checkpoint))
+affine_net = checkpoints.load_model(states[affine_checkpoint])
 inner = nets.create("affine_unet", spatial_dims=3)
+inner.affine.load_state_dict(affine_net.state_dict())
 inner.deformable.load_state_dict(unet.state_dict())
-probe = train_pairs[0]
+probe = {k: train_pairs[0][k][None] for k in ("moving", "fixed")}
 with torch.no_grad():
-    gap = float((inner(probe["moving"][None], probe["fixed"][None]).disp
-                 - unet(probe["moving"][None], probe["fixed"][None]).disp).abs().max())
-print(f"before fine-tuning, pipeline vs pre-trained U-Net: fields differ by at most {gap:.1e} voxels")
+    first = affine_net(probe["moving"], probe["fixed"])
+    stages = inner(probe["moving"], probe["fixed"]).stages
+    gap = max(float((stages[0] - first.disp).abs().max()),
+              float((stages[1] - unet(first.warped, probe["fixed"]).disp).abs().max()))
+print(f"before fine-tuning, pipeline vs the two trained networks in a row: stage fields differ by at most {gap:.1e} voxels")
 pipeline, pipeline_history = fit(inner, steps, "affine + deformable")
 pair = test_pairs[0]
 with torch.no_grad():
@@ -195,7 +179,8 @@ about the image centre $c$. On every test pair (pre-aligned by ANTs before
 the misalignment was added, so that inverse is the whole affine answer up to
 the pre-alignment's own error) we measure the mean distance, in mm over the brain,
 between each affine stage's map and that answer: for the identity (no stage),
-for the learned stage of the pipeline, and for an affine found by optimisation
+for the trained affine network as shipped, for the pipeline's affine stage
+after fine-tuning, and for an affine found by optimisation
 on the pair itself (`regedu.classic.affine_register`, notebook 03; coarse to
 fine down to 4 mm), the pre-alignment the VV-Net paper gets from ANTs.
 """),
@@ -216,27 +201,31 @@ def error_mm(mapping, m):
     return float(np.linalg.norm(mapping(brain) - undo(m)(brain), axis=1).mean()) * atlas.spacing_mm
 
 
-errors = {"identity": [], "learned affine stage": [], "optimised affine": []}
-dets = {"learned affine stage": [], "optimised affine": []}
+errors = {"identity": [], "trained affine network": [], "learned affine stage": [], "optimised affine": []}
+dets = {k: [] for k in list(errors)[1:]}
+learned_networks = {"trained affine network": affine_net, "learned affine stage": pipeline.affine}
 start = time.perf_counter()
 for p, m in zip(test_pairs, applied):
-    with torch.no_grad():
-        learned = pipeline.affine.matrix(p["moving"][None], p["fixed"][None])[0].double().numpy()
     optimised = displacement_to_affine(affine_register(p["moving"][None], p["fixed"][None],
                                                        levels=(4, 2, 1), iterations=(60, 30, 10)))
     errors["identity"].append(error_mm(lambda x: x, m))
-    errors["learned affine stage"].append(error_mm(lambda x: (x - centre) @ learned[:, :3].T + centre + learned[:, 3], m))
     errors["optimised affine"].append(error_mm(lambda x: x @ optimised[:3, :3].T + optimised[:3, 3], m))
-    dets["learned affine stage"].append(float(np.linalg.det(learned[:, :3])))
     dets["optimised affine"].append(float(np.linalg.det(optimised[:3, :3])))
 seconds["optimised affine, per pair"] = (time.perf_counter() - start) / len(test_pairs)
+for name, net in learned_networks.items():
+    for p, m in zip(test_pairs, applied):
+        with torch.no_grad():
+            a = net.matrix(p["moving"][None], p["fixed"][None])[0].double().numpy()
+        errors[name].append(error_mm(lambda x: (x - centre) @ a[:, :3].T + centre + a[:, 3], m))
+        dets[name].append(float(np.linalg.det(a[:, :3])))
 pose_error = {k: float(np.mean(v)) for k, v in errors.items()}
 for k, v in pose_error.items():
     print(f"{k:<22} {v:5.2f} mm from the known answer" + (f", det A {np.round(dets[k], 3).tolist()}" if k in dets else ""))
 recovered = {k: 1 - pose_error[k] / pose_error["identity"] for k in dets}
-print(f"-> the learned stage removes {recovered['learned affine stage']:.0%} of the misalignment after {steps} "
-      f"fine-tuning steps, the optimised affine {recovered['optimised affine']:.0%} "
-      f"({seconds['optimised affine, per pair']:.1f} s a pair)")
+print(f"-> on test pairs it never trained on, the trained affine network removes "
+      f"{recovered['trained affine network']:.0%} of the misalignment in one forward pass, "
+      f"{recovered['learned affine stage']:.0%} as the pipeline's stage after {steps} fine-tuning steps; "
+      f"the optimised affine {recovered['optimised affine']:.0%} ({seconds['optimised affine, per pair']:.1f} s a pair)")
 """),
 md(r"""
 ## 3. Recursive cascades
@@ -323,7 +312,7 @@ def training_loss(model, n=3):
 
 
 print(checkpoints.checkpoint_note(pyramid_checkpoint))
-pyramid = checkpoints.load_model(pyramid_checkpoint)
+pyramid = checkpoints.load_model(states[pyramid_checkpoint])
 pyramid_before = training_loss(pyramid)
 pyramid, pyramid_history = fit(pyramid, steps, "pyramid")
 pyramid_after = training_loss(pyramid)
@@ -371,9 +360,9 @@ so it says what this run measured):
 * how much of the work the pre-trained U-Net already does, and which variants
   built on it keep or improve its Dice;
 * the affine-then-deformable pipeline is built to take out the pose change
-  that the U-Net was never trained on; how much of it its learned affine
-  stage removed in this short run, against an optimised affine, was measured
-  in section 2 and is printed again below;
+  that the U-Net was never trained on; how much of it its trained affine
+  stage removed, against an optimised affine, was measured in section 2 and
+  is printed again below;
 * whether more cascade stages help, whether the returns diminish, and what the
   extra test-time recursions add: each stage corrects the residual of the
   previous one. The price is time: $k$ stages cost $k$ forward passes;
@@ -399,8 +388,8 @@ for name, value in mean_dice.items():
         print(f"  {name:<34} {value - reference:+.3f} Dice  ({verdict})")
 gain = {n: mean_dice[f"cascade, {n} stage{'s' if n > 1 else ''}"] for n in (1, 2, 3)}
 gain.update({n: mean_dice[f"cascade 3, {n} recursions at test"] for n in (4, 5)})
-print(f"pose change removed (section 2): learned affine stage {recovered['learned affine stage']:.0%}, "
-      f"optimised affine {recovered['optimised affine']:.0%}")
+print(f"pose change removed (section 2): trained affine network {recovered['trained affine network']:.0%}, "
+      f"after fine-tuning {recovered['learned affine stage']:.0%}, optimised affine {recovered['optimised affine']:.0%}")
 steps_up = [gain[n + 1] - gain[n] for n in (1, 2, 3, 4)]
 print(f"cascade stages 1 -> 2 -> 3: {steps_up[0]:+.3f}, {steps_up[1]:+.3f} Dice "
       f"({'diminishing returns' if steps_up[1] < steps_up[0] else 'NOT diminishing'}); "
@@ -419,6 +408,12 @@ md(r"""
 3. Set `supervise_affine=False` in the pipeline: print the affine matrix again.
    Is it still a pre-alignment?
 4. Add a 6th recursion. Where does Dice stop improving, and does folding grow?
+5. Build the pipeline without loading the trained affine network (its affine
+   stage then starts at the identity), fine-tune it as in section 2 and
+   measure how much of the misalignment its affine stage removes. Then train
+   `nets.create("affine", spatial_dims=3)` alone with `train.fit` on
+   `train_pairs` (MSE, lr 1e-3) for 200, 500 and 1000 steps: how many does it
+   need before it helps on the test pairs?
 
 ## Checks
 """),
@@ -433,10 +428,15 @@ assert stage_motion[0] > stage_motion[1] > stage_motion[2], f"the later cascade 
 assert len(out3.stages) == 3, f"a 3-stage cascade returns its 3 stage fields, got {len(out3.stages)}"
 # The known misalignment is the answer: the identity (an untrained stage) is 0 % of the way there.
 assert pose_error["optimised affine"] < 0.5 * pose_error["identity"], f"an affine stage that works should remove more than half of the known misalignment: {pose_error}"
+assert min(recovered["trained affine network"], recovered["learned affine stage"]) > 0.3, f"the trained affine network, alone and as the pipeline's stage, should remove more than 30 % of the misalignment of test pairs it never saw: {recovered}"
+assert mean_dice["affine + deformable"] > mean_dice["pre-trained U-Net (no fine-tuning)"] + 0.02, f"taking the pose out first should raise the U-Net's Dice: {mean_dice}"
+# The prose of section 2: the affine network learned alone, by MSE, on the training subjects misaligned again.
+affine_recipe = recipes[affine_checkpoint.name]
+assert (affine_recipe["model"], affine_recipe["data"], affine_recipe["misalign"], affine_recipe["losses"]) == ("affine", "subjects", True, {"mse": 1.0}), affine_recipe
 assert all(0.8 < d < 1.25 for v in dets.values() for d in v), f"each affine stage should stay a plausible affine map (the applied scalings are within 4 %): det A = {dets}"
 assert sharpness["warped once by the composed field"] > sharpness["warped three times, stage by stage"], f"warping once by the composed field should keep the image sharper than warping three times: {sharpness}"
 assert all(f < 1.0 for f in folds.values()), f"folding should stay below 1% of the voxels: {folds}"
-assert gap < 1e-3, f"before fine-tuning the pipeline should be the pre-trained U-Net (fields differ by {gap:.1e} voxels)"
+assert gap < 1e-3, f"before fine-tuning the pipeline should be the two trained networks in a row (fields differ by {gap:.1e} voxels)"
 budgets = {name: {k: v for k, v in r.items() if k not in ("model", "parameters", "validation_dice")} for name, r in recipes.items()}
 assert budgets[checkpoint.name] == budgets[pyramid_checkpoint.name], f"the prose says the pyramid had the U-Net's data, steps and loss: {budgets}"
 assert recipes[pyramid_checkpoint.name]["parameters"] > recipes[checkpoint.name]["parameters"], f"the prose says the pyramid has more parameters: {recipes}"

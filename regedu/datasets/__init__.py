@@ -42,8 +42,9 @@ from .fundus import (CATEGORIES, FIRE_SIZE, FundusPair, fire_lines, make_fire_pa
 from .files import read_image, write_displacement, write_image
 from .freesurfer import FREESURFER_30, FREESURFER_NAMES, STRUCTURE_NAMES
 from .prealign import Preprocessed, atlas_pair, normalise_intensity, preprocess
-from .subjects import (ANATOMIES, COURSE_TEST_SETS, HELD_OUT_ANATOMY, TRAIN_ANATOMY, RealisticPairs, anatomy,
-                       anatomy_split, complete_donor, course_test_sets, random_pose, realistic_subject, vxm_subject)
+from .subjects import (ANATOMIES, COURSE_TEST_SETS, HELD_OUT_ANATOMY, TRAIN_ANATOMY, Misaligned, RealisticPairs,
+                       anatomy, anatomy_split, complete_donor, course_test_sets, random_pose, realistic_subject,
+                       vxm_subject)
 from .readers import (FIRE, Learn2RegOASIS, NeuriteOASIS, load_vxm_labels,
                       load_vxm_scan, read_label_table)
 from .samplers import BrainPairs, FIREPairs, FundusPairs, OfflinePairs, PairFolder, SubjectPairs, brain_slice
@@ -65,6 +66,6 @@ __all__ = [
     "Preprocessed", "atlas_pair", "normalise_intensity", "preprocess",
     "ANATOMIES", "COURSE_TEST_SETS", "HELD_OUT_ANATOMY", "TRAIN_ANATOMY", "anatomy", "anatomy_split",
     "complete_donor", "course_test_sets",
-    "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs",
+    "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs", "Misaligned",
     "REGNET_SCALES", "SyntheticPairs", "point_field", "regnet_field",
 ]

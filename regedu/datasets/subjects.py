@@ -51,7 +51,7 @@ from .freesurfer import FREESURFER_30
 
 __all__ = ["TRAIN_ANATOMY", "HELD_OUT_ANATOMY", "ANATOMIES", "COURSE_TEST_SETS", "anatomy_split", "anatomy",
            "course_test_sets",
-           "complete_donor", "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs"]
+           "complete_donor", "random_pose", "realistic_subject", "vxm_subject", "RealisticPairs", "Misaligned"]
 
 #: Anatomy a network may train on: the atlas itself and four donors.
 TRAIN_ANATOMY = ("mni152", "9861", "10021", "12876", "14380")
@@ -611,6 +611,81 @@ def course_test_sets(sizes: dict[str, int], *, spacing_mm: int | None = None,
     return {name: RealisticPairs(n, anatomy=COURSE_TEST_SETS[name][0], seed=COURSE_TEST_SETS[name][1],
                                  spacing_mm=spacing_mm, prealign=prealign, cache_dir=cache_dir).as_list(name)
             for name, n in sizes.items()}
+
+
+class Misaligned(torch.utils.data.Dataset):
+    """Pre-aligned pairs with a small known affine misalignment added to the moving side.
+
+    Pre-alignment leaves a network little pose to find; this puts back a known
+    amount, so that an affine stage (``regedu.nets.AffineNet``) has something to
+    learn and an answer to be checked against. Item ``i`` is ``pairs[i]`` with
+    its moving image (linear) and label map (nearest) resampled at
+    ``L (x - c) + c + T``, tensor-axis order, voxels, ``c`` the image centre:
+    a rotation about axis 0 of up to ``max_degrees``, a scaling of each axis by
+    up to ``max_scale`` and a shift of up to ``max_shift_mm`` along each axis,
+    uniform, drawn from ``(seed, i)``: the same item in every epoch and run.
+    ``[L | T]`` (3 x 4) is :meth:`matrix` ``(i)`` and ``meta["misalignment"]``;
+    the map that undoes it, ``x -> L^-1 (x - c - T) + c``, is the known answer.
+
+    Parameters
+    ----------
+    pairs : Dataset or sequence of pair dicts
+        3D items with ``moving`` and ``moving_seg`` (1, D, H, W), such as
+        :class:`RealisticPairs` or :func:`course_test_sets`'s lists.
+    seed : int
+    spacing_mm : float, optional
+        Voxel size, for the shift; default ``pairs.spacing``.
+    max_degrees, max_scale, max_shift_mm : float
+    """
+
+    def __init__(self, pairs, *, seed: int = 0, spacing_mm: float | None = None, max_degrees: float = 4.0,
+                 max_scale: float = 0.04, max_shift_mm: float = 4.0):
+        spacing_mm = spacing_mm if spacing_mm is not None else getattr(pairs, "spacing", None)
+        if spacing_mm is None:
+            raise ValueError("spacing_mm: these pairs carry no .spacing; give the voxel size in mm")
+        check_positive(spacing_mm, "spacing_mm")
+        for name, value in (("max_degrees", max_degrees), ("max_scale", max_scale), ("max_shift_mm", max_shift_mm)):
+            if not 0 <= value < (90 if name == "max_degrees" else 0.5 if name == "max_scale" else float("inf")):
+                raise ValueError(f"{name}: expected a small non-negative amount, got {value!r}")
+        self.pairs, self.seed, self.spacing = pairs, int(seed), float(spacing_mm)
+        self.max_degrees, self.max_scale, self.max_shift_mm = max_degrees, max_scale, max_shift_mm
+
+    def __len__(self):
+        return len(self.pairs)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The spatial size of every item (the pairs')."""
+        shape = getattr(self.pairs, "shape", None)
+        return tuple(shape) if shape is not None else tuple(self.pairs[0]["moving"].shape[1:])
+
+    def labels_present(self) -> set[int]:
+        """Every label of the fixed label maps (the misalignment moves only the moving side)."""
+        if hasattr(self.pairs, "labels_present"):
+            return self.pairs.labels_present()
+        return set().union(*(set(p["fixed_seg"].unique().tolist()) for p in self.pairs)) - {0}
+
+    def matrix(self, index: int) -> np.ndarray:
+        """The applied ``[L | T]`` of item ``index``, (3, 4), voxels."""
+        g = np.random.default_rng((self.seed, index))
+        angle = np.radians(g.uniform(-self.max_degrees, self.max_degrees))
+        m = np.eye(3, 4)
+        m[1:, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+        m[:, :3] *= g.uniform(1 - self.max_scale, 1 + self.max_scale, size=3)[:, None]
+        m[:, 3] = g.uniform(-1, 1, size=3) * self.max_shift_mm / self.spacing
+        return m
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.pairs[index]
+        if item["moving"].dim() != 4:
+            raise ValueError(f"pairs[{index}]['moving']: expected a 3D image (1, D, H, W), got shape "
+                             f"{tuple(item['moving'].shape)}")
+        m = self.matrix(index)
+        disp = affine_to_displacement(torch.tensor(m, dtype=torch.float32)[None], item["moving"].shape[1:],
+                                      center="image")
+        return {**item, "moving": warp(item["moving"][None], disp)[0],
+                "moving_seg": warp(item["moving_seg"][None], disp, mode="nearest")[0],
+                "meta": {**item.get("meta", {}), "misalignment": m.tolist()}}
 
 
 def _save_atomic(path, arrays: dict) -> None:
