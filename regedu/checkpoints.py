@@ -188,11 +188,12 @@ def load_model(path, *, map_location="cpu", factor: int | None = None, spacing=N
     return model.eval()
 
 
-def checkpoint_note(path) -> str:
+def checkpoint_note(path, state: Mapping | None = None) -> str:
     """What a notebook prints when it loads a shipped checkpoint: the file, its
-    training step, and the command that made it (``NAME.txt`` beside ``NAME.pt``)."""
+    training step, and the command that made it (``NAME.txt`` beside ``NAME.pt``).
+    ``state``: the file already read by :func:`load_checkpoint` (it is then not read again)."""
     path = Path(path)
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
     command = path.with_suffix(".txt")
     made_by = command.read_text().strip() if command.is_file() else "(no command file beside it)"
     return (f"LOADED a pre-trained checkpoint: {path} ({state['config']['name']}, step "

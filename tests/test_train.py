@@ -146,6 +146,7 @@ def test_a_regedu_unet_learns_a_known_translation(tmp_path):
     ckpt.with_suffix(".txt").write_text("regedu train --steps 40\n")
     note = checkpoints.checkpoint_note(ckpt)
     assert "LOADED" in note and "step 40" in note and "regedu train --steps 40" in note, note
+    assert checkpoints.checkpoint_note(ckpt, checkpoints.load_checkpoint(ckpt)) == note  # read once by the caller
 
 
 def test_a_diffeomorphic_model_regularises_its_velocity():

@@ -210,7 +210,7 @@ baselines: **before registration** (the subject as scanned) and **Affine**
 prepared pairs). Every network row starts from the affine.
 """),
 code(r"""
-print(checkpoints.checkpoint_note(checkpoint))
+print(checkpoints.checkpoint_note(checkpoint, pre_state))
 pretrained = checkpoints.load_model(pre_state).eval()
 model.eval()
 before = evaluate.evaluate(evaluate.identity, scanned_pairs, labels=structures, name="before registration",

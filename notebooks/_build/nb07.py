@@ -106,7 +106,7 @@ and is fine-tuned the same way. The `gpu` profile fine-tunes for the profile's
 steps.
 """),
 code(r"""
-print(checkpoints.checkpoint_note(checkpoint))
+print(checkpoints.checkpoint_note(checkpoint, states[checkpoint]))
 unet = checkpoints.load_model(states[checkpoint])
 steps = {"ci": 10, "cpu": 20}.get(profile.name, profile.steps_3d)
 lr = 1e-4
@@ -150,7 +150,7 @@ pipeline is exactly those two networks one after the other (checked below on a
 training pair).
 """),
 code(r"""
-print(checkpoints.checkpoint_note(affine_checkpoint))
+print(checkpoints.checkpoint_note(affine_checkpoint, states[affine_checkpoint]))
 affine_net = checkpoints.load_model(states[affine_checkpoint])
 inner = nets.create("affine_unet", spatial_dims=3)
 inner.affine.load_state_dict(affine_net.state_dict())
@@ -311,7 +311,7 @@ def training_loss(model, n=3):
                               for p in (train_pairs[i] for i in range(n))]))
 
 
-print(checkpoints.checkpoint_note(pyramid_checkpoint))
+print(checkpoints.checkpoint_note(pyramid_checkpoint, states[pyramid_checkpoint]))
 pyramid = checkpoints.load_model(states[pyramid_checkpoint])
 pyramid_before = training_loss(pyramid)
 pyramid, pyramid_history = fit(pyramid, steps, "pyramid")

@@ -105,7 +105,8 @@ channel-innermost, the layout cuDNN's fastest 3D convolutions use.
 code(r"""
 shipped = {"unet": Path("checkpoints/brain_unet_4mm_semi_lr5e-4_s0.pt"),
            "vvnet": Path("checkpoints/brain_vvnet_4mm_semi_lr5e-4_s0.pt")}
-recipes = {name: checkpoints.training_recipe(checkpoints.load_checkpoint(path)) for name, path in shipped.items()}
+states = {name: checkpoints.load_checkpoint(path) for name, path in shipped.items()}
+recipes = {name: checkpoints.training_recipe(state) for name, state in states.items()}
 objective = recipes["unet"]["losses"]
 assert all(r["losses"] == objective for r in recipes.values()), f"the two checkpoints should share one loss: {recipes}"
 spacing = 1 if full else int(recipes["unet"]["spacing"][0])
@@ -135,7 +136,7 @@ code(r"""
 def measure(cfg):
     # Warm-up steps (cuDNN autotuning, allocator growth) are not timed.
     torch.manual_seed(0)
-    model = nets.from_config(cfg) if full else checkpoints.load_model(shipped[cfg["name"]]).train()
+    model = nets.from_config(cfg) if full else checkpoints.load_model(states[cfg["name"]]).train()
     device = "cuda" if full else "cpu"
     options = dict(losses=objective, labels=labels, grad_clip=1.0, lr=1e-4, device=device,
                    amp=full, channels_last=full, progress=False)
@@ -153,8 +154,8 @@ def measure(cfg):
 
 
 if not full:
-    for path in shipped.values():
-        print(checkpoints.checkpoint_note(path).splitlines()[0])
+    for name, path in shipped.items():
+        print(checkpoints.checkpoint_note(path, states[name]).splitlines()[0])
 runs = {}
 for label, cfg in configs.items():
     runs[label] = measure(cfg)
