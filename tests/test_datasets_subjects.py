@@ -219,7 +219,7 @@ def test_misaligned_pairs_are_the_moving_side_under_their_known_matrix():
 def test_misaligned_refuses_what_it_cannot_misalign():
     with pytest.raises(ValueError, match="spacing_mm: these pairs carry no .spacing"):
         Misaligned(_ramps())
-    with pytest.raises(ValueError, match="max_degrees: expected a small non-negative amount, got -1"):
+    with pytest.raises(ValueError, match=r"max_degrees: expected a small non-negative amount \(below 90\), got -1"):
         Misaligned(_ramps(), spacing_mm=2, max_degrees=-1)
     flat = [{"moving": torch.zeros(1, 8, 8), "moving_seg": torch.zeros(1, 8, 8, dtype=torch.long)}]
     with pytest.raises(ValueError, match=r"pairs\[0\]\['moving'\]: expected a 3D image \(1, D, H, W\), got shape \(1, 8, 8\)"):

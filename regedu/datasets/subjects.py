@@ -35,6 +35,8 @@ pull, ``subject(y) = anatomy(y + disp(y))``).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -644,9 +646,10 @@ class Misaligned(torch.utils.data.Dataset):
         if spacing_mm is None:
             raise ValueError("spacing_mm: these pairs carry no .spacing; give the voxel size in mm")
         check_positive(spacing_mm, "spacing_mm")
-        for name, value in (("max_degrees", max_degrees), ("max_scale", max_scale), ("max_shift_mm", max_shift_mm)):
-            if not 0 <= value < (90 if name == "max_degrees" else 0.5 if name == "max_scale" else float("inf")):
-                raise ValueError(f"{name}: expected a small non-negative amount, got {value!r}")
+        limits = {"max_degrees": (max_degrees, 90), "max_scale": (max_scale, 0.5), "max_shift_mm": (max_shift_mm, math.inf)}
+        for name, (value, limit) in limits.items():
+            if not 0 <= value < limit:  # NaN fails too
+                raise ValueError(f"{name}: expected a small non-negative amount (below {limit}), got {value!r}")
         self.pairs, self.seed, self.spacing = pairs, int(seed), float(spacing_mm)
         self.max_degrees, self.max_scale, self.max_shift_mm = max_degrees, max_scale, max_shift_mm
 
