@@ -145,9 +145,9 @@ network to read a pose from two images (exercise 5 lets you watch one started
 at the identity barely move). So the affine stage starts from an `AffineNet`
 the project trained alone on the training subjects, misaligned by the same
 generator with other seeds (`regedu train --misalign --model affine`, MSE; the
-command is printed below), and the deformable stage from the pre-trained U-Net. Before fine-tuning, the
-pipeline is exactly those two networks one after the other (checked below on a
-training pair).
+command is printed below), and the deformable stage from the pre-trained
+U-Net. Before fine-tuning, the pipeline is exactly those two networks one after
+the other (checked below on a training pair).
 """),
 code(r"""
 print(checkpoints.checkpoint_note(affine_checkpoint, states[affine_checkpoint]))
