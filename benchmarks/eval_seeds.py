@@ -11,9 +11,10 @@ the 30 that the atlas has, labels warped with nearest neighbour.
 The test sets use seeds that no training, validation, notebook or setting
 ever used (held-out anatomy 50000, training anatomy 60000), so nothing was
 chosen on them. The output, a JSON file, holds every per-pair Dice, folding
-and time and each checkpoint's recipe, so that every mean, spread across
-seeds and paired comparison can be recomputed from it: notebook 10 reads
-``benchmarks/results/seeds_ncc.json`` and draws its conclusions from it.
+and time, and each checkpoint's recipe and training time, so that every
+mean, spread across seeds and paired comparison can be recomputed from it:
+notebook 10 reads ``benchmarks/results/seeds_ncc.json`` and draws its
+conclusions from it.
 
 Example (the run reported in benchmarks/README.md)::
 
@@ -92,7 +93,9 @@ def main(argv=None):
             state = load_checkpoint(p)
             key = f"{name} s{state['train_config']['seed']}"
             groups[name].append(key)
-            checkpoints[key] = dict(path=p.name, recipe=training_recipe(state), model=load_model(state).eval())
+            # Runs trained before checkpoints kept their time record None.
+            checkpoints[key] = dict(path=p.name, recipe=training_recipe(state), model=load_model(state).eval(),
+                                    train_seconds=state.get("seconds"))
 
     start = time.perf_counter()
     atlas = mni_brain(int(args.spacing))
@@ -110,7 +113,8 @@ def main(argv=None):
                    structures=len(structures), sets={s: len(p) for s, p in sets.items()},
                    split_seeds={s: SPLITS[s][1] for s in sets if s in SPLITS},
                    pair_ids={s: [str(p["meta"].get("id", i)) for i, p in enumerate(ps)] for s, ps in sets.items()},
-                   groups=groups, checkpoints={k: dict(path=c["path"], recipe=c["recipe"]) for k, c in checkpoints.items()},
+                   groups=groups, checkpoints={k: dict(path=c["path"], recipe=c["recipe"], train_seconds=c["train_seconds"])
+                                                for k, c in checkpoints.items()},
                    scores={})
     for m, f in methods.items():
         results["scores"][m] = {s: scores(f, pairs, structures, m) for s, pairs in sets.items()}

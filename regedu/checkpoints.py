@@ -8,7 +8,8 @@ A checkpoint written by :func:`regedu.train.fit` is a dict saved with
 - ``config``: the model's constructor arguments (:func:`regedu.nets.from_config`
   rebuilds it); ``train_config``: the settings of the run (losses, lr, batch
   size, seed, voxel spacing and shape trained on, changes made on resume);
-- ``step``, ``epoch``, ``batch_in_epoch``, ``history``;
+- ``step``, ``epoch``, ``batch_in_epoch``, ``history``, ``seconds`` (the time
+  spent training, over every resumed part; None if a part predates this record);
 - ``rng`` and ``rng_epoch_start``: the random generators now and at the start
   of the epoch, so that a resumed run draws exactly what the uninterrupted run
   would have (:func:`rng_state`);

@@ -461,6 +461,7 @@ def _train(args) -> int:
           f"Ctrl-C)", flush=True)
     command = {k: config[k] for k in _FROM_COMMAND}
     command.update(model=name, model_args=config["model_args"], init_from=config["init_from"])
+    start = time.perf_counter()
     try:
         history = fit(model, data, val_data=val, losses=losses, steps=config["steps"],
                       epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
@@ -476,8 +477,8 @@ def _train(args) -> int:
     loss = history["train"]["loss"]
     if not loss:
         return 0
-    print(f"done: {history['train']['step'][-1]} steps, loss {loss[0]:.4g} -> {loss[-1]:.4g}; "
-          f"saved {out}")
+    print(f"done: {history['train']['step'][-1]} steps, loss {loss[0]:.4g} -> {loss[-1]:.4g}; saved {out} "
+          f"({(time.perf_counter() - start) / 60:.1f} min in this command)")
     return 0
 
 

@@ -334,6 +334,7 @@ class _Progress:
     batch_in_epoch: int = 0  # batches drawn in this epoch
     history: dict = field(default_factory=_new_history)
     rng_epoch_start: dict | None = None
+    seconds: float | None = 0.0  # wall-clock time in steps and validations, over every resumed part
 
 
 def _epochs(loader: DataLoader, at: _Progress, resume_state: dict | None):
@@ -535,7 +536,9 @@ def _resume(state: dict, path: Path, net, optimizer, scaler, lr, config, train_c
         group["lr"] = lr  # the saved optimiser carries the old rate: the new one applies
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    at = _Progress(state["step"], state["epoch"], state["batch_in_epoch"], state["history"])
+    # A checkpoint written before runs kept their time: the total is unknown (None).
+    at = _Progress(state["step"], state["epoch"], state["batch_in_epoch"], state["history"],
+                   seconds=state.get("seconds"))
     saved = state.get("train_config") or {}
     train_config["seed"] = saved.get("seed", train_config["seed"])  # its generators continue
     train_config["shape"] = saved.get("shape")
@@ -649,7 +652,10 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=DEFAULT_LOSSES, s
     -------
     dict
         ``history["train"]``: ``step``, ``loss`` and every weighted term, one value
-        per step; ``history["val"]``: ``step`` and the validation metrics.
+        per step; ``history["val"]``: ``step`` and the validation metrics. The
+        checkpoint also keeps ``seconds``: the wall-clock time spent in steps and
+        validations, summed over every resumed part (None when a part was
+        resumed from a checkpoint written before this record existed).
 
     Raises
     ------
@@ -725,6 +731,7 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=DEFAULT_LOSSES, s
                 "scaler": scaler.state_dict() if amp else {}, "step": at.step, "epoch": at.epoch,
                 "batch_in_epoch": at.batch_in_epoch, "config": config, "train_config": train_config,
                 "rng": rng_state(), "rng_epoch_start": at.rng_epoch_start, "history": at.history,
+                "seconds": at.seconds,
                 "metadata": meta, "versions": versions()}
 
     saver = _Saver(checkpoint, checkpoint_every, checkpoint_minutes, state,
@@ -732,6 +739,7 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=DEFAULT_LOSSES, s
     bar = tqdm(total=total, initial=min(at.step, total), disable=not progress or rank != 0,
                desc="training", dynamic_ncols=True)
     net.train()
+    clock = time.perf_counter()
     memory_format, shown = None, {}  # shown: the last validation, kept on the progress bar
     stop = _StopRequests(enabled=checkpoint is not None and world == 1 and rank == 0)
     try:
@@ -768,6 +776,10 @@ def fit(model: nn.Module, train_data, *, val_data=None, losses=DEFAULT_LOSSES, s
                     set_rng_state(rng)
                     _append(at.history["val"], at.step, metrics)
                     shown = {f"val_{k}": f"{metrics[k]:.4g}" for k in ("loss", "dice") if k in metrics}
+                now = time.perf_counter()
+                if at.seconds is not None:
+                    at.seconds += now - clock
+                clock = now
                 if rank == 0 and saver.due(at.step, total, stopping=stop.signum is not None):
                     saver.save(net, at.step)
                 if stop.signum is not None:

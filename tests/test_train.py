@@ -1,4 +1,6 @@
 """Tests of regedu.train: learning, exact resume, checkpoints, loss terms."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -658,3 +660,37 @@ def test_fit_objective_refuses_a_non_finite_loss_through_the_same_step():
     with pytest.raises(train.NonFiniteLoss, match="loss: not finite at step 1"):
         supervised.fit_objective(model, data, lambda out, b: out.warped.mean() * float("nan"), steps=2)
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+
+
+class SlowPairs(ShiftPairs):
+    """Each item takes ``delay`` seconds to draw, so a run's time has a known floor."""
+
+    def __init__(self, delay, **kwargs):
+        super().__init__(**kwargs)
+        self.delay = delay
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return super().__getitem__(i)
+
+
+def test_the_time_a_run_took_is_kept_and_summed_over_resumes(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    kwargs = dict(losses={"mse": 1.0}, batch_size=1, progress=False, device="cpu", checkpoint=ckpt)
+    train.fit(TinyNet(), SlowPairs(0.1, n=6), steps=2, **kwargs)
+    first = checkpoints.load_checkpoint(ckpt)["seconds"]
+    assert 0.2 <= first < 0.2 + 30
+    train.fit(TinyNet(), SlowPairs(0.3, n=6), steps=4, resume=True, **kwargs)
+    # two steps at 0.1 s an item, then two at 0.3 s: at least 0.8 s in all
+    assert checkpoints.load_checkpoint(ckpt)["seconds"] >= first + 0.6
+
+
+def test_a_run_resumed_from_a_checkpoint_without_a_clock_says_its_time_is_unknown(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    kwargs = dict(losses={"mse": 1.0}, progress=False, device="cpu", checkpoint=ckpt)
+    train.fit(TinyNet(), ShiftPairs(), steps=2, **kwargs)
+    state = checkpoints.load_checkpoint(ckpt)
+    del state["seconds"]  # as written before the run's time was recorded
+    checkpoints.save_checkpoint(ckpt, state)
+    train.fit(TinyNet(), ShiftPairs(), steps=3, resume=True, **kwargs)
+    assert checkpoints.load_checkpoint(ckpt)["seconds"] is None
