@@ -3,6 +3,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
 import torch
 
 from conftest import SHARED_DATA
@@ -210,17 +211,23 @@ def test_misaligned_pairs_are_the_moving_side_under_their_known_matrix():
     assert not np.array_equal(pairs.matrix(0), pairs.matrix(1))
     assert all(np.abs(m[:, 3]).max() <= 2 for m in matrices)
     assert max(np.abs(m[:, 3]).max() for m in matrices) > 1.5
-    scales = [np.linalg.norm(m[k, :3]) for m in matrices for k in range(3)]
-    assert 0.96 <= min(scales) and max(scales) <= 1.04
-    angles = [np.degrees(np.arctan2(m[2, 1], m[2, 2])) for m in matrices]
-    assert max(np.abs(angles)) <= 4 and max(np.abs(angles)) > 3
+    # L = R S: the rotation and the per-axis scales come back from a polar decomposition.
+    scales = np.array([np.linalg.svd(m[:, :3], compute_uv=False) for m in matrices])
+    assert 0.96 <= scales.min() and scales.max() <= 1.04 and scales.max() > 1.03
+    rotations = [Rotation.from_matrix(m[:, :3] @ np.diag(1 / np.linalg.norm(m[:, :3], axis=0))) for m in matrices]
+    angles = np.array([r.as_euler("xyz", degrees=True) for r in rotations])
+    assert np.abs(angles).max() <= 4 + 1e-6 and (np.abs(angles).max(axis=0) > 3).all()  # about every axis
+    # pose() reports the draw that matrix() applies.
+    pose = Misaligned(_ramps(), seed=0, spacing_mm=2).pose(0)
+    np.testing.assert_allclose(pose["angles_deg"], angles[0], atol=1e-6)
+    np.testing.assert_allclose(pose["scales"], np.linalg.norm(matrices[0][:, :3], axis=0), atol=1e-9)
 
 
 def test_misaligned_refuses_what_it_cannot_misalign():
     with pytest.raises(ValueError, match="spacing_mm: these pairs carry no .spacing"):
         Misaligned(_ramps())
-    with pytest.raises(ValueError, match=r"max_degrees: expected a small non-negative amount \(below 90\), got -1"):
-        Misaligned(_ramps(), spacing_mm=2, max_degrees=-1)
+    with pytest.raises(ValueError, match=r"rotation_deg: expected a non-negative number, got -1"):
+        Misaligned(_ramps(), spacing_mm=2, rotation_deg=-1)
     flat = [{"moving": torch.zeros(1, 8, 8), "moving_seg": torch.zeros(1, 8, 8, dtype=torch.long)}]
     with pytest.raises(ValueError, match=r"pairs\[0\]\['moving'\]: expected a 3D image \(1, D, H, W\), got shape \(1, 8, 8\)"):
         Misaligned(flat, spacing_mm=2)[0]

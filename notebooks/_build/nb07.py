@@ -49,7 +49,6 @@ millimetres of shift): `datasets.Misaligned`, which draws each pair's matrix
 from a seed and keeps it, the known answer the affine stage is checked against.
 """),
 code(r"""
-import math
 import resource
 import time
 from pathlib import Path
@@ -77,18 +76,20 @@ train_pairs = datasets.Misaligned(datasets.RealisticPairs(profile.n_train_pairs,
                                                          spacing_mm=spacing), seed=1)
 n_test = max(1, profile.n_test_pairs // 2)
 test_sets = datasets.course_test_sets({name: n_test for name in datasets.COURSE_TEST_SETS}, spacing_mm=spacing)
-test_pairs, applied = [], []
+test_pairs, applied, poses = [], [], []
 for k, pairs in enumerate(test_sets.values()):
     source = datasets.Misaligned(pairs, seed=100 + k, spacing_mm=spacing)
     test_pairs += [source[i] for i in range(len(pairs))]
     applied += [source.matrix(i) for i in range(len(pairs))]
+    poses += [source.pose(i) for i in range(len(pairs))]
 print(f"{len(train_pairs)} training pairs, test pairs:", {name: len(pairs) for name, pairs in test_sets.items()},
       f"on the {spacing} mm grid, {'x'.join(map(str, shape))}")
-angles = [math.degrees(math.atan2(abs(m[2, 1]), abs(m[2, 2]))) for m in applied]
-scales = [abs(float(np.linalg.norm(m[k, :3])) - 1) for m in applied for k in range(3)]
-shifts = [float(np.linalg.norm(m[:, 3])) * atlas.spacing_mm for m in applied]
-print(f"misalignment of the test pairs: rotations up to {max(angles):.1f} degrees, scalings up to "
-      f"{100 * max(scales):.1f} %, shifts up to {max(shifts):.1f} mm ({max(shifts) / atlas.spacing_mm:.1f} voxels)")
+angles = np.abs([p["angles_deg"] for p in poses])
+scales = np.abs([p["scales"] for p in poses]) - 1
+shifts = np.abs([p["translation_mm"] for p in poses])
+print(f"misalignment of the test pairs: rotations about each axis up to {angles.max():.1f} degrees, scalings up to "
+      f"{100 * np.abs(scales).max():.1f} %, shifts along an axis up to {shifts.max():.1f} mm "
+      f"({shifts.max() / atlas.spacing_mm:.1f} voxels)")
 """),
 md(r"""
 **Budget.** Training five 3D networks from scratch is far beyond a CPU

@@ -35,8 +35,6 @@ pull, ``subject(y) = anatomy(y + disp(y))``).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -622,12 +620,12 @@ class Misaligned(torch.utils.data.Dataset):
     amount, so that an affine stage (``regedu.nets.AffineNet``) has something to
     learn and an answer to be checked against. Item ``i`` is ``pairs[i]`` with
     its moving image (linear) and label map (nearest) resampled at
-    ``L (x - c) + c + T``, tensor-axis order, voxels, ``c`` the image centre:
-    a rotation about axis 0 of up to ``max_degrees``, a scaling of each axis by
-    up to ``max_scale`` and a shift of up to ``max_shift_mm`` along each axis,
-    uniform, drawn from ``(seed, i)``: the same item in every epoch and run.
-    ``[L | T]`` (3 x 4) is :meth:`matrix` ``(i)`` and ``meta["misalignment"]``;
-    the map that undoes it, ``x -> L^-1 (x - c - T) + c``, is the known answer.
+    ``L (x - c) + c + T``, tensor-axis order, voxels, ``c`` the image centre,
+    where ``[L | T]`` is a pose of :func:`random_pose` (the subjects' own pose
+    model) with small ranges, drawn from ``(seed, i)``: the same item in every
+    epoch and run. ``[L | T]`` (3 x 4) is :meth:`matrix` ``(i)`` and
+    ``meta["misalignment"]``; the map that undoes it,
+    ``x -> L^-1 (x - c - T) + c``, is the known answer.
 
     Parameters
     ----------
@@ -637,21 +635,21 @@ class Misaligned(torch.utils.data.Dataset):
     seed : int
     spacing_mm : float, optional
         Voxel size, for the shift; default ``pairs.spacing``.
-    max_degrees, max_scale, max_shift_mm : float
+    rotation_deg, scale, anisotropy, translation_mm
+        :func:`random_pose`'s ranges; the defaults (4 degrees about each axis,
+        no isotropic scaling, 4 % per axis, 4 mm per axis) are a few times
+        smaller than a scan's pose before alignment.
     """
 
-    def __init__(self, pairs, *, seed: int = 0, spacing_mm: float | None = None, max_degrees: float = 4.0,
-                 max_scale: float = 0.04, max_shift_mm: float = 4.0):
+    def __init__(self, pairs, *, seed: int = 0, spacing_mm: float | None = None, rotation_deg: float = 4.0,
+                 scale=(1.0, 1.0), anisotropy: float = 0.04, translation_mm: float = 4.0):
         spacing_mm = spacing_mm if spacing_mm is not None else getattr(pairs, "spacing", None)
         if spacing_mm is None:
             raise ValueError("spacing_mm: these pairs carry no .spacing; give the voxel size in mm")
-        check_positive(spacing_mm, "spacing_mm")
-        limits = {"max_degrees": (max_degrees, 90), "max_scale": (max_scale, 0.5), "max_shift_mm": (max_shift_mm, math.inf)}
-        for name, (value, limit) in limits.items():
-            if not 0 <= value < limit:  # NaN fails too
-                raise ValueError(f"{name}: expected a small non-negative amount (below {limit}), got {value!r}")
         self.pairs, self.seed, self.spacing = pairs, int(seed), float(spacing_mm)
-        self.max_degrees, self.max_scale, self.max_shift_mm = max_degrees, max_scale, max_shift_mm
+        self.ranges = dict(rotation_deg=rotation_deg, scale=scale, anisotropy=anisotropy,
+                           translation_mm=translation_mm)
+        random_pose(0, shape=(2, 2, 2), spacing_mm=self.spacing, **self.ranges)  # bad ranges fail here, not mid-epoch
 
     def __len__(self):
         return len(self.pairs)
@@ -668,15 +666,17 @@ class Misaligned(torch.utils.data.Dataset):
             return self.pairs.labels_present()
         return set().union(*(set(p["fixed_seg"].unique().tolist()) for p in self.pairs)) - {0}
 
+    def pose(self, index: int) -> dict:
+        """The :func:`random_pose` draw of item ``index`` (its angles, scales, shift in mm and 4x4 matrix)."""
+        seed = int(np.random.SeedSequence((self.seed, int(index))).generate_state(1, np.uint64)[0] >> 1)
+        return random_pose(seed, shape=self.shape, spacing_mm=self.spacing, **self.ranges)
+
     def matrix(self, index: int) -> np.ndarray:
         """The applied ``[L | T]`` of item ``index``, (3, 4), voxels."""
-        g = np.random.default_rng((self.seed, index))
-        angle = np.radians(g.uniform(-self.max_degrees, self.max_degrees))
-        m = np.eye(3, 4)
-        m[1:, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
-        m[:, :3] *= g.uniform(1 - self.max_scale, 1 + self.max_scale, size=3)[:, None]
-        m[:, 3] = g.uniform(-1, 1, size=3) * self.max_shift_mm / self.spacing
-        return m
+        pose = self.pose(index)["matrix"]
+        # random_pose's matrix is A y + t about the origin; about the centre c, T = t + A c - c.
+        c = (np.asarray(self.shape, float) - 1) / 2
+        return np.concatenate([pose[:3, :3], (pose[:3, 3] + pose[:3, :3] @ c - c)[:, None]], axis=1)
 
     def __getitem__(self, index: int) -> dict:
         item = self.pairs[index]
