@@ -16,6 +16,15 @@ statistical deformation model, SDM):
   every sample lies in the span of the training fields (the limit Uzunova
   et al.'s local model lifts).
 
+The local model (:func:`fit_local_deformation_model`) is the locality
+assumption of Uzunova et al.'s model (after Wilms et al. 2017): points far
+apart move independently. The grid is covered by overlapping regions whose
+weights sum to 1 everywhere; each region has its own PCA of the fields cut to
+it, its coefficients are drawn independently, and the regions' fields are
+blended by the weights. ``r`` regions give up to ``r (n - 1)`` modes from the
+same ``n`` fields, and a field that is no training field's combination can
+still be represented region by region.
+
 A sampled field makes a new pair with :class:`regedu.datasets.SyntheticPairs`
 (``sampler=lambda g: model.sample(1, seed=g)``).
 
@@ -24,6 +33,7 @@ Convention (``docs/conventions.md``, "Conventions"): fields are
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -31,7 +41,7 @@ import torch
 
 from ._checks import as_tensor, check_field, check_positive
 
-__all__ = ["DeformationModel", "fit_deformation_model"]
+__all__ = ["DeformationModel", "fit_deformation_model", "LocalDeformationModel", "fit_local_deformation_model"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,7 @@ class DeformationModel:
     variances: torch.Tensor
 
     def _flat_modes(self) -> torch.Tensor:
-        return self.modes.reshape(len(self.modes), -1)
+        return self.modes.reshape(len(self.modes), self.mean[0].numel())
 
     def project(self, fields) -> torch.Tensor:
         """Coefficients ``b`` (B, k) of fields in units of each mode's std: ``b_i = e_i . (u - m) / sqrt(lambda_i)``."""
@@ -80,11 +90,7 @@ class DeformationModel:
         if truncate is not None:
             check_positive(truncate, "truncate")
         g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
-        b = torch.randn(n, len(self.variances), generator=g, dtype=torch.float64)
-        while truncate is not None and bool((b.abs() > truncate).any()):
-            out = b.abs() > truncate
-            b[out] = torch.randn(int(out.sum()), generator=g, dtype=torch.float64)
-        return self.reconstruct(b)
+        return self.reconstruct(_draw(n, len(self.variances), truncate, g))
 
     def sample_variances(self, truncate: float | None = 3.0) -> torch.Tensor:
         """The variance of :meth:`sample`'s fields along each mode: ``lambda_i`` times that of ``b``.
@@ -156,3 +162,127 @@ def fit_deformation_model(fields, *, modes: int | None = None, variance: float |
                             modes=vt[:keep].reshape(keep, *u.shape[1:]).to(dtype),
                             variances=lam[:keep].to(dtype))
 
+
+
+def _draw(n: int, k: int, truncate: float | None, g: torch.Generator) -> torch.Tensor:
+    b = torch.randn(n, k, generator=g, dtype=torch.float64)
+    while truncate is not None and bool((b.abs() > truncate).any()):
+        out = b.abs() > truncate
+        b[out] = torch.randn(int(out.sum()), generator=g, dtype=torch.float64)
+    return b
+
+
+def _hats(size: int, count: int) -> list[tuple[slice, torch.Tensor]]:
+    """``count`` tent functions over ``range(size)`` that sum to 1 everywhere: (support, weights) each."""
+    if count == 1:
+        return [(slice(0, size), torch.ones(size, dtype=torch.float64))]
+    x = torch.arange(size, dtype=torch.float64)
+    step = (size - 1) / (count - 1)
+    hats = []
+    for k in range(count):
+        w = (1 - (x - k * step).abs() / step).clamp(min=0)
+        inside = torch.nonzero(w > 0).flatten()
+        lo, hi = int(inside[0]), int(inside[-1]) + 1
+        hats.append((slice(lo, hi), w[lo:hi]))
+    return hats
+
+
+@dataclass(frozen=True)
+class LocalDeformationModel:
+    """Region-wise PCA models blended by weights that sum to 1 (see :func:`fit_local_deformation_model`).
+
+    Attributes
+    ----------
+    shape : tuple of int
+        The spatial size of the fields.
+    regions : tuple of tuple of slice
+        Each region's bounding box on the grid.
+    weights : tuple of Tensor
+        Each region's blending weights on its box (they sum to 1 over the regions at every point).
+    models : tuple of DeformationModel
+        Each region's PCA of the training fields cut to its box.
+    """
+    shape: tuple
+    regions: tuple
+    weights: tuple
+    models: tuple
+
+    def _blend(self, parts) -> torch.Tensor:
+        out = torch.zeros(len(parts[0]), len(self.shape), *self.shape, dtype=self.models[0].mean.dtype)
+        for box, w, part in zip(self.regions, self.weights, parts):
+            out[(slice(None), slice(None), *box)] += w.to(out.dtype) * part
+        return out
+
+    def project(self, fields) -> list[torch.Tensor]:
+        """Each region's coefficients ``(B, k_r)`` of ``fields`` (B, ndim, *shape)."""
+        u = check_field(as_tensor(fields, "fields"), "fields", spatial=tuple(self.shape))
+        return [m.project(u[(slice(None), slice(None), *box)]) for box, m in zip(self.regions, self.models)]
+
+    def reconstruct(self, coefficients) -> torch.Tensor:
+        """The blended field for one ``(B, k_r)`` coefficient tensor per region: (B, ndim, *shape)."""
+        if len(coefficients) != len(self.models):
+            raise ValueError(f"coefficients: expected one tensor per region ({len(self.models)}), "
+                             f"got {len(coefficients)}")
+        return self._blend([m.reconstruct(b) for m, b in zip(self.models, coefficients)])
+
+    def sample(self, n: int = 1, *, truncate: float | None = 3.0, seed=0) -> torch.Tensor:
+        """``n`` new fields: every region's coefficients drawn independently, as :meth:`DeformationModel.sample`."""
+        check_positive(n, "n", integer=True)
+        if truncate is not None:
+            check_positive(truncate, "truncate")
+        g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+        return self.reconstruct([_draw(n, len(m.variances), truncate, g) for m in self.models])
+
+    @property
+    def n_modes(self) -> int:
+        """The modes of all regions together."""
+        return sum(len(m.variances) for m in self.models)
+
+
+def fit_local_deformation_model(fields, *, regions, modes: int | None = None) -> LocalDeformationModel:
+    """A local statistical deformation model: one PCA per overlapping region of the grid.
+
+    Parameters
+    ----------
+    fields : Tensor or ndarray, shape (n, ndim, *spatial), n >= 2
+        The training fields, in voxels.
+    regions : int or sequence of int
+        Regions along each axis (one int: the same on every axis). Along an
+        axis with ``r`` regions the weights are ``r`` tents centred at equal
+        steps, each reaching 0 at its neighbours' centres: their sum is 1, and
+        a region is about ``2 / (r - 1)`` of the axis long.
+    modes : int, optional
+        Modes kept per region (default: every mode with a non-zero variance).
+
+    Returns
+    -------
+    LocalDeformationModel
+        With one region it is :func:`fit_deformation_model`'s model. A
+        training field is reproduced exactly by ``reconstruct(project(u))``
+        when every mode is kept, and so is any field that agrees on each
+        region with some combination of the training fields there.
+    """
+    u = check_field(as_tensor(fields, "fields"), "fields")
+    shape = tuple(u.shape[2:])
+    counts = [regions] * len(shape) if isinstance(regions, int) else list(regions)
+    if len(counts) != len(shape):
+        raise ValueError(f"regions: expected one count per axis ({len(shape)}) or one int, got {regions!r}")
+    for axis, (c, size) in enumerate(zip(counts, shape)):
+        check_positive(c, f"regions[{axis}]", integer=True)
+        if c > max(1, size // 2):
+            raise ValueError(f"regions[{axis}]: at most {max(1, size // 2)} regions on an axis of {size} "
+                             f"voxels, got {c}")
+    boxes, weights, models = [], [], []
+    for combo in itertools.product(*[_hats(size, c) for size, c in zip(shape, counts)]):
+        box = tuple(b for b, _ in combo)
+        w = combo[0][1].reshape(-1, *[1] * (len(shape) - 1))
+        for axis, (_, wa) in enumerate(combo[1:], start=1):
+            w = w * wa.reshape(*[1] * axis, -1, *[1] * (len(shape) - axis - 1))
+        boxes.append(box)
+        weights.append(w.to(u.dtype))
+        cut = u[(slice(None), slice(None), *box)]
+        if bool((cut == cut[:1]).all()):  # no variation here (e.g. outside a mask): the mean, no modes
+            models.append(DeformationModel(mean=cut[:1].clone(), modes=cut[:0].clone(), variances=cut.new_zeros(0)))
+        else:
+            models.append(fit_deformation_model(cut, modes=modes))
+    return LocalDeformationModel(shape=shape, regions=tuple(boxes), weights=tuple(weights), models=tuple(models))

@@ -58,7 +58,7 @@ md(r"""
 | 12 | homework | exercises checked automatically | no |
 | 13 | trustworthy evaluation | inverse consistency (ICON), lambda on validation, HD95 / ASD, FLE / FRE / TRE, label leakage, paired tests | no |
 | 14 | learned similarity and regularisers | a discriminator as similarity (AUC against NCC and MSE), adversarial similarity and adversarial deformation regularisation against NCC and diffusion | no |
-| 15 | agents and augmentation | a rigid agent trained by deep Q-learning, RegNet's synthetic fields, a PCA deformation model, augmentation when only 8 pairs exist | no |
+| 15 | agents and augmentation | a rigid agent trained by deep Q-learning, RegNet's synthetic fields, a global and a local PCA deformation model, augmentation when only 8 pairs exist | no |
 | 16 | supervised and joint models | regress a classical method's fields (Cao et al.), SVF-Net's velocity regression, joint segmentation + registration, Shan et al. with unlabelled data | no |
 | 17 | transformers and diffusion models | TransMorph's shifted windows, TransMorph against the U-Net at a similar size and budget, what DiffuseMorph does | no |
 

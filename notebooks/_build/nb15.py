@@ -23,7 +23,7 @@ What the seed review says (seed 002, its section 3), beside what we measure:
 | paper | the review's description and numbers | here |
 | --- | --- | --- |
 | Sokooti et al., RegNet | "随机选取一些点作为 landmark，调整不同参数对其进行某一个方向的形变，然后使用高斯核将图像进行平滑，并将形变对应的 DVF 保存下来" (random points displaced, smoothed with a Gaussian, the DVF kept as the label); SPREAD, 19 pairs of 3D chest CT with 100 landmarks each; "仅仅 19 个 case，作者就生成了 252,000 个训练样本" (252,000 training samples from 19 cases); better than single-resolution B-spline, close to multi-resolution B-spline | `regedu.datasets.regnet_field`, `SyntheticPairs` (section 1) |
-| Uzunova et al. | a model-based augmentation: a statistical model learnt from the training data synthesises any number of pairs; FlowNet needs 22,000 pairs with dense ground truth, FlowNet-SAM reaches that "只有 945/9698/9572" (with only 945 / 9698 / 9572 samples); compared with FlowNet-Reg (fields from a variational registration) and FlowNet-Random (dense smooth random deformations); LPBA40 brains (Jaccard over 20 structures) and cardiac MRI | `regedu.augment` (PCA of fields), section 3: no augmentation vs random vs model-based |
+| Uzunova et al. | a model-based augmentation: a statistical model learnt from the training data synthesises any number of pairs; FlowNet needs 22,000 pairs with dense ground truth, FlowNet-SAM reaches that "只有 945/9698/9572" (with only 945 / 9698 / 9572 samples); compared with FlowNet-Reg (fields from a variational registration) and FlowNet-Random (dense smooth random deformations); LPBA40 brains (Jaccard over 20 structures) and cardiac MRI | `regedu.augment` (PCA of fields, global and local), section 3: no augmentation vs random vs the global and the local model |
 | Ma et al. | deep Q-learning on 1788 depth-camera/CT pairs; the agent "相当于一枚棋子只有向上、下、左、右四个方向行走" (moves like a chess piece, up, down, left, right), its cost "当前 MR 图像与深度 CT 图像重叠部分的相似度" (the similarity of the overlap) | `regedu.agents` (section 2): six moves, 2D rigid |
 | Liao et al. | not in the review; the paper (AAAI 2017) rewards a move by how much it *reduces the distance to the true transform* and learns the value of each move with a CNN | the reward of `regedu.agents.train_agent` |
 
@@ -35,7 +35,7 @@ What the seed review says (seed 002, its section 3), beside what we measure:
    train a Q-network with experience replay and a target network, and roll it
    out greedily;
 3. fit a statistical deformation model (PCA of fields), sample plausible fields
-   from it, and say what its span limits;
+   from it, say what its span limits, and lift that limit with a local model;
 4. compare augmentation strategies fairly on small data: equal steps, held-out
    pairs, several seeds, a paired test.
 """),
@@ -50,7 +50,7 @@ import matplotlib.pyplot as plt
 from torch.utils.data import ConcatDataset
 
 from regedu import agents, metrics, nets, viz
-from regedu.augment import fit_deformation_model
+from regedu.augment import fit_deformation_model, fit_local_deformation_model
 from regedu.classic import affine_register
 from regedu.datasets import SyntheticPairs, brain_slice, mni_brain, point_field, synth_subject
 from regedu.spatial import identity_grid, warp
@@ -268,14 +268,21 @@ The network is trained **supervised** (as RegNet, and as Uzunova et al.'s
 FlowNet): loss $\|u_\theta - u^*\|^2$, the `"field"` term. The eight training
 fields stand for what a classical registration of the training pairs would
 give (Uzunova et al.'s FlowNet-Reg trains on such fields); here they are exact.
-Three ways to use them, at **equal steps**, the same network, seeds and learning rate:
+Four ways to use them, at **equal steps**, the same network, seeds and learning rate:
 
 * **none**: the 8 pairs only;
 * **random** (RegNet, and Uzunova et al.'s FlowNet-Random): the atlas warped by
   RegNet's synthetic fields, the scales set from the training fields' largest
   displacement;
 * **model** (Uzunova et al.'s idea, in its classical form): a PCA of the 8
-  training fields, and the atlas warped by fields sampled from it.
+  training fields, and the atlas warped by fields sampled from it;
+* **local model** (Uzunova et al.'s model is *local*): 8 fields span only 7
+  directions, so a global PCA can only recombine them. The locality
+  assumption (points far apart move independently) lifts that: the slice is
+  covered by 3 x 3 overlapping regions whose weights sum to 1, each region gets
+  its own PCA of the fields cut to it, each draws its coefficients
+  independently, and the regions' fields are blended
+  (`augment.fit_local_deformation_model`).
 
 An augmented run draws its batches from the 8 real pairs and a pool of 256
 synthetic ones alike (so mostly synthetic pairs, as RegNet and FlowNet-SAM
@@ -295,9 +302,17 @@ test_pairs = [subject_pair(1000 + k) for k in range(16 if ci else 32)]
 train_fields = torch.stack([p["disp"] for p in train_pairs])
 
 model = fit_deformation_model(train_fields)
+local_model = fit_local_deformation_model(train_fields, regions=3)
 explained = model.explained()
 print(f"{len(model.variances)} modes from {len(train_fields)} fields; the first three hold "
-      f"{100 * float(explained[min(2, len(explained) - 1)]):.0f} % of the variance")
+      f"{100 * float(explained[min(2, len(explained) - 1)]):.0f} % of the variance. The local model: "
+      f"{len(local_model.models)} regions, {local_model.n_modes} modes from the same fields")
+# How much of a new subject's field each model can represent (its span): the test subjects' known fields.
+test_fields = torch.stack([p["disp"] for p in test_pairs])
+span_error = {name: float((m.reconstruct(m.project(test_fields)) - test_fields).norm() / test_fields.norm())
+              for name, m in (("global", model), ("local", local_model))}
+print("the test subjects' fields, the part outside each model's span (relative norm): "
+      + ", ".join(f"{name} {e:.2f}" for name, e in span_error.items()))
 fig, ax = plt.subplots(1, 5, figsize=(16, 3.2), layout="constrained")
 im = ax[0].imshow(model.mean[0].norm(dim=0), cmap="magma"); ax[0].set_title("mean field |m|"); ax[0].axis("off")
 fig.colorbar(im, ax=ax[0], shrink=0.8, label="voxels")
@@ -320,6 +335,8 @@ augmentations = {
                              mask=aug_seg > 0, seed=1, cache=True),
     "model": SyntheticPairs(aug_image, pool, segs=aug_seg[None], sampler=lambda g: model.sample(1, seed=g),
                             seed=1, cache=True),
+    "local model": SyntheticPairs(aug_image, pool, segs=aug_seg[None], sampler=lambda g: local_model.sample(1, seed=g),
+                                  seed=1, cache=True),
 }
 print(f"RegNet scales (sigma, max displacement): {[(s, round(d, 2)) for s, d in random_scales]} voxels, "
       f"from the training fields' mean largest vector {largest:.2f}")
@@ -387,11 +404,14 @@ aug_table.round(4)
 code(r"""
 # Paired over test subjects (each subject's Dice averaged over the seeds).
 verdicts = {}
-for name in ("random", "model"):
+for name in ("random", "model", "local model"):
     test = paired_test(dice_by["none"], dice_by[name], names=("no augmentation", f"{name} augmentation"), metric="Dice")
     verdicts[name] = test
     print(test.summary())
 print(paired_test(dice_by["random"], dice_by["model"], names=("random augmentation", "model augmentation"), metric="Dice").summary())
+local_vs_global = paired_test(dice_by["model"], dice_by["local model"], names=("model augmentation", "local model augmentation"),
+                              metric="Dice")
+print(local_vs_global.summary())
 print(paired_test(identity_dice, dice_by["random"], names=("identity", "random augmentation"), metric="Dice").summary())
 gap = {name: aug_table.loc[name, "training-pair Dice"] - aug_table.loc[name, "test Dice, mean"] for name in augmentations}
 print("Dice on the training pairs minus Dice on the test pairs (memorisation): "
@@ -407,8 +427,10 @@ md(r"""
 How to read these numbers: a network trained on 8 pairs only can learn its
 8 fields by heart (the gap between its Dice on its own pairs and on new
 subjects). The PCA model only makes fields in the span of the 8 it was fitted
-on (7 directions): its samples are new but not *different*, the limit of a
-classical model that Uzunova et al.'s local model lifts. RegNet's random fields
+on (7 directions): its samples are new but not *different*. The local model
+lifts that limit: its span holds more of a new subject's field (the numbers
+printed under the modes' figure), and the paired test above says whether that
+made better training pairs. RegNet's random fields
 are not the subjects' kind of deformation, but they are many and varied. The
 sentences above are printed from the measured numbers, whatever they are:
 where they say "do not differ clearly", trust them over this paragraph.
@@ -419,7 +441,9 @@ where they say "do not differ clearly", trust them over this paragraph.
    $\gamma = 0.9$: which learns faster in the same number of updates?
 2. Add two scale actions ($\pm 2\%$) to `agents.ACTIONS` and misalign with a scale too.
 3. Fit the PCA model to 32 training fields instead of 8: does model-based
-   augmentation come closer to random fields, or pass them?
+   augmentation come closer to random fields, or pass them? Then try the
+   local model with 2 x 2 and 5 x 5 regions: what happens to the part of a
+   test field outside its span, and to the test Dice?
 4. Combine both augmentations (half the pool from each).
 
 ## Checks
@@ -434,8 +458,10 @@ assert (after < before).mean() >= 0.8, f"the agent should improve at least 80 % 
 assert history.val_error[-1] < 0.5 * history.val_error[0], f"the validation error should fall: {history.val_error}"
 # The generator's bound holds at every scale.
 assert all(abs(float(u.norm(dim=1).max()) - d) < 1e-4 for (_, d), u in zip(scales, parts))
-# The PCA model reproduces its training fields.
+# The PCA models reproduce their training fields; the local model's span holds more of a new subject's field.
 assert torch.allclose(model.reconstruct(model.project(train_fields)), train_fields, atol=1e-4)
+assert torch.allclose(local_model.reconstruct(local_model.project(train_fields)), train_fields, atol=1e-4)
+assert span_error["local"] < 0.9 * span_error["global"], span_error
 # Augmentation: random fields beat no augmentation on held-out subjects, in every seed and on average;
 # no augmentation memorises (highest Dice on its own pairs, largest train-test gap).
 assert dice_by["random"].mean() > dice_by["none"].mean() + 0.02, aug_table
@@ -443,6 +469,10 @@ assert all(runs["random", s]["dice"].mean() > runs["none", s]["dice"].mean() for
 assert beats(verdicts["random"]), verdicts["random"].summary()
 assert gap["none"] > gap["random"], gap
 assert aug_table.loc["none", "training-pair Dice"] > aug_table.loc["random", "training-pair Dice"], aug_table
+# The local model (Uzunova et al.'s locality) makes better training pairs than the global PCA of the same
+# 8 fields, and beats no augmentation clearly.
+assert dice_by["local model"].mean() > dice_by["model"].mean(), aug_table
+assert beats(verdicts["local model"]), verdicts["local model"].summary()
 elapsed = time.perf_counter() - started
 print(f"all checks passed ({elapsed:.0f} s)")
 """),
