@@ -53,10 +53,11 @@ unit: $(TEST_VENV)/.env browser-deps
 	$(TEST_VENV)/bin/python tools/lock.py check
 	REGEDU_PROFILE=ci REGEDU_MIRROR=$(SHARED_DATA) $(TEST_VENV)/bin/python -m pytest tests regedu
 
-# The notebooks run in the students' environment, which holds no test extra.
+# The notebooks run in the students' environment, which holds no test extra: every
+# notebook under nbval (pytest --nbval-lax), several at a time, one thread each.
 notebooks: $(VENV)/.runner
 	$(BIN)/python tools/lock.py check --runtime
-	REGEDU_PROFILE=ci REGEDU_MIRROR=$(SHARED_DATA) $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks/
+	REGEDU_PROFILE=ci REGEDU_MIRROR=$(SHARED_DATA) $(BIN)/python tools/run_notebooks.py notebooks
 
 test: unit notebooks
 
