@@ -93,7 +93,7 @@ def main(argv=None):
             state = load_checkpoint(p)
             key = f"{name} s{state['train_config']['seed']}"
             groups[name].append(key)
-            # Runs trained before checkpoints kept their time record None.
+            # None for runs trained before checkpoints kept their time.
             checkpoints[key] = dict(path=p.name, recipe=training_recipe(state), model=load_model(state).eval(),
                                     train_seconds=state.get("seconds"))
 

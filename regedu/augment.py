@@ -86,11 +86,7 @@ class DeformationModel:
         them by 2.7 % (:meth:`sample_variances`).
         ``seed`` is an int or a ``torch.Generator``.
         """
-        check_positive(n, "n", integer=True)
-        if truncate is not None:
-            check_positive(truncate, "truncate")
-        g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
-        return self.reconstruct(_draw(n, len(self.variances), truncate, g))
+        return self.reconstruct(_draws(n, [len(self.variances)], truncate, seed)[0])
 
     def sample_variances(self, truncate: float | None = 3.0) -> torch.Tensor:
         """The variance of :meth:`sample`'s fields along each mode: ``lambda_i`` times that of ``b``.
@@ -163,13 +159,21 @@ def fit_deformation_model(fields, *, modes: int | None = None, variance: float |
                             variances=lam[:keep].to(dtype))
 
 
-
-def _draw(n: int, k: int, truncate: float | None, g: torch.Generator) -> torch.Tensor:
-    b = torch.randn(n, k, generator=g, dtype=torch.float64)
-    while truncate is not None and bool((b.abs() > truncate).any()):
-        out = b.abs() > truncate
-        b[out] = torch.randn(int(out.sum()), generator=g, dtype=torch.float64)
-    return b
+def _draws(n: int, sizes, truncate: float | None, seed) -> list[torch.Tensor]:
+    """Standard normal coefficients, ``(n, k)`` for each ``k`` of ``sizes`` in turn from one generator,
+    each value redrawn while ``|b| > truncate``."""
+    check_positive(n, "n", integer=True)
+    if truncate is not None:
+        check_positive(truncate, "truncate")
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    out = []
+    for k in sizes:
+        b = torch.randn(n, k, generator=g, dtype=torch.float64)
+        while truncate is not None and bool((b.abs() > truncate).any()):
+            bad = b.abs() > truncate
+            b[bad] = torch.randn(int(bad.sum()), generator=g, dtype=torch.float64)
+        out.append(b)
+    return out
 
 
 def _hats(size: int, count: int) -> list[tuple[slice, torch.Tensor]]:
@@ -227,11 +231,7 @@ class LocalDeformationModel:
 
     def sample(self, n: int = 1, *, truncate: float | None = 3.0, seed=0) -> torch.Tensor:
         """``n`` new fields: every region's coefficients drawn independently, as :meth:`DeformationModel.sample`."""
-        check_positive(n, "n", integer=True)
-        if truncate is not None:
-            check_positive(truncate, "truncate")
-        g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
-        return self.reconstruct([_draw(n, len(m.variances), truncate, g) for m in self.models])
+        return self.reconstruct(_draws(n, [len(m.variances) for m in self.models], truncate, seed))
 
     @property
     def n_modes(self) -> int:

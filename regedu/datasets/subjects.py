@@ -35,6 +35,8 @@ pull, ``subject(y) = anatomy(y + disp(y))``).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -654,9 +656,9 @@ class Misaligned(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.pairs)
 
-    @property
+    @functools.cached_property
     def shape(self) -> tuple[int, ...]:
-        """The spatial size of every item (the pairs')."""
+        """The spatial size of every item (the pairs'); read once, as every item's pose needs it."""
         shape = getattr(self.pairs, "shape", None)
         return tuple(shape) if shape is not None else tuple(self.pairs[0]["moving"].shape[1:])
 
