@@ -22,7 +22,7 @@ export TORCH_INDEX
 SHARED_DATA ?= $(abspath ../shared/data)
 ENV_INPUTS := pyproject.toml $(LOCK) binder/requirements.txt binder/postBuild tools/build_env.sh
 
-.PHONY: lab test unit notebooks browser-deps course bench lock clean-venv
+.PHONY: lab test unit notebooks browser-deps site-scripts course bench lock clean-venv
 
 $(VENV)/.env: $(ENV_INPUTS)
 	tools/build_env.sh $(VENV) $(PYTHON)
@@ -49,7 +49,13 @@ browser-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
 	  echo "chromium could not be installed: the browser test will be skipped"
 
-unit: $(TEST_VENV)/.env browser-deps
+# The static site's scripts for widgets and formulas (regedu.course.site_scripts: npm registry,
+# pinned and verified) for the test that draws them offline; that test skips without them.
+site-scripts: $(TEST_VENV)/.env
+	@$(TEST_VENV)/bin/python -c "from regedu.course import site_scripts; site_scripts()" >/dev/null || \
+	  echo "the site's scripts could not be fetched: the offline widget test will be skipped"
+
+unit: $(TEST_VENV)/.env browser-deps site-scripts
 	$(TEST_VENV)/bin/python tools/lock.py check
 	REGEDU_PROFILE=ci REGEDU_MIRROR=$(SHARED_DATA) $(TEST_VENV)/bin/python -m pytest tests regedu
 
@@ -65,13 +71,14 @@ course: $(VENV)/.env
 	$(BIN)/regedu course
 
 # The executed course as a static site: index.html and one page per notebook,
-# figures inline; open $(SITE)/index.html or serve the folder.
+# figures inline, the scripts that draw widgets and formulas in $(SITE)/_static (fetched once from the
+# npm registry); open $(SITE)/index.html or serve the folder.
 #   make site SITE_PROFILE=gpu SITE=public
 SITE ?= site
 SITE_PROFILE ?= cpu
 .PHONY: site
 site: $(VENV)/.env
-	$(BIN)/regedu course --profile $(SITE_PROFILE) --out $(SITE)
+	$(BIN)/regedu course --profile $(SITE_PROFILE) --out $(SITE) --scripts local
 
 bench: $(TEST_VENV)/.env
 	$(TEST_VENV)/bin/python benchmarks/bench_core.py

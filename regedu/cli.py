@@ -782,7 +782,7 @@ def _evaluate(args) -> int:
 def _course(args) -> int:
     from .course import run_course
     summary = run_course(args.notebooks or None, profile=args.profile, out_dir=args.out,
-                         timeout=args.timeout)
+                         timeout=args.timeout, scripts=args.scripts)
     print(summary.to_markdown())
     print(f"HTML pages in {args.out}/ (open index.html)")
     return 0 if summary.ok else 1
@@ -904,6 +904,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="ci", choices=list(PROFILES), help="default ci")
     p.add_argument("--out", default="_course_html", help="output folder (default _course_html)")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell (default 900)")
+    p.add_argument("--scripts", default="auto", choices=("auto", "local", "cdn"),
+                   help="where pages get the scripts that draw widgets and formulas: local copies "
+                        "them into OUT/_static (downloaded once from registry.npmjs.org, verified), "
+                        "so pages need no network; auto does so when they are cached, else cdn "
+                        "(unpkg.com, cdnjs); default auto")
     return parser
 
 

@@ -14,10 +14,16 @@ The folder is a static site: open ``site/index.html`` from disk or serve it
 from any web server. Figures are inline (``data:`` URLs, markdown images
 included), so pages need no other file. Widgets keep the state they had when
 the notebook finished (nbclient's ``store_widget_state``, saved in the page
-as ``application/vnd.jupyter.widget-state+json``); the page draws them with
-the widget manager that nbconvert's template loads from unpkg.com, so widgets
-need the network while figures and text do not. Every file is written whole
-or not at all (:func:`regedu._files.write_atomic`).
+as ``application/vnd.jupyter.widget-state+json``) and are drawn by Jupyter's
+widget manager for static pages (``@jupyter-widgets/html-manager``) under
+require.js; formulas are typeset by MathJax. Those scripts come with the site
+(``_static/``): they are downloaded once from the npm registry, pinned and
+checked against a sha256 (:func:`site_scripts`, cached beside the datasets),
+so that the pages draw their widgets and formulas with no network. With
+``scripts="cdn"``, or when the scripts cannot be had, the pages load them from
+unpkg.com and cdnjs as nbconvert does by default: offline, each widget says
+why it is blank and formulas show their TeX source. Every file is written
+whole or not at all (:func:`regedu._files.write_atomic`).
 
 Each notebook runs in its own worker process (``python -m regedu.course``),
 whose only child is the kernel: the kernel's peak resident memory is then the
@@ -40,7 +46,8 @@ from pathlib import Path
 
 from ._files import write_atomic
 
-__all__ = ["run_course", "find_notebooks", "CourseSummary", "execute_notebook", "notebook_title"]
+__all__ = ["run_course", "find_notebooks", "CourseSummary", "execute_notebook", "notebook_title",
+           "site_scripts"]
 
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
@@ -170,8 +177,134 @@ def notebook_title(notebook, default: str | None = None) -> str | None:
     return default
 
 
-# nbconvert's page draws widgets with a script from unpkg.com; offline, their
-# outputs would stay blank with no word of why.
+# The scripts nbconvert's template loads from unpkg.com and cdnjs to draw widgets and
+# formulas, pinned (npm registry tarballs, sha256 of the files downloaded 2026-12-07).
+_SCRIPT_PACKAGES = (
+    ("html-manager-1.0.15", "https://registry.npmjs.org/@jupyter-widgets/html-manager/-/html-manager-1.0.15.tgz",
+     "2b9d65cb7913e1c7d671757a10008b32c9c2448d4429513371e55c07d6107638", 5142829,
+     "BSD-3-Clause (Project Jupyter)"),
+    ("requirejs-2.3.8", "https://registry.npmjs.org/requirejs/-/requirejs-2.3.8.tgz",
+     "777158e89275e16bd51aec3ef714fbcb5dc45789e7078659933bc814916d7dec", 251788,
+     "MIT (the jQuery Foundation and other contributors)"),
+    ("mathjax-3.2.2", "https://registry.npmjs.org/mathjax/-/mathjax-3.2.2.tgz",
+     "1b9c0a1c44df864e915690558e72adb9cc5203360daefd385084ced3b6c64c09", 6132118,
+     "Apache-2.0 (MathJax Consortium)"),
+)
+STATIC = "_static"     # the site's folder for them, beside the pages
+_REQUIRE_JS = "require.js"
+_EMBED_JS = "html-manager/embed-amd.js"
+_MATHJAX_JS = "mathjax/tex-chtml-full.js"
+# nbconvert's template configures MathJax 2 (a text/x-mathjax-config block, which
+# MathJax 3 ignores); MathJax 3 reads window.MathJax, set before it loads: the same
+# delimiters, escapes and AMS equation numbers. The widget manager typesets its labels
+# with MathJax 2's MathJax.Hub.Queue(["Typeset", MathJax.Hub, element]): a stand-in
+# until MathJax 3 is ready (the page is typeset then), MathJax 3's typesetting after.
+_MATHJAX_CONFIG = r"""<script>
+window.MathJax = {
+  tex: {inlineMath: [['$', '$'], ['\\(', '\\)']], displayMath: [['$$', '$$'], ['\\[', '\\]']],
+        processEscapes: true, processEnvironments: true, tags: 'ams'},
+  Hub: {Queue: function () {}},
+  startup: {ready: function () {
+    MathJax.startup.defaultReady();
+    MathJax.Hub = {Queue: function (job) {
+      var element = Array.isArray(job) ? job[2] : undefined;
+      MathJax.startup.promise = MathJax.startup.promise.then(function () {
+        return MathJax.typesetPromise(element ? [element] : undefined);
+      });
+    }};
+  }}
+};
+</script>
+"""
+
+
+def _script_records():
+    from .datasets.fetch import DatasetInfo
+    return [DatasetInfo(name=name, url=url, filename=url.rsplit("/", 1)[1], sha256=sha256, size=size,
+                        approx_size=f"{size / 1e6:.1f} MB", license=terms, extract=True)
+            for name, url, sha256, size, terms in _SCRIPT_PACKAGES]
+
+
+def site_scripts(*, download: bool = True, cache_dir=None, mirror=None) -> dict[str, Path]:
+    """The files a static page needs to draw its widgets and formulas with no network.
+
+    Jupyter's widget manager for static pages (``@jupyter-widgets/html-manager``,
+    its ``embed-amd.js`` and the icon fonts it points at), ``require.js``, and
+    MathJax 3 (``tex-chtml-full.js`` and its fonts), from the npm registry's
+    tarballs of pinned versions, checked against their sha256 and unpacked in
+    the regedu cache by :func:`regedu.datasets.fetch` (the same cache, mirror
+    and atomic writes as the datasets; 11 MB to download, 8 MB in a site).
+
+    Parameters
+    ----------
+    download : bool
+        False: use only what the cache or the mirror holds, never the network.
+    cache_dir, mirror : path, optional
+        As for :func:`regedu.datasets.fetch`.
+
+    Returns
+    -------
+    dict
+        ``{path under the site's _static/: file in the cache}``.
+
+    Raises
+    ------
+    regedu.datasets.DataUnavailableError
+        Not cached, and ``download`` is False or the registry cannot be reached.
+    regedu.datasets.ChecksumError
+        A copy that is not the pinned file.
+    """
+    from .datasets.fetch import DataUnavailableError, fetch, is_cached, mirror_dir
+
+    records = _script_records()
+    if not download:
+        local = mirror_dir(mirror)
+        missing = [r.filename for r in records if not is_cached(r, cache_dir=cache_dir)
+                   and not (local is not None and (local / r.filename).is_file())]
+        if missing:
+            raise DataUnavailableError(
+                f"site scripts: {', '.join(missing)} not in the cache; fetch them once with "
+                f"regedu.course.site_scripts() or 'regedu course --scripts local' (registry.npmjs.org)")
+    manager, requirejs, mathjax = (fetch(r, cache_dir=cache_dir, mirror=mirror) / "package"
+                                   for r in records)
+    dist, es5 = manager / "dist", mathjax / "es5"
+    files = {_REQUIRE_JS: requirejs / "require.js", _EMBED_JS: dist / "embed-amd.js",
+             "html-manager/LICENSE.txt": dist / "embed.js.LICENSE.txt",
+             _MATHJAX_JS: es5 / "tex-chtml-full.js", "mathjax/LICENSE": mathjax / "LICENSE"}
+    # embed-amd.js names its fonts by content hash, relative to itself; MathJax finds
+    # its fonts at output/chtml/fonts/woff-v2 under its own folder.
+    files.update({f"html-manager/{p.name}": p for p in sorted(dist.iterdir())
+                  if p.suffix in (".woff2", ".woff", ".ttf", ".eot", ".svg")})
+    fonts = es5 / "output" / "chtml" / "fonts" / "woff-v2"
+    files.update({f"mathjax/{p.relative_to(es5).as_posix()}": p for p in sorted(fonts.iterdir())})
+    return files
+
+
+def _install_static(files: dict, folder: Path) -> None:
+    """Replace ``folder`` with ``files`` (``{relative path: source}``), whole or not at all."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+    try:
+        for rel, source in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / rel)
+        umask = os.umask(0)
+        os.umask(umask)
+        # mkdtemp's folder is private (0700); a site is read by a web server's user.
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+# With the widget scripts from unpkg.com, offline, the widgets' outputs would stay
+# blank with no word of why.
 _WIDGET_FALLBACK = """<script>
 window.addEventListener("error", function (event) {
   var src = event.target && event.target.src;
@@ -189,15 +322,25 @@ window.addEventListener("error", function (event) {
 """
 
 
-def _render_page(nb, *, folder: Path, title: str, profile: str, index: str | None) -> str:
+def _render_page(nb, *, folder: Path, title: str, profile: str, index: str | None,
+                 scripts: str | None) -> str:
     from nbconvert import HTMLExporter
 
     # embed_images: markdown images (![](figures/x.png)) become data: URLs like the
     # outputs' figures, so that a page is one file and the site works offline.
-    exporter = HTMLExporter(template_name="lab", embed_images=True)
+    urls = {} if scripts is None else dict(require_js_url=f"{scripts}/{_REQUIRE_JS}",
+                                           widget_renderer_url=f"{scripts}/{_EMBED_JS}",
+                                           mathjax_url=f"{scripts}/{_MATHJAX_JS}")
+    exporter = HTMLExporter(template_name="lab", embed_images=True, **urls)
     body, _ = exporter.from_notebook_node(
         nb, resources={"metadata": {"path": str(folder), "name": title}})
-    if WIDGET_STATE in nb.metadata.get("widgets", {}):
+    if scripts is not None:
+        tag = f'<script src="{scripts}/{_MATHJAX_JS}">'
+        if tag not in body:
+            raise RuntimeError(f"nbconvert's page no longer loads MathJax as {tag!r}: "
+                               "regedu.course cannot configure MathJax 3 for it")
+        body = body.replace(tag, _MATHJAX_CONFIG + tag, 1)
+    if scripts is None and WIDGET_STATE in nb.metadata.get("widgets", {}):
         body = body.replace("</body>", _WIDGET_FALLBACK + "</body>", 1)
     if index is None:
         return body
@@ -220,7 +363,7 @@ def _write_text(path, text: str) -> Path:
 
 
 def execute_notebook(path, html_path, *, profile: str = "ci", timeout: int = 900,
-                     index: str | None = "index.html") -> dict:
+                     index: str | None = "index.html", scripts: str | None = None) -> dict:
     """Execute one notebook in a fresh kernel (in this process) and write its HTML page.
 
     Returns ``{"status": "ok" | "error", "error": str, "seconds": float, "title": str}``.
@@ -228,7 +371,9 @@ def execute_notebook(path, html_path, *, profile: str = "ci", timeout: int = 900
     The page holds everything it shows: figures as ``data:`` URLs and the
     widgets' final state (see the module docstring). Its title is the
     notebook's first heading (:func:`notebook_title`), and it starts with a
-    link to ``index``, a URL relative to the page (None: no link). A notebook
+    link to ``index``, a URL relative to the page (None: no link). ``scripts``
+    is the folder of :func:`site_scripts`' files, relative to the page
+    (None: unpkg.com and cdnjs). A notebook
     that fails still gets its page, which shows the error; the page is
     written whole or not at all.
     """
@@ -272,7 +417,7 @@ def execute_notebook(path, html_path, *, profile: str = "ci", timeout: int = 900
         # stopped early keeps what its widgets showed up to the error.
         client.set_widgets_metadata()
     _write_text(html_path, _render_page(nb, folder=path.parent, title=title, profile=profile,
-                                        index=index))
+                                        index=index, scripts=scripts))
     return {"status": status, "error": error, "seconds": seconds, "title": title}
 
 
@@ -310,13 +455,16 @@ class CourseSummary:
     heading), ``status`` ("ok" or "error"), ``seconds``, ``peak_mb`` (the
     kernel's peak resident memory), ``error`` and ``html`` (the page
     written). ``profile`` and ``out_dir`` say how and where, ``date`` when the
-    run started (UTC, ISO 8601).
+    run started (UTC, ISO 8601), ``scripts`` where the pages get the scripts
+    that draw widgets and formulas: ``"local"`` (the site's ``_static/``) or
+    ``"cdn"``.
     """
 
     profile: str
     out_dir: Path
     rows: list = field(default_factory=list)
     date: str = ""
+    scripts: str = "cdn"
 
     @property
     def ok(self) -> bool:
@@ -389,8 +537,12 @@ def _index_page(summary: CourseSummary) -> str:
         f"<p class=\"run\">Profile <b class=\"profile\">{profile}</b>, run on "
         f"<time datetime=\"{date}\">{date[:16].replace('T', ' ')} UTC</time> with regedu "
         f"{html.escape(__version__)}: {ran} of {len(summary.rows)} notebooks ran without error, in {_format_seconds(total)} in all. Time is the notebook's "
-        "wall-clock time, memory its kernel's peak resident memory.</p>\n"
-        "<table>\n<thead><tr><th>notebook</th><th>file</th><th>status</th><th class=\"num\">time"
+        "wall-clock time, memory its kernel's peak resident memory. "
+        + ("Widgets and formulas are drawn by scripts in this site's <code>_static/</code> folder, "
+           "with no network.</p>\n" if summary.scripts == "local" else
+           "Widgets and formulas are drawn by scripts from unpkg.com and cdnjs: offline, each "
+           "widget says it could not be drawn and formulas show their TeX source.</p>\n")
+        + "<table>\n<thead><tr><th>notebook</th><th>file</th><th>status</th><th class=\"num\">time"
         "</th><th class=\"num\">peak memory</th></tr></thead>\n<tbody>\n"
         + "\n".join(rows) + "\n</tbody>\n</table>\n</body>\n</html>\n")
 
@@ -401,12 +553,13 @@ def _write_summary(summary: CourseSummary) -> None:
     out = summary.out_dir
     _write_text(out / "summary.md", summary.to_markdown())
     _write_text(out / "summary.json", json.dumps(
-        {"profile": summary.profile, "date": summary.date, "rows": summary.rows}, indent=1))
+        {"profile": summary.profile, "date": summary.date, "scripts": summary.scripts,
+         "rows": summary.rows}, indent=1))
     _write_text(out / "index.html", _index_page(summary))
 
 
 def run_course(notebooks=None, profile: str = "ci", out_dir="_course_html", timeout: int = 900,
-               *, folder=None, progress: bool = True) -> CourseSummary:
+               *, folder=None, progress: bool = True, scripts: str = "auto") -> CourseSummary:
     """Execute notebooks headless and write them as a static site.
 
     Parameters
@@ -427,6 +580,13 @@ def run_course(notebooks=None, profile: str = "ci", out_dir="_course_html", time
         Where to look notebooks up by name (default: the repository's ``notebooks/``).
     progress : bool
         Print one line per notebook as it finishes.
+    scripts : {"auto", "local", "cdn"}
+        Where the pages get the scripts that draw widgets and formulas (:func:`site_scripts`):
+        "local" copies them into ``out_dir/_static/``, downloading them once
+        if the cache lacks them (an error if that fails); "auto" does so when
+        the cache or the mirror holds them, never downloading, and otherwise
+        falls back to "cdn" (and says so); "cdn" leaves them on unpkg.com and
+        cdnjs, as nbconvert does.
 
     Returns
     -------
@@ -441,6 +601,7 @@ def run_course(notebooks=None, profile: str = "ci", out_dir="_course_html", time
     from .profiles import PROFILES
 
     check_choice(profile, tuple(PROFILES), "profile")
+    check_choice(scripts, ("auto", "local", "cdn"), "scripts")
     check_positive(timeout, "timeout", integer=True)
     paths = find_notebooks(notebooks, folder=folder)
     if not paths:
@@ -450,8 +611,19 @@ def run_course(notebooks=None, profile: str = "ci", out_dir="_course_html", time
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out_dir: expected a folder for the site, got the file {str(out)!r}")
     out.mkdir(parents=True, exist_ok=True)
+    static = None
+    if scripts != "cdn":
+        from .datasets.fetch import DataUnavailableError
+        try:
+            _install_static(site_scripts(download=scripts == "local"), out / STATIC)
+            static = STATIC
+        except DataUnavailableError as err:
+            if scripts == "local":
+                raise
+            print(f"regedu course: the pages load their scripts from unpkg.com and cdnjs ({err})",
+                  file=sys.stderr)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    summary = CourseSummary(profile, out, date=date)
+    summary = CourseSummary(profile, out, date=date, scripts="cdn" if static is None else "local")
     env = dict(os.environ, REGEDU_PROFILE=profile)
     # The worker must import this regedu, installed or not.
     root = str(Path(__file__).resolve().parent.parent)
@@ -459,7 +631,7 @@ def run_course(notebooks=None, profile: str = "ci", out_dir="_course_html", time
     for path in paths:
         page = out / f"{path.stem}.html"
         cmd = [sys.executable, "-m", "regedu.course", str(path.resolve()), str(page.resolve()),
-               profile, str(timeout)]
+               profile, str(timeout), static or ""]
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -500,8 +672,8 @@ def _title_or_stem(path: Path) -> str:
 
 
 def _worker(argv) -> int:
-    path, page, profile, timeout = argv
-    result = execute_notebook(path, page, profile=profile, timeout=int(timeout))
+    path, page, profile, timeout, scripts = argv
+    result = execute_notebook(path, page, profile=profile, timeout=int(timeout), scripts=scripts or None)
     result["peak_mb"] = _peak_child_mb()
     print(json.dumps(result))
     return 0

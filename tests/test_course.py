@@ -38,7 +38,7 @@ def course(tmp_path_factory):
     write_notebook(folder / "02_broken.ipynb", "print('before')", "1 / 0", "print('never')")
     out = tmp_path_factory.mktemp("html")
     return folder, out, run_course(profile="cpu", out_dir=out, folder=folder, timeout=120,
-                                   progress=False)
+                                   progress=False, scripts="cdn")
 
 
 def _index_rows(out):
@@ -165,12 +165,85 @@ def test_a_notebook_that_cannot_be_read_gets_an_error_page(tmp_path):
     out = tmp_path / "site"
     out.mkdir()
     (out / "05_corrupt.html").write_text("a page from an earlier run")
-    summary = run_course(bad, out_dir=out, progress=False)
+    summary = run_course(bad, out_dir=out, progress=False, scripts="cdn")
     (row,) = summary.rows
     assert row["status"] == "error" and "worker failed" in row["error"]
     page = (out / "05_corrupt.html").read_text()
     assert "did not run" in page and "earlier run" not in page
     assert 'href="05_corrupt.html"' in (out / "index.html").read_text()
+
+
+def _fake_scripts(folder, text):
+    files = {}
+    for rel in ("require.js", "html-manager/embed-amd.js", "html-manager/a1b2.woff2"):
+        files[rel] = folder / rel.replace("/", "_")
+        files[rel].write_text(f"/* {text} {rel} */")
+    return files
+
+
+def test_local_site_scripts_are_copied_beside_the_pages(tmp_path, monkeypatch):
+    import regedu.course
+    nb = write_notebook(tmp_path / "01_w.ipynb", SLIDER)
+    out = tmp_path / "site"
+    monkeypatch.setattr(regedu.course, "site_scripts", lambda download: _fake_scripts(tmp_path, "one"))
+    summary = run_course(nb, out_dir=out, progress=False, scripts="local")
+    assert summary.scripts == "local" and summary.ok
+    page = (out / "01_w.html").read_text()
+    assert '<script src="_static/require.js">' in page and "'_static/html-manager/embed-amd.js'" in page
+    assert "unpkg.com" not in page and "regedu-widget-offline" not in page, \
+        "with the scripts in the site, the page must not send the reader to unpkg.com"
+    assert (out / "_static" / "html-manager" / "a1b2.woff2").read_text() == "/* one html-manager/a1b2.woff2 */"
+    assert "_static/" in (out / "index.html").read_text()
+    assert json.loads((out / "summary.json").read_text())["scripts"] == "local"
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(out / "_static").as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in (out / "_static").rglob("*")}
+    assert modes == {"html-manager": 0o777 & ~umask, "require.js": 0o666 & ~umask,
+                     "html-manager/embed-amd.js": 0o666 & ~umask, "html-manager/a1b2.woff2": 0o666 & ~umask}
+    # A second run replaces the folder whole: no file of the first stays, no temporary is left.
+    monkeypatch.setattr(regedu.course, "site_scripts",
+                        lambda download: {k: v for k, v in _fake_scripts(tmp_path, "two").items()
+                                          if k != "html-manager/a1b2.woff2"})
+    run_course(nb, out_dir=out, progress=False, scripts="local")
+    assert sorted(p.name for p in (out / "_static").rglob("*")) == ["embed-amd.js", "html-manager", "require.js"]
+    assert (out / "_static" / "require.js").read_text() == "/* two require.js */"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_site_scripts_come_verified_or_not_at_all(tmp_path, monkeypatch, capfd):
+    import importlib
+    import urllib.error
+
+    from regedu.course import site_scripts
+    from regedu.datasets import ChecksumError, DataUnavailableError
+    monkeypatch.setenv("REGEDU_DATA", str(tmp_path / "cache"))
+    monkeypatch.delenv("REGEDU_MIRROR", raising=False)
+    with pytest.raises(DataUnavailableError, match="not in the cache.*registry.npmjs.org"):
+        site_scripts(download=False)
+    # A copy that is not the pinned tarball is refused, and nothing enters the cache.
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name in ("html-manager-1.0.15.tgz", "requirejs-2.3.8.tgz", "mathjax-3.2.2.tgz"):
+        (mirror / name).write_bytes(b"\x1f\x8b" + bytes(100))
+    with pytest.raises(ChecksumError, match="html-manager-1.0.15.tgz.*expected 5142829 bytes"):
+        site_scripts(download=False, mirror=mirror)
+    assert not list((tmp_path / "cache").glob("html-manager*"))
+
+    def offline(url, dest, **kw):
+        raise urllib.error.URLError("no network")
+    # The module (regedu.datasets.fetch, the attribute, is its function of the same name).
+    monkeypatch.setattr(importlib.import_module("regedu.datasets.fetch"), "_download", offline)
+    nb = write_notebook(tmp_path / "01_w.ipynb", SLIDER)
+    with pytest.raises(DataUnavailableError, match="registry.npmjs.org.*no network"):
+        run_course(nb, out_dir=tmp_path / "a", progress=False, scripts="local")
+    # auto never downloads: without a cached copy the pages use unpkg.com, and the run says so.
+    summary = run_course(nb, out_dir=tmp_path / "b", progress=False, scripts="auto")
+    assert summary.scripts == "cdn" and "unpkg.com" in capfd.readouterr().err
+    page = (tmp_path / "b" / "01_w.html").read_text()
+    assert "unpkg.com" in page and "regedu-widget-offline" in page and not (tmp_path / "b" / "_static").exists()
+    with pytest.raises(ValueError, match="scripts"):
+        run_course(nb, out_dir=tmp_path / "c", progress=False, scripts="offline")
 
 
 def test_notebook_title():
@@ -191,7 +264,8 @@ def test_cli_course_command(tmp_path, capsys):
     assert main(["course", "--help"]) == 0
     assert "usage: regedu course" in capsys.readouterr().out
     nb = write_notebook(tmp_path / "03_tiny.ipynb", "print(6 * 7)")
-    assert main(["course", str(nb), "--profile", "ci", "--out", str(tmp_path / "html")]) == 0
+    assert main(["course", str(nb), "--profile", "ci", "--out", str(tmp_path / "html"),
+                 "--scripts", "cdn"]) == 0
     out = capsys.readouterr().out
     assert "| 03_tiny | ok |" in out and (tmp_path / "html" / "03_tiny.html").is_file()
 

@@ -7,9 +7,11 @@ ipywidgets slider; then a notebook that fails), opens ``index.html`` through
 without a script error, shows the title the index gave it, has every ``<img>``
 decoded (``naturalWidth > 0``), carries the widget state, and links back to
 the index. Requests to the network are refused: the site must stand on its
-own (the widget manager nbconvert's template loads from unpkg.com cannot
-come, so the test checks the widgets' saved state, and the note that says
-why they are not drawn).
+own. Built with ``scripts="cdn"``, the widget manager nbconvert's template
+loads from unpkg.com cannot come, so that site's test checks the widgets'
+saved state and the note that says why they are not drawn; a second site,
+built with the scripts in its ``_static/`` (regedu.course.site_scripts, when
+cached), must draw its slider and typeset its formula with no network.
 
 Needs Debian's chromium, like tests/test_browser.py (whose skip rule and
 browser flags it shares); skipped with a message when it is missing.
@@ -54,7 +56,8 @@ def site(tmp_path_factory):
     ])
     _notebook(folder / "02_fails.ipynb", [("md", "# 02 · A notebook that fails"), ("code", "1 / 0")])
     out = tmp_path_factory.mktemp("site")
-    summary = run_course(folder=folder, profile="ci", out_dir=out, timeout=120, progress=False)
+    summary = run_course(folder=folder, profile="ci", out_dir=out, timeout=120, progress=False,
+                         scripts="cdn")
     return out, summary
 
 
@@ -124,3 +127,54 @@ def test_site_in_chromium(site, artifacts):
         {"seconds": round(time.monotonic() - t0, 1), "refused": refused}, indent=1))
     assert not errors, f"script errors: {errors}"
     assert not failed, f"files the pages point at did not load: {failed}"
+
+
+def test_widgets_are_drawn_offline_with_the_sites_own_scripts(tmp_path, artifacts):
+    """With regedu.course.site_scripts in the site (make unit fetches them), a slider is drawn
+    from its saved state and a formula is typeset while every request to the network is refused."""
+    from playwright.sync_api import sync_playwright
+
+    from regedu.course import site_scripts
+    from regedu.datasets import DataUnavailableError
+    try:
+        site_scripts(download=False)
+    except DataUnavailableError as err:
+        pytest.skip(f"{err} ('make unit' fetches them when registry.npmjs.org can be reached)")
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _notebook(folder / "01_slider.ipynb", [
+        ("md", "# 01 · A slider\n\nA warp $\\varphi(x) = x + u(x)$ and $$\\det J_\\varphi > 0.$$"),
+        ("code", "import ipywidgets as widgets\nwidgets.IntSlider(value=3, max=9, description='steps')")])
+    out = tmp_path / "site"
+    summary = run_course(folder=folder, profile="ci", out_dir=out, timeout=120, progress=False,
+                         scripts="auto")
+    assert summary.ok and summary.scripts == "local"
+    errors, failed, refused = [], [], []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
+                                     headless=True, timeout=STEP_MS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 600})
+            page.set_default_timeout(STEP_MS)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("requestfailed", lambda r: r.url.startswith("file:")
+                    and failed.append(f"{r.url}: {r.failure}"))
+            page.route(re.compile(r"^(https?|wss?)://"),
+                       lambda route: (refused.append(route.request.url), route.abort()))
+            page.goto((out / "01_slider.html").resolve().as_uri(), wait_until="load")
+            slider = page.locator("div.jupyter-widgets .widget-slider")
+            slider.wait_for()
+            page.screenshot(path=str(artifacts / "slider_offline.png"))
+            assert page.locator(".widget-readout").first.text_content().strip() == "3", \
+                "the slider must show the value it had when the notebook finished"
+            assert page.locator(".widget-label").first.text_content().strip() == "steps"
+            assert page.locator(".regedu-widget-offline").count() == 0
+            page.locator("mjx-container").nth(1).wait_for()
+            assert page.locator("mjx-container").count() == 2, "an inline and a display formula"
+            assert "$" not in page.locator(".jp-RenderedMarkdown").first.inner_text(), \
+                "MathJax must replace the TeX source"
+        finally:
+            browser.close()
+    assert not errors, f"script errors: {errors}"
+    assert not failed, f"files of the site did not load: {failed}"
+    assert not refused, f"the page asked the network for {refused}"

@@ -429,7 +429,7 @@ How to read these numbers: a network trained on 8 pairs only can learn its
 subjects). The PCA model only makes fields in the span of the 8 it was fitted
 on (7 directions): its samples are new but not *different*. The local model
 lifts that limit: its span holds more of a new subject's field (the numbers
-printed under the modes' figure), and the paired test above says whether that
+printed above the modes' figure), and the paired test above says whether that
 made better training pairs. RegNet's random fields
 are not the subjects' kind of deformation, but they are many and varied. The
 sentences above are printed from the measured numbers, whatever they are:
