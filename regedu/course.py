@@ -290,11 +290,8 @@ def _install_static(files: dict, folder: Path) -> None:
         for rel, source in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / rel)
-        umask = os.umask(0)
-        os.umask(umask)
-        # mkdtemp's folder is private (0700); a site is read by a web server's user.
         for path in [tmp, *tmp.rglob("*")]:
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            _public(path)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -351,13 +348,18 @@ def _render_page(nb, *, folder: Path, title: str, profile: str, index: str | Non
     return re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + nav, body, count=1)
 
 
+def _public(path: Path) -> None:
+    # Temporary files and folders are private (0600, 0700); a site is read by a web
+    # server's user: the modes a plain open() or mkdir() would give.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _write_text(path, text: str) -> Path:
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
-        # The temporary file is private (0600); a site is read by a web server's user.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)
+        _public(tmp)
 
     return write_atomic(path, write, suffix=Path(path).suffix or ".tmp")
 
