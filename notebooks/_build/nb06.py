@@ -137,11 +137,11 @@ $$\mathcal{L} = -\mathrm{NCC}_{9^3}(F, M \circ \varphi) + \lambda\, \frac{1}{N}\
 local normalised cross-correlation in 9x9x9 windows (robust to the bias field and
 gamma change) plus the diffusion regulariser (notebook 02).
 
-**Budget.** On two CPU cores a VoxelMorph step takes a fraction of a second
-at 4 mm (printed below), and a network needs hundreds to thousands of steps
-before its Dice clearly leaves the affine's (the checkpoint's validation
-curve is printed below), so a few dozen steps from scratch are too few to
-expect a measurable change. So the `ci` and `cpu` profiles
+**Budget.** The next cell prints what a VoxelMorph step costs at 4 mm on this
+machine, how many steps the checkpoint below was trained for (from its recipe),
+its validation Dice along the way, and what fraction of its steps this
+notebook's few dozen are. From scratch, so small a fraction of that budget
+would show us little. So the `ci` and `cpu` profiles
 **fine-tune**: they start from the VoxelMorph the project trained with its own
 command, `regedu train`, on pre-aligned realistic subjects of the training
 brains (`checkpoints/brain_unet_4mm_ncc_lr5e-4_s0.pt`; its recipe is printed
@@ -163,6 +163,7 @@ print("the checkpoint's recipe:", {k: v for k, v in pre_recipe.items() if k != "
 val = pre_state["history"]["val"]
 print("its validation Dice (subjects of the training brains):",
       ", ".join(f"{d:.3f} at step {s}" for s, d in zip(val["step"], val["dice"])))
+print(f"this notebook's {steps} steps are {steps / pre_recipe['steps']:.1%} of the checkpoint's {pre_recipe['steps']}")
 
 
 def train_voxelmorph(objective):
@@ -243,8 +244,10 @@ every network: their anatomy is further from the template's.
 
 In the `ci` and `cpu` profiles the "VoxelMorph" row is the pre-trained
 network after a few dozen more steps on this notebook's pairs: the checks at
-the end hold it to beating the affine by a stated margin, and print whether
-the extra steps helped or cost the checkpoint anything. Structures differ in
+the end hold it to beating the affine by a stated margin (the checkpoint
+alone already does, so that check keeps its margin, it does not test the
+fine-tuning), hold the extra steps to costing the checkpoint at most a stated
+amount of Dice, and print whether they helped. Structures differ in
 shape and topology from one brain to the next, and the cortex of a different
 brain cannot be mapped voxel for voxel by a smooth field: this is why the
 papers' Dice scores are in the 0.6 to 0.75 range, not 0.95.
@@ -344,13 +347,17 @@ ncc = {"Affine": float(np.mean([float(losses.ncc_local(p["fixed"][None], p["movi
        "VoxelMorph": similarity(model), "VoxelMorph + Dice loss": similarity(model_semi)}
 print("test local NCC (lower is better):", {k: round(v, 4) for k, v in ncc.items()})
 print("mean Dice:", {k: round(v, 4) for k, v in mean_dice.items()})
-# Every profile: the preprocessing raises Dice; the networks trained in this notebook (fine-tuned in ci and
-# cpu, new in gpu) beat the affine they start from by a margin, and the pre-trained network does so on
-# held-out anatomy as well as on its training brains.
-PREALIGN, MARGIN, PRE_EACH = 0.05, 0.03, 0.02
-change = mean_dice["VoxelMorph"] - mean_dice["VoxelMorph (pre-trained)"]
-print(f"the {steps} steps of this notebook changed the mean Dice of the network they started from by {change:+.4f}"
-      if not from_scratch else "")
+# Every profile: the preprocessing raises Dice, and the pre-trained network adds Dice to the affine on
+# held-out anatomy as well as on its training brains. The networks of this notebook beat the affine by a
+# margin: new in gpu, that tests their training; fine-tuned in ci and cpu, they keep the checkpoint's margin
+# (the checkpoint alone passes), and a separate check bounds what the fine-tuning may cost the checkpoint.
+PREALIGN, MARGIN, PRE_EACH, FINE_TUNE_COST = 0.05, 0.03, 0.02, 0.01
+changes = {name: mean_dice[name] - mean_dice["VoxelMorph (pre-trained)"] for name in ("VoxelMorph", "VoxelMorph + Dice loss")}
+if not from_scratch:
+    print(f"the {steps} steps of this notebook changed the mean Dice of the network they started from by "
+          + ", ".join(f"{v:+.4f} ({name})" for name, v in changes.items()))
+    assert all(v > -FINE_TUNE_COST for v in changes.values()), \
+        f"fine-tuning should not cost the checkpoint more than {FINE_TUNE_COST} Dice: {changes}"
 for ds, d in by_set.items():
     assert d["Affine"] > d["before registration"] + PREALIGN, f"{ds}: the affine pre-alignment should raise Dice by more than {PREALIGN}: {d}"
     assert d["VoxelMorph (pre-trained)"] > d["Affine"] + PRE_EACH, f"{ds}: the pre-trained VoxelMorph should add more than {PRE_EACH} Dice to the affine: {d}"

@@ -15,7 +15,7 @@ configuration and say so in a banner: the 4 mm grid, and a handful of steps
 that **fine-tune** the two networks of notebook 10's semi-supervised
 comparison (`checkpoints/brain_unet_4mm_semi_lr5e-4_s0.pt`,
 `checkpoints/brain_vvnet_4mm_semi_lr5e-4_s0.pt`: the same data, steps, batch
-and loss), since a handful of steps from scratch is too few to expect
+and loss, checked at the end), since a handful of steps from scratch is too few to expect
 learning (notebook 06 says why). Everything else (the data, the code, the
 measurements, the checks) is the same, so you can read the notebook here and
 run it unchanged where there is a GPU:
@@ -25,9 +25,10 @@ The data are notebook 06's realistic subjects (pose, a real brain's anatomy,
 intensity changes), **pre-aligned to the atlas with ANTs affine** as the
 paper prepares its data, and notebook 10's test sets: new subjects of the
 training brains and subjects of the held-out donors. In the `gpu` profile they
-are made at 1 mm the first time they are used (over a minute of ANTs per
-subject on one CPU thread; the cost of the test subjects' is printed below), so the full run cycles through a smaller pool
-of training subjects than the profile's pairs (the count is printed below).
+are made at 1 mm the first time they are used, each with its own ANTs
+pre-alignment (its cost per test subject, and the grid, are printed below), so
+the full run cycles through a smaller pool of training subjects than the
+profile's pairs (the count is printed below).
 
 **Learning goals.** After this notebook you can
 
@@ -54,14 +55,20 @@ from regedu import checkpoints, datasets, evaluate, losses, nets, train, viz
 
 cuda = torch.cuda.is_available()
 full = cuda and profile.paper_scale
+# The two networks of notebook 10's semi-supervised comparison: the reduced run fine-tunes them, on their grid.
+shipped = {"unet": Path("checkpoints/brain_unet_4mm_semi_lr5e-4_s0.pt"),
+           "vvnet": Path("checkpoints/brain_vvnet_4mm_semi_lr5e-4_s0.pt")}
+states = {name: checkpoints.load_checkpoint(path) for name, path in shipped.items()}
+recipes = {name: checkpoints.training_recipe(state) for name, state in states.items()}
+spacing = 1 if full else int(recipes["unet"]["spacing"][0])
 if full:
     print(f"GPU: {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 else:
     reason = "no CUDA GPU on this machine" if not cuda else f"profile '{profile.name}' (set REGEDU_PROFILE=gpu)"
     display(HTML(
         "<div style='padding:0.8em;border:2px solid #c60;background:#fff4e5;color:#000'>"
-        f"<b>Reduced configuration</b> ({reason}): this run fine-tunes the project's 4 mm networks "
-        f"at {profile.train_spacing_mm:g} mm for a few steps, in float32, on the CPU. The numbers below are "
+        f"<b>Reduced configuration</b> ({reason}): this run fine-tunes the project's networks "
+        f"on their own {spacing:g} mm grid for a few steps, in float32, on the CPU. The numbers below are "
         "<b>not</b> the full-resolution ones; the full run needs a CUDA GPU and the <code>gpu</code> profile.</div>"))
 """),
 md(r"""
@@ -69,8 +76,10 @@ md(r"""
 
 A 3D registration network holds, for the backward pass, several feature maps of
 the *full* volume: 160x192x224 is 6.9 million voxels, so one 16-channel float32
-map is 440 MB (160 x 192 x 224 x 16 x 4 bytes), and a U-Net keeps dozens. The
-weights (printed below) hardly count.
+map is 440 MB (160 x 192 x 224 x 16 x 4 bytes), half that in 16 bits. How many
+such maps each network keeps, and the small share of the weights (with their
+gradients and Adam's moments), are printed below; the share is checked at the
+end.
 `nets.summary` measures the saved activations on a smaller grid and scales them;
 `amp=True` measures under autocast (16-bit activations).
 """),
@@ -78,12 +87,15 @@ code(r"""
 paper_size = (160, 192, 224)
 configs = {"VoxelMorph": dict(name="unet", spatial_dims=3), "VV-Net": dict(name="vvnet", spatial_dims=3)}
 max_voxels = 80 * 96 * 112 if full else 20 * 24 * 28   # CPUs: measure small (memory budget)
-estimates = {}
+estimates, weight_share = {}, {}
 for label, cfg in configs.items():
     s = nets.summary(nets.from_config(cfg), paper_size, max_voxels=max_voxels, amp=True)
     estimates[label] = s.train_bytes
+    weight_share[label] = 4 * s.param_bytes / s.train_bytes    # weights, gradients, Adam's two moments
+    maps = s.activation_bytes / (np.prod(paper_size) * 16 * 2)   # 16-channel maps of 2-byte values
     print(f"{label:<11} {s.params:>10,} parameters; estimated training memory at 160x192x224 "
-          f"with AMP: {s.train_bytes / 2**30:.1f} GiB")
+          f"with AMP: {s.train_bytes / 2**30:.1f} GiB, the activations of about {maps:.0f} full-volume 16-channel "
+          f"16-bit maps; weights, gradients and Adam {weight_share[label]:.2%} of it")
 """),
 md(r"""
 ## 2. Mixed precision
@@ -103,19 +115,14 @@ activations take half the memory. Two details matter for registration:
 channel-innermost, the layout cuDNN's fastest 3D convolutions use.
 """),
 code(r"""
-shipped = {"unet": Path("checkpoints/brain_unet_4mm_semi_lr5e-4_s0.pt"),
-           "vvnet": Path("checkpoints/brain_vvnet_4mm_semi_lr5e-4_s0.pt")}
-states = {name: checkpoints.load_checkpoint(path) for name, path in shipped.items()}
-recipes = {name: checkpoints.training_recipe(state) for name, state in states.items()}
 objective = recipes["unet"]["losses"]
 assert all(r["losses"] == objective for r in recipes.values()), f"the two checkpoints should share one loss: {recipes}"
-spacing = 1 if full else int(recipes["unet"]["spacing"][0])
 atlas = datasets.mni_brain(spacing)
 shape = tuple(atlas.image.shape[1:])
 structures = atlas.structures()
 labels = list(structures)
-# At 1 mm each subject costs about 72 s of ANTs (one thread of the development machine, 2.5 GB)
-# the first time, before it is pooled on disk: the full run cycles through a smaller pool.
+# At 1 mm each subject is pre-aligned by ANTs the first time, before it is pooled on disk: the
+# full run cycles through a smaller pool.
 n_train = min(profile.n_train_pairs, 16) if full else profile.n_train_pairs
 train_pairs = datasets.RealisticPairs(n_train, anatomy="train", seed=0, spacing_mm=spacing)
 n_test = max(1, profile.n_test_pairs // 2)
@@ -124,7 +131,7 @@ test_pairs = [pair for pairs in test_sets.values() for pair in pairs]
 print(f"{len(train_pairs)} training subjects of {', '.join(train_pairs.names)}; test pairs:",
       {name: len(pairs) for name, pairs in test_sets.items()}, f"on the {spacing:g} mm grid")
 print("loss (both checkpoints'):", objective)
-print(f"ANTs pre-alignment of each test subject, when it was first made: "
+print(f"ANTs pre-alignment of each test subject on the {spacing:g} mm grid, when it was first made: "
       f"{np.mean([p['meta']['seconds'] for p in test_pairs]):.1f} s on average")
 
 steps = min(profile.steps_3d, 500) if full else {"ci": 6, "cpu": 12}.get(profile.name, 12)
@@ -224,6 +231,10 @@ peaks = {k: run[3] for k, run in runs.items()}
 assert all(np.isfinite(list(seconds.values()))) and all(s > 0 for s in seconds.values()), f"time per step must be measured: {seconds}"
 assert all(np.isfinite(v).all() for v in ncc.values()), "training losses must be finite (AMP overflow would give inf/NaN)"
 assert all(e > 0 for e in estimates.values()), f"memory estimates must be positive: {estimates}"
+assert all(w < 0.01 for w in weight_share.values()), f"the weights (with gradients and Adam) should be under 1 % of the training memory: {weight_share}"
+# The prose: the two checkpoints had the same data, steps, batch, learning rate and loss.
+budgets = {name: {k: v for k, v in r.items() if k not in ("model", "parameters", "validation_dice")} for name, r in recipes.items()}
+assert budgets["unet"] == budgets["vvnet"], f"the two checkpoints should have had the same budget: {budgets}"
 if full:
     assert all(p < 16 * 2**30 for p in peaks.values()), f"batch-1 training at 160x192x224 with AMP should fit the paper's 16 GB GPU: {peaks}"
     assert all(mean_dice[k] > mean_dice[baseline] for k in runs), f"both networks should beat the pre-alignment after training: {mean_dice}"

@@ -111,7 +111,8 @@ dice_identity = pair_dice(test, torch.zeros(len(test), 2, *shape))
 dice_true = pair_dice(test, true_disp[test])
 print(f"{n} subject-to-template pairs of {shape} slices at {atlas.spacing_mm:g} mm: {n_train} train, {n_val} validation, "
       f"{n_test} test; {len(structures)} structures")
-print(f"test Dice: identity {dice_identity.mean():.3f}, the true field {dice_true.mean():.3f} (the ceiling)")
+print(f"test Dice: identity {dice_identity.mean():.3f}, the true field {dice_true.mean():.3f} (the ceiling; checked "
+      f"against every network below)")
 """),
 md(r"""
 ## 1. A learned similarity measure
@@ -215,7 +216,9 @@ tries the blend).
 The baselines, at the same budget (same U-Net, same initial weights, same
 batches, same steps, same learning rate, same diffusion weight): the network
 trained with local NCC, and no registration at all (identity). A game
-between two networks varies from run to run more than plain training does, so
+between two networks is reported to vary from run to run more than plain
+training does (Lucic et al., NeurIPS 2018, found GAN scores to vary widely
+between random seeds), so
 in the cpu profile each network is trained with three seeds (initial weights,
 batches, discriminator) and each test pair's Dice is averaged over them before
 the paired test; the ci profile trains seed 0 only.
@@ -259,7 +262,7 @@ def train(objective, kind=None, critic=None, weight=1.0, real=None, seed=0):
     return model, log
 
 
-# Adversarial training is known to vary from run to run: in cpu every network is trained with three
+# Adversarial training is reported to vary from run to run: in cpu every network is trained with three
 # seeds (initial weights, batches, discriminator), and each test pair's Dice is averaged over them.
 similarity_seeds = (0,) if small else (0, 1, 2)
 t = time.perf_counter()
@@ -356,10 +359,10 @@ simulations regularise a label-driven network that registers prostate MR to
 3D transrectal ultrasound (108 pairs from 76 patients), and at inference the
 network needs neither labels nor simulations. The review quotes no accuracy
 for it either. `regedu.adversarial.plausible_fields` draws
-smooth random velocities and integrates them (scaling and squaring), so they
-never fold; we match them to the deformations of our subjects: a control point
-every 16 mm and a velocity of std 6 mm at them, as `synth_subject` draws
-each subject's (the sizes are printed below).
+smooth random velocities and integrates them (scaling and squaring), so that
+they do not fold (checked below). We draw them with `synth_subject`'s settings
+(a control point every 16 mm, a velocity of std 6 mm at them); the resulting
+sizes, printed below, differ from those of our subjects' true fields.
 
 Three networks, all trained with local NCC, the same budget as section 2:
 unregularised, diffusion (the network of section 2), and the adversarial
@@ -378,7 +381,7 @@ examples = plausible_fields(64, shape, amplitude, points, seed=3)
 fold_examples, sdlogj_examples = field_stats(examples)
 print(f"plausible fields: {points} control points, std {amplitude:.2f} px; mean |u| "
       f"{examples.norm(dim=1).mean():.2f} px (true fields of the training pairs {true_disp[train_ids].norm(dim=1).mean():.2f} px), "
-      f"{fold_examples.mean():.3f} % folding, SDlogJ {sdlogj_examples.mean():.2f}")
+      f"at most {fold_examples.max():.3f} % folding, SDlogJ {sdlogj_examples.mean():.2f}")
 
 t = time.perf_counter()
 _, runs["NCC, unregularised"] = train({"ncc": (ncc, 1.0)})
@@ -494,18 +497,21 @@ assert learned > 0.8 and learned > auc_table.loc["discriminator, untrained", har
     f"the trained discriminator should rank aligned test pairs above half-aligned ones: {auc_table.round(3).to_dict()}"
 assert critic_log["val"][-1] < critic_log["val"][0] - 0.1, \
     f"the discriminator's validation loss should fall: {critic_log['val'][0]:.3f} -> {critic_log['val'][-1]:.3f}"
-# 2. the baselines of section 2 behave: NCC learns, the true field is the ceiling
+# 2. the baselines behave: NCC learns, and the true field is the ceiling of every network (sections 2 and 3)
 assert dice_ncc.mean() > dice_identity.mean() + 0.02, \
     f"the NCC network should beat identity: {dice_ncc.mean():.3f} vs {dice_identity.mean():.3f}"
-assert dice_true.mean() > dice_ncc.mean() + 0.1, "the true field should remain well above any network here"
+best_network = max([*per_seed["NCC + diffusion"].mean(axis=1), *per_seed["adversarial similarity + diffusion"].mean(axis=1),
+                    *table_b.loc[[unreg, adv_reg], "test Dice"]])
+assert dice_true.mean() > best_network + 0.1, \
+    f"the true field should remain well above any network here: {dice_true.mean():.3f} vs {best_network:.3f}"
 # 2b. the adversarial similarity moves the test Dice above no registration (its paired test, printed
-# in section 2, says whether clearly: with 2 threads instead of 1 the ci run's interval held 0)
+# in section 2, says whether clearly)
 # A margin an untrained network (its flow head starts near zero: it stays at the identity) cannot reach by chance.
 assert gain_identity > 0.003, f"the adversarially trained network should raise test Dice over identity by > 0.003: {vs_identity.summary()}"
 # 3. the diffusion regulariser, the hand-crafted baseline of section 3, lowers folding
 assert fold[diff].mean() <= fold[unreg].mean() and sdlogj[diff].mean() < 0.8 * sdlogj[unreg].mean(), \
     f"diffusion should make smoother fields than no regulariser: {table_b.round(3).to_dict()}"
-assert fold_examples.mean() < 0.05, "the plausible fields should not fold"
+assert fold_examples.max() == 0, f"the plausible fields should not fold: up to {fold_examples.max():.3f} %"
 print("all checks passed")
 """),
 ]
