@@ -11,6 +11,7 @@ throughout; JupyterLab and its kernel are stopped even when the test fails.
 Needs Debian's chromium (``apt-get install -y chromium``); skipped with a
 message when /usr/bin/chromium is missing.
 """
+import importlib.util
 import json
 import os
 import secrets
@@ -26,11 +27,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = Path(__file__).with_name("browser") / "viewer.ipynb"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+# tools/check_site.py (the static site in the same browser) knows where Debian's chromium is and how to start it.
+_spec = importlib.util.spec_from_file_location("check_site", REPO / "tools" / "check_site.py")
+check_site = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_site)
+CHROMIUM, CHROMIUM_ARGS = check_site.CHROMIUM, check_site.CHROMIUM_ARGS
 SERVER_START_S = 30
 STEP_MS = 30_000
 

@@ -129,11 +129,22 @@ def test_site_in_chromium(site, artifacts):
     assert not failed, f"files the pages point at did not load: {failed}"
 
 
-def test_widgets_are_drawn_offline_with_the_sites_own_scripts(tmp_path, artifacts):
-    """With regedu.course.site_scripts in the site (make unit fetches them), a slider is drawn
-    from its saved state and a formula is typeset while every request to the network is refused."""
-    from playwright.sync_api import sync_playwright
+def test_check_site_reports_what_a_page_could_not_draw(site):
+    """tools/check_site.py, on the site whose widget scripts are on unpkg.com: the refused requests and
+    the offline note are reported, and the page fails."""
+    out, _ = site
+    rows = {r["page"]: r for r in test_browser.check_site.check_site(out, settle_ms=500)}
+    assert list(rows) == ["01_figures.html", "02_fails.html"]
+    figures = rows["01_figures.html"]
+    assert figures["images"] == 2 and figures["broken_images"] == 0 and figures["widgets"] == 1
+    found = " ".join(test_browser.check_site.problems(figures))
+    assert "offline_notes: 1" in found and "unpkg.com" in found, found
 
+
+def test_widgets_are_drawn_offline_with_the_sites_own_scripts(tmp_path):
+    """With regedu.course.site_scripts in the site (make unit fetches them), tools/check_site.py sees a
+    slider drawn from its saved state and the formulas typeset while every request to the network is
+    refused."""
     from regedu.course import site_scripts
     from regedu.datasets import DataUnavailableError
     try:
@@ -149,32 +160,8 @@ def test_widgets_are_drawn_offline_with_the_sites_own_scripts(tmp_path, artifact
     summary = run_course(folder=folder, profile="ci", out_dir=out, timeout=120, progress=False,
                          scripts="auto")
     assert summary.ok and summary.scripts == "local"
-    errors, failed, refused = [], [], []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-                                     headless=True, timeout=STEP_MS)
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 600})
-            page.set_default_timeout(STEP_MS)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("requestfailed", lambda r: r.url.startswith("file:")
-                    and failed.append(f"{r.url}: {r.failure}"))
-            page.route(re.compile(r"^(https?|wss?)://"),
-                       lambda route: (refused.append(route.request.url), route.abort()))
-            page.goto((out / "01_slider.html").resolve().as_uri(), wait_until="load")
-            slider = page.locator("div.jupyter-widgets .widget-slider")
-            slider.wait_for()
-            page.screenshot(path=str(artifacts / "slider_offline.png"))
-            assert page.locator(".widget-readout").first.text_content().strip() == "3", \
-                "the slider must show the value it had when the notebook finished"
-            assert page.locator(".widget-label").first.text_content().strip() == "steps"
-            assert page.locator(".regedu-widget-offline").count() == 0
-            page.locator("mjx-container").nth(1).wait_for()
-            assert page.locator("mjx-container").count() == 2, "an inline and a display formula"
-            assert "$" not in page.locator(".jp-RenderedMarkdown").first.inner_text(), \
-                "MathJax must replace the TeX source"
-        finally:
-            browser.close()
-    assert not errors, f"script errors: {errors}"
-    assert not failed, f"files of the site did not load: {failed}"
-    assert not refused, f"the page asked the network for {refused}"
+    (row,) = test_browser.check_site.check_site(out)
+    assert row["sliders"] == 1 and row["slider_values"] == ["3"], \
+        f"the slider must be drawn with the value it had when the notebook finished: {row}"
+    assert row["formulas"] == 2, f"an inline and a display formula, typeset: {row}"
+    assert not test_browser.check_site.problems(row), row
