@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "replace_folder"]
 
 
 def write_atomic(path, write: Callable[[Path], object], *, suffix: str = ".tmp") -> Path:
@@ -49,6 +51,29 @@ def write_atomic(path, write: Callable[[Path], object], *, suffix: str = ".tmp")
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_folder(folder, fill: Callable[[Path], object]) -> Path:
+    """Put in ``folder`` what ``fill(tmp)`` writes into a new folder, whole or not at all; return ``folder``.
+
+    ``tmp`` is a new, private folder beside ``folder`` (same file system, so the
+    final rename is one step). Once ``fill`` returns, the old ``folder`` (if
+    any) is removed and ``tmp`` renamed into its place: a reader finds the old
+    folder, no folder for the time of the removal, or the new one, never a
+    part of it. If ``fill`` fails, ``tmp`` is removed and ``folder`` is left as
+    it was.
+    """
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+    try:
+        fill(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
 
 
 def _new_temporary(path: Path, suffix: str) -> str:

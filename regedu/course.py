@@ -44,7 +44,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._files import write_atomic
+from ._files import replace_folder, write_atomic
 
 __all__ = ["run_course", "find_notebooks", "CourseSummary", "execute_notebook", "notebook_title",
            "site_scripts"]
@@ -283,21 +283,15 @@ def site_scripts(*, download: bool = True, cache_dir=None, mirror=None) -> dict[
 def _install_static(files: dict, folder: Path) -> None:
     """Replace ``folder`` with ``files`` (``{relative path: source}``), whole or not at all."""
     import shutil
-    import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
-    try:
+    def copy(tmp: Path) -> None:
         for rel, source in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / rel)
         for path in [tmp, *tmp.rglob("*")]:
             _public(path)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    replace_folder(folder, copy)
 
 
 # With the widget scripts from unpkg.com, offline, the widgets' outputs would stay

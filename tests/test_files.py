@@ -1,8 +1,10 @@
-"""regedu._files.write_atomic: a file written whole, with the mode a plain write would give it."""
+"""regedu._files: a file written whole, with the mode a plain write would give it; a folder replaced whole."""
 import os
 import stat
 
-from regedu._files import write_atomic
+import pytest
+
+from regedu._files import replace_folder, write_atomic
 
 
 def _mode(path):
@@ -25,3 +27,27 @@ def test_a_new_file_gets_the_mode_open_gives_and_a_replaced_one_keeps_its_own(tm
     finally:
         os.umask(before)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temporary left
+
+
+def test_replace_folder_is_whole_or_not_at_all(tmp_path):
+    folder = tmp_path / "site"
+
+    def fill(files):
+        def write(tmp):
+            for name, text in files.items():
+                (tmp / name).write_text(text)
+        return write
+
+    assert replace_folder(folder, fill({"a.js": "one", "b.js": "one"})) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["a.js", "b.js"]
+
+    def fails(tmp):
+        (tmp / "a.js").write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        replace_folder(folder, fails)
+    assert (folder / "a.js").read_text() == "one", "a failed fill must leave the old folder as it was"
+    replace_folder(folder, fill({"a.js": "two"}))
+    assert [p.name for p in folder.iterdir()] == ["a.js"] and (folder / "a.js").read_text() == "two", \
+        "the new folder replaces the old one whole: no file of the old one stays"
+    assert [p.name for p in tmp_path.iterdir()] == ["site"], "no temporary folder may be left"

@@ -26,13 +26,12 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .._files import write_atomic
+from .._files import replace_folder, write_atomic
 from ._registry import REGISTRY, DatasetInfo
 
 __all__ = ["fetch", "cache_status", "data_dir", "mirror_dir", "verify_file", "safe_extract",
@@ -339,8 +338,8 @@ def _extracted(archive: Path, folder: Path) -> bool:
 def _extract_once(archive: Path, folder: Path) -> Path:
     if _extracted(archive, folder):
         return folder
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
-    try:
+
+    def unpack(tmp: Path) -> None:
         try:
             safe_extract(archive, tmp)
         except ImportError:
@@ -354,13 +353,8 @@ def _extract_once(archive: Path, folder: Path) -> Path:
                                 f"{err}); it is no longer marked verified. Delete {archive} and "
                                 f"fetch it again") from None
         (tmp / ".extracted").write_text(archive.name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return folder
+
+    return replace_folder(folder, unpack)
 
 
 def _check_member(name: str, dest: Path) -> None:
