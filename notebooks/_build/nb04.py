@@ -239,7 +239,7 @@ it), so preparation is part of the method. The baselines: identity (no
 registration) and an affine registration (ANTs, `regedu.classic.ants_affine`,
 Mattes mutual information) on the photographs, as ANTs is usually run. As in
 notebook 03, the illumination and the aperture, which do not move, weigh in its
-similarity; the cell below prints what it gains over the identity.
+similarity; the cell below prints how its TRE differs from the identity's.
 
 **Category P needs a global search.** Section 2's curves are downhill only
 from part of the way to the truth. Category P moves by a large part of the

@@ -110,7 +110,7 @@ bias field and a gamma change, so we use local NCC, as VoxelMorph, plus the
 diffusion regulariser and VoxelMorph's Dice loss on the training subjects'
 labels (the semi-supervised recipe of notebooks 06 and 10).
 
-**Budget.** A VV-Net step of the paper's width takes seconds at 4 mm on two
+**Budget.** A VV-Net step of the paper's width takes about a second at 4 mm on two
 CPU cores (the time per step is printed below), and the pre-trained network
 below took about a thousand such steps, its validation Dice still climbing
 (its recipe and validation curve are printed from the file below). So the `ci` and `cpu` profiles **fine-tune**: they start from the

@@ -223,8 +223,8 @@ md(r"""
 papers report it. For the networks it is the mean over the three seeds, and
 the next column gives the **spread across seeds** (the std of the three seeds'
 means): a difference between two networks smaller than that is not a
-difference between the architectures. Folding and seconds are means over all
-test pairs.
+difference between the architectures. Folding and seconds are means over the
+held-out pairs.
 """),
 code(r"""
 variant_rows = [f"{m} {v}" for v in VARIANTS for m in HEADLINE]
@@ -545,7 +545,8 @@ md(r"""
 
 Is the gap to SyN a matter of budget? Both networks trained with the same NCC
 recipe for 3000 steps instead of 1000, with the table's seeds (how many, and
-how long each run took, are printed below): VoxelMorph's seed 0 is the
+the training time of each run whose checkpoint recorded it, are printed below;
+`benchmarks/README.md` has the others): VoxelMorph's seed 0 is the
 checkpoint of "Is it the recipe?", the others the same command with
 `--model vvnet` or another `--seed` (the commands are in
 `benchmarks/README.md`): the commands of the table's runs of the same seeds
