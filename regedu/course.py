@@ -254,19 +254,10 @@ def site_scripts(*, download: bool = True, cache_dir=None, mirror=None) -> dict[
     regedu.datasets.ChecksumError
         A copy that is not the pinned file.
     """
-    from .datasets.fetch import DataUnavailableError, fetch, is_cached, mirror_dir
+    from .datasets.fetch import fetch
 
-    records = _script_records()
-    if not download:
-        local = mirror_dir(mirror)
-        missing = [r.filename for r in records if not is_cached(r, cache_dir=cache_dir)
-                   and not (local is not None and (local / r.filename).is_file())]
-        if missing:
-            raise DataUnavailableError(
-                f"site scripts: {', '.join(missing)} not in the cache; fetch them once with "
-                f"regedu.course.site_scripts() or 'regedu course --scripts local' (registry.npmjs.org)")
-    manager, requirejs, mathjax = (fetch(r, cache_dir=cache_dir, mirror=mirror) / "package"
-                                   for r in records)
+    manager, requirejs, mathjax = (fetch(r, cache_dir=cache_dir, mirror=mirror, download=download)
+                                   / "package" for r in _script_records())
     dist, es5 = manager / "dist", mathjax / "es5"
     files = {_REQUIRE_JS: requirejs / "require.js", _EMBED_JS: dist / "embed-amd.js",
              "html-manager/LICENSE.txt": dist / "embed.js.LICENSE.txt",

@@ -51,6 +51,20 @@ def test_download_by_file_url_and_cache_reuse(tmp_path):
     assert fetch(info, cache_dir=cache).read_bytes() == b"abc" * 1000
 
 
+def test_download_false_uses_only_the_cache_and_the_mirror(tmp_path):
+    src = tmp_path / "src" / "toy.bin"
+    src.parent.mkdir()
+    src.write_bytes(b"abc" * 1000)
+    cache = tmp_path / "cache"
+    info = _info(src)
+    with pytest.raises(DataUnavailableError, match="not in the cache or the mirror, and download=False"):
+        fetch(info, cache_dir=cache, download=False)   # the file:// URL would have worked
+    assert not (cache / "toy.bin").exists()
+    assert fetch(info, cache_dir=cache, mirror=src.parent, download=False).read_bytes() == b"abc" * 1000
+    src.unlink()
+    assert fetch(info, cache_dir=cache, download=False).read_bytes() == b"abc" * 1000
+
+
 def test_wrong_checksum_is_clear_and_leaves_no_file(tmp_path):
     src = tmp_path / "mirror" / "toy.bin"
     src.parent.mkdir()

@@ -256,7 +256,7 @@ def _where_to_put(info: DatasetInfo, target: Path) -> str:
 
 
 def fetch(dataset, *, cache_dir=None, mirror=None, extract: bool | None = None,
-          progress: bool = False) -> Path:
+          progress: bool = False, download: bool = True) -> Path:
     """Return a verified local copy of ``dataset``, getting it if needed.
 
     Parameters
@@ -271,6 +271,8 @@ def fetch(dataset, *, cache_dir=None, mirror=None, extract: bool | None = None,
         Unpack an archive (default: the record's ``extract``).
     progress : bool
         Show a progress bar while downloading.
+    download : bool
+        False: use only the cache and the mirror, never the network.
 
     Returns
     -------
@@ -281,8 +283,9 @@ def fetch(dataset, *, cache_dir=None, mirror=None, extract: bool | None = None,
     Raises
     ------
     DataUnavailableError
-        Not cached, not in the mirror, and the download failed (the message
-        names the URL, the file and where to put a copy made by hand).
+        Not cached, not in the mirror, and the download failed or was not
+        allowed (the message names the URL, the file and where to put a copy
+        made by hand).
     ChecksumError
         The mirror's copy or the download is not the expected file; nothing is
         left in the cache.
@@ -301,14 +304,15 @@ def fetch(dataset, *, cache_dir=None, mirror=None, extract: bool | None = None,
                 raise ChecksumError(f"{target} (in the cache) is not valid: {err}. Delete it and "
                                     f"fetch again, or replace it with a good copy") from None
         else:
-            _obtain(info, target, mirror_dir(mirror), progress)
+            _obtain(info, target, mirror_dir(mirror), progress, download)
     extract = info.extract if extract is None else extract
     if not extract:
         return target
     return _extract_once(target, cache / info.name)
 
 
-def _obtain(info: DatasetInfo, target: Path, mirror: Path | None, progress: bool) -> None:
+def _obtain(info: DatasetInfo, target: Path, mirror: Path | None, progress: bool,
+            download: bool) -> None:
     if mirror is not None and (mirror / info.filename).is_file():
         source = mirror / info.filename
         try:
@@ -320,6 +324,10 @@ def _obtain(info: DatasetInfo, target: Path, mirror: Path | None, progress: bool
         raise DataUnavailableError(
             f"{info.name}: {info.filename} is not in the cache and must be downloaded by hand: "
             + _where_to_put(info, target))
+    if not download:
+        raise DataUnavailableError(
+            f"{info.name}: {info.filename} is not in the cache or the mirror, and download=False: "
+            f"fetch it once with downloads allowed, or " + _where_to_put(info, target))
     try:
         _install(lambda tmp: _download(info.url, tmp, progress=progress, total=info.size),
                  target, info)

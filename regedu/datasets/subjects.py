@@ -425,19 +425,20 @@ def vxm_subject(spacing_mm: int | None = None, *, cache_dir=None, mirror=None,
     Brain (``seg`` and ``parcels`` both in FreeSurfer numbers, every label the
     scan has) or None.
     """
-    from .fetch import REGISTRY, DataUnavailableError, fetch, is_cached, mirror_dir
+    from .fetch import REGISTRY, DataUnavailableError, fetch
     from .readers import load_vxm_scan
     check_choice(missing, ("none", "raise"), "missing")
     spacing = _brain._default_spacing(spacing_mm)
     info = REGISTRY["vxm-test-scan"]
-    folder = mirror_dir(mirror)
-    if not (is_cached(info, cache_dir=cache_dir) or (folder is not None and (folder / info.filename).is_file())):
+    try:
+        path = fetch(info, cache_dir=cache_dir, mirror=mirror, download=False)
+    except DataUnavailableError:
         if missing == "none":
             return None
         raise DataUnavailableError(f"vxm_subject: {info.filename} is not in the cache or the mirror; get it "
                                    f"with `regedu fetch vxm-test-scan` or set REGEDU_MIRROR to a folder "
-                                   f"holding it")
-    scan = load_vxm_scan(fetch(info, cache_dir=cache_dir, mirror=mirror))
+                                   f"holding it") from None
+    scan = load_vxm_scan(path)
     vol, seg = scan["image"][0], scan["seg"]
     if vol.shape != BRAIN_SHAPES[1]:
         raise ValueError(f"vxm_subject: expected the scan at {BRAIN_SHAPES[1]}, got {vol.shape}")
