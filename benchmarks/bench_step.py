@@ -33,7 +33,10 @@ regedu-only row ("regedu vm2"), which is not value-checked.
 The weights are copied across (the layers correspond one to one and in the
 same order), and the flow layer is scaled up so that the fields move the
 images by a few voxels. Before timing, every implementation's field, warped
-image, loss and gradients after one step are checked against regedu's.
+image, loss and gradients after one step are checked against regedu's; with
+``--curve STEPS``, each implementation also trains STEPS steps from the same
+weights on a smooth pair (noise smoothed, and itself shifted by 2 voxels) and
+its loss curve is compared with regedu's (within 1e-4 at every step).
 
 Method: one warm-up call per implementation, then ``--runs`` timed calls
 (four times as many in 2D), implementations interleaved call by call so that
@@ -47,6 +50,7 @@ printed at the start and the end.
 
     .venv/bin/python benchmarks/bench_step.py --quick            # 2D 256x256 (batch 8), 3D 80x96x112, 3 runs
     .venv/bin/python benchmarks/bench_step.py --full --paper     # also inference at 160x192x224
+    .venv/bin/python benchmarks/bench_step.py --quick --curve 20 # and 20-step learning curves
     .venv/bin/python benchmarks/bench_step.py --sizes 256x256 --runs 9 --threads 1 --markdown step.md
 """
 from __future__ import annotations
@@ -236,6 +240,44 @@ def value_check(models, moving, fixed):
     return lines, ok
 
 
+def smooth_pair(batch, shape, seed=2):
+    """A pair a network can learn to register: smoothed noise and itself shifted by 2 voxels."""
+    g = torch.Generator().manual_seed(seed)
+    pool = (F.avg_pool2d, F.avg_pool3d)[len(shape) - 2]
+    moving = pool(torch.rand(batch, 1, *shape, generator=g), 7, stride=1, padding=3)
+    moving = (moving - moving.amin()) / (moving.amax() - moving.amin())
+    return moving, torch.roll(moving, shifts=(2,) * len(shape), dims=tuple(range(2, 2 + len(shape))))
+
+
+def learning_curves(models, moving, fixed, steps):
+    """``steps`` training steps of each implementation from the same weights, data and seed.
+
+    Passes when every loss is within 1e-4 of regedu's at the same step and
+    regedu's loss fell. The weights are restored afterwards.
+    """
+    curves = {}
+    for name, model in models.items():
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        step, _ = make_step(name, model, moving, fixed)
+        run = in_mode(model, True)(step)
+        curves[name] = [float(run()[2]) for _ in range(steps)]
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
+    ref = curves[REFERENCE]
+    ok = ref[-1] < ref[0]
+    lines = [f"regedu: loss {ref[0]:.6f} -> {ref[-1]:.6f} over {steps} steps"
+             + ("" if ok else " (FAIL: did not fall)")]
+    for name, curve in curves.items():
+        if name == REFERENCE:
+            continue
+        worst = max(abs(a - b) for a, b in zip(curve, ref))
+        passed = worst <= 1e-4
+        ok &= passed
+        lines.append(("OK   " if passed else "FAIL ") + f"{name} vs regedu: largest loss difference over "
+                     f"{steps} steps {worst:.1e} ({curve[0]:.6f} -> {curve[-1]:.6f})")
+    return lines, ok
+
+
 # ---------------------------------------------------------------- measurement
 
 def measure(cases, runs):
@@ -286,6 +328,9 @@ def main(argv=None):
                    help="implementations besides regedu")
     p.add_argument("--paper", action="store_true",
                    help="add regedu's default (paper) decoder, 32,32,32,32,32,16,16, as 'regedu vm2'")
+    p.add_argument("--curve", type=int, default=0, metavar="STEPS",
+                   help="also train each implementation STEPS steps from the same weights on a smooth "
+                        "shifted pair and compare the loss curves (default: 0, off)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
     args = p.parse_args(argv)
@@ -315,6 +360,12 @@ def main(argv=None):
             all_ok &= ok
             checks += [f"{size}: {line}" for line in lines]
             print("\n".join(f"    {line}" for line in lines), flush=True)
+            if args.curve:
+                lines, ok = learning_curves({k: m for k, m in models.items() if k != "regedu vm2"},
+                                            *smooth_pair(batch, shape), args.curve)
+                all_ok &= ok
+                checks += [f"{size}: {line}" for line in lines]
+                print("\n".join(f"    {line}" for line in lines), flush=True)
         runs = args.runs * (4 if math.prod(shape) * batch < 10**6 else 1)
         for mode in modes:
             cases = {}

@@ -231,7 +231,7 @@ peaks = {k: run[3] for k, run in runs.items()}
 assert all(np.isfinite(list(seconds.values()))) and all(s > 0 for s in seconds.values()), f"time per step must be measured: {seconds}"
 assert all(np.isfinite(v).all() for v in ncc.values()), "training losses must be finite (AMP overflow would give inf/NaN)"
 assert all(e > 0 for e in estimates.values()), f"memory estimates must be positive: {estimates}"
-assert all(w < 0.01 for w in weight_share.values()), f"the weights (with gradients and Adam) should be under 1 % of the training memory: {weight_share}"
+assert all(w < 0.02 for w in weight_share.values()), f"the weights (with gradients and Adam) should be under 2 % of the training memory: {weight_share}"
 # The prose: the two checkpoints had the same data, steps, batch, learning rate and loss.
 budgets = {name: {k: v for k, v in r.items() if k not in ("model", "parameters", "validation_dice")} for name, r in recipes.items()}
 assert budgets["unet"] == budgets["vvnet"], f"the two checkpoints should have had the same budget: {budgets}"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .._checks import check_positive
 from ._base import (Registration, check_features, check_spatial_dims, conv_block, crop,
-                    make_config, pad_to_multiple, register, upsample)
+                    make_config, pad_to_multiple, register)
 
 __all__ = ["window_partition", "window_merge", "SwinEncoder", "TransMorphBackbone", "TransMorph"]
 
@@ -270,10 +270,10 @@ class TransMorphBackbone(nn.Module):
         features = self.encoder(x)
         y = features.pop()
         for block in self.up:
-            y = block(torch.cat([upsample(y), features.pop()], dim=1))
+            y = block(y, features.pop())
         for level, block in zip(reversed(range(self.levels)), self.to_full):
             image = self._pool(x, 2 ** level) if level else x
-            y = block(torch.cat([upsample(y), self.skips[level](image)], dim=1))
+            y = block(y, self.skips[level](image))
         return crop(y, region)
 
 

@@ -93,7 +93,7 @@ class VNet(nn.Module):
         """Features at 1/4 (the bottleneck's output ``b``), 1/2 and 1, coarsest first."""
         e1, e2 = skips
         d2 = self.dec2(torch.cat([upsample(b), e2], dim=1))
-        d1 = self.dec1(torch.cat([upsample(d2), e1], dim=1))
+        d1 = self.dec1(d2, e1)
         return [b, d2, d1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
