@@ -329,15 +329,16 @@ def upsample_conv_block(block: nn.Sequential, low: torch.Tensor, skip: torch.Ten
 
     ``block`` is a :func:`conv_block` whose convolution is 3x3(x3), stride 1,
     'same' padding; ``skip`` is twice ``low``'s size. Same result to float
-    rounding (the taps are summed in another order), a third of the work.
+    rounding (the taps are summed in another order), with 8 instead of 27
+    products per fine voxel for ``low``'s channels in 3D (4 instead of 9 in 2D).
 
     Why: after nearest upsampling by 2, the fine voxels ``2i`` and ``2i + 1``
     see only two coarse voxels each along an axis: ``2i`` takes ``w0`` from
     ``i - 1`` and ``w1 + w2`` from ``i``; ``2i + 1`` takes ``w0 + w1`` from
     ``i`` and ``w2`` from ``i + 1``. That is a transposed convolution of
-    stride 2 with 4 taps per axis on the coarse map (8 products per fine voxel
-    and channel in 3D, against 27), and the skip connection's channels get
-    their own 3x3(x3) convolution; the concatenation is never built.
+    stride 2 with the 4 taps ``(w2, w1 + w2, w0 + w1, w0)`` per axis on the
+    coarse map, and the skip connection's channels get their own 3x3(x3)
+    convolution; the concatenation is never built.
 
     >>> block = conv_block(2, 6, 5)
     >>> low, skip = torch.rand(1, 4, 3, 5), torch.rand(1, 2, 6, 10)
