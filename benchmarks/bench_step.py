@@ -51,6 +51,8 @@ printed at the start and the end.
     .venv/bin/python benchmarks/bench_step.py --quick            # 2D 256x256 (batch 8), 3D 80x96x112, 3 runs
     .venv/bin/python benchmarks/bench_step.py --full --paper     # also inference at 160x192x224
     .venv/bin/python benchmarks/bench_step.py --quick --curve 20 # and 20-step learning curves
+    .venv/bin/python benchmarks/bench_step.py --device cuda --amp --full --vvnet   # a GPU: every size
+        # also times a training step, VV-Net's row gives its peak memory at 160x192x224
     .venv/bin/python benchmarks/bench_step.py --sizes 256x256 --runs 9 --threads 1 --markdown step.md
 """
 from __future__ import annotations
@@ -84,6 +86,7 @@ DECODER = (32, 32, 32, 32, 32)        # what voxelmorph 0.3.4 can build (see the
 PAPER_DECODER = (32, 32, 32, 32, 32, 16, 16)
 NCC_WINDOW, DIFFUSION_WEIGHT, LR = 9, 0.01, 1e-4
 REFERENCE = "regedu"
+EXTRAS = ("regedu vm2", "regedu vvnet")   # regedu-only rows: other networks, not value-checked
 
 
 # ---------------------------------------------------------------- models
@@ -154,46 +157,64 @@ def n_params(model):
 
 # ---------------------------------------------------------------- one step / one inference
 
-def make_step(name, model, moving, fixed):
-    """(train-step callable, inference callable), each returning (disp, warped, loss or None)."""
+def make_step(name, model, moving, fixed, amp=False):
+    """(train-step callable, inference callable), each returning (disp, warped, loss or None).
+
+    ``amp`` (CUDA): every implementation runs its network under float16
+    autocast and scales its loss with a ``GradScaler``, the loss itself in
+    float32, as regedu's ``train_step`` does with ``scaler=``.
+    """
     opt = torch.optim.Adam(model.parameters(), lr=LR)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    def autocast():
+        return torch.autocast(moving.device.type, dtype=torch.float16, enabled=amp)
+
+    def update(loss):
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return None, None, loss.detach()
+
     if name.startswith("regedu"):
         losses = {"ncc": 1.0, "diffusion": DIFFUSION_WEIGHT}
 
         def step():
-            values = train_step(model, {"moving": moving, "fixed": fixed}, opt, losses=losses)
+            values = train_step(model, {"moving": moving, "fixed": fixed}, opt, losses=losses,
+                                scaler=scaler if amp else None)
             return None, None, values["loss"]
 
         def infer():
-            out = model(moving, fixed)
+            with autocast():
+                out = model(moving, fixed)
             return out.disp, out.warped, None
         return step, infer
     if name == "vxm-0.3.4":
         import neurite.nn.functional as nef
 
         def forward():
-            return model(moving, fixed, return_warped_source=True)
+            with autocast():
+                disp, warped = model(moving, fixed, return_warped_source=True)
+            return disp.float(), warped.float()
 
         def step():
             disp, warped = forward()
-            loss = -nef.ncc(fixed, warped, window_size=NCC_WINDOW).mean() \
-                + DIFFUSION_WEIGHT * nef.spatial_gradient(disp, penalty="l2")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return None, None, loss.detach()
+            return update(-nef.ncc(fixed, warped, window_size=NCC_WINDOW).mean()
+                          + DIFFUSION_WEIGHT * nef.spatial_gradient(disp, penalty="l2"))
         return step, lambda: (*forward(), None)
     if name == "torch":
+        def forward():
+            with autocast():
+                disp, warped = model(moving, fixed)
+            return disp.float(), warped.float()
+
         def step():
-            disp, warped = model(moving, fixed)
+            disp, warped = forward()
             diffusion = sum(d.square().mean() for d in (torch.diff(disp, dim=k)
                                                         for k in range(2, disp.dim()))) / (disp.dim() - 2)
-            loss = torch_ncc(fixed, warped, win=NCC_WINDOW) + DIFFUSION_WEIGHT * diffusion
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return None, None, loss.detach()
-        return step, lambda: (*model(moving, fixed), None)
+            return update(torch_ncc(fixed, warped, win=NCC_WINDOW) + DIFFUSION_WEIGHT * diffusion)
+        return step, lambda: (*forward(), None)
     raise ValueError(name)
 
 
@@ -280,12 +301,12 @@ def learning_curves(models, moving, fixed, steps):
 
 # ---------------------------------------------------------------- measurement
 
-def measure(cases, runs):
+def measure(cases, runs, device):
     """Interleaved timings: {name: {"wall": [...], "cpu": [...], "peak_mib": float}}."""
-    device = torch.device("cpu")
     results = {name: {"wall": [], "cpu": []} for name in cases}
     for run in cases.values():    # warm-up
         run()
+    _sync(device)
     for _ in range(runs):
         for name, run in cases.items():
             t, c = time.perf_counter(), time.process_time()
@@ -298,7 +319,7 @@ def measure(cases, runs):
     return results
 
 
-def build(nd, impls, paper):
+def build(nd, impls, paper, vvnet=False):
     torch.manual_seed(0)
     ref = regedu_model(nd)
     with torch.no_grad():   # fields of a few voxels, so that the warp and its gradient do real work
@@ -315,6 +336,9 @@ def build(nd, impls, paper):
     if paper:
         torch.manual_seed(0)
         models["regedu vm2"] = regedu_model(nd, PAPER_DECODER)
+    if vvnet:
+        torch.manual_seed(0)
+        models["regedu vvnet"] = nets.create("vvnet", spatial_dims=nd)
     return models
 
 
@@ -331,6 +355,13 @@ def main(argv=None):
     p.add_argument("--curve", type=int, default=0, metavar="STEPS",
                    help="also train each implementation STEPS steps from the same weights on a smooth "
                         "shifted pair and compare the loss curves (default: 0, off)")
+    p.add_argument("--vvnet", action="store_true",
+                   help="add regedu's VV-Net (the paper's, 3D only) as 'regedu vvnet', regedu only")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where to run; on cuda every size also times a training step")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision (cuda only): float16 autocast and a GradScaler for every "
+                        "implementation; the value checks still run in float32")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
     args = p.parse_args(argv)
@@ -340,29 +371,44 @@ def main(argv=None):
         args.runs = min(args.runs, 3)
     if args.runs < 1:
         p.error("--runs must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if args.amp and args.device != "cuda":
+        p.error("--amp: mixed precision is timed on CUDA only (float16 autocast); add --device cuda")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # float32 means float32: TF32 convolutions round to 10 bits and would fail the value
+        # checks; --amp is the fast path.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
 
     header = environment()
+    if device.type == "cuda":
+        header += (f"\nGPU: {torch.cuda.get_device_name()}; " + ("mixed precision (float16 autocast, "
+                   "GradScaler)" if args.amp else "float32"))
     print(header, flush=True)
     started = time.perf_counter()
     rows, checks, all_ok = [], [], True
     for size in args.sizes:
         shape, batch, modes = SIZES[size]
+        if device.type == "cuda":
+            modes = ("train step", "inference")
         nd = len(shape)
         g = torch.Generator().manual_seed(1)
-        moving, fixed = (torch.rand(batch, 1, *shape, generator=g) for _ in range(2))
-        models = build(nd, args.impls, args.paper)
+        moving, fixed = (torch.rand(batch, 1, *shape, generator=g).to(device) for _ in range(2))
+        models = {k: m.to(device) for k, m in build(nd, args.impls, args.paper, args.vvnet and nd == 3).items()}
+        checked = {k: m for k, m in models.items() if k not in EXTRAS}
         print(f"{size} batch {batch}: parameters " + ", ".join(f"{k} {n_params(m):,}" for k, m in models.items()),
               flush=True)
         if "train step" in modes:
-            lines, ok = value_check({k: m for k, m in models.items() if k != "regedu vm2"}, moving, fixed)
+            lines, ok = value_check(checked, moving, fixed)
             all_ok &= ok
             checks += [f"{size}: {line}" for line in lines]
             print("\n".join(f"    {line}" for line in lines), flush=True)
             if args.curve:
-                lines, ok = learning_curves({k: m for k, m in models.items() if k != "regedu vm2"},
-                                            *smooth_pair(batch, shape), args.curve)
+                lines, ok = learning_curves(checked, *(t.to(device) for t in smooth_pair(batch, shape)),
+                                            args.curve)
                 all_ok &= ok
                 checks += [f"{size}: {line}" for line in lines]
                 print("\n".join(f"    {line}" for line in lines), flush=True)
@@ -370,9 +416,9 @@ def main(argv=None):
         for mode in modes:
             cases = {}
             for name, model in models.items():
-                step, infer = make_step(name, model, moving, fixed)
+                step, infer = make_step(name, model, moving, fixed, amp=args.amp)
                 cases[name] = in_mode(model, mode == "train step")(step if mode == "train step" else infer)
-            res = measure(cases, runs)
+            res = measure(cases, runs, device)
             ref = statistics.median(res[REFERENCE]["wall"])
             ref_cpu = statistics.median(res[REFERENCE]["cpu"])
             for name, r in res.items():
