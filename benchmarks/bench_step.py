@@ -36,7 +36,7 @@ images by a few voxels. Before timing, every implementation's field, warped
 image, loss and gradients after one step are checked against regedu's; with
 ``--curve STEPS``, each implementation also trains STEPS steps from the same
 weights on a smooth pair (noise smoothed, and itself shifted by 2 voxels) and
-its loss curve is compared with regedu's (within 1e-4 at every step).
+its loss curve is compared with regedu's (within 1e-5 at every step).
 
 Method: one warm-up call per implementation, then ``--runs`` timed calls
 (four times as many in 2D), implementations interleaved call by call so that
@@ -273,7 +273,7 @@ def smooth_pair(batch, shape, seed=2):
 def learning_curves(models, moving, fixed, steps):
     """``steps`` training steps of each implementation from the same weights, data and seed.
 
-    Passes when every loss is within 1e-4 of regedu's at the same step and
+    Passes when every loss is within 1e-5 of regedu's at the same step and
     regedu's loss fell. The weights are restored afterwards.
     """
     curves = {}
@@ -292,7 +292,7 @@ def learning_curves(models, moving, fixed, steps):
         if name == REFERENCE:
             continue
         worst = max(abs(a - b) for a, b in zip(curve, ref))
-        passed = worst <= 1e-4
+        passed = worst <= 1e-5   # a flow layer 1 % larger: 2.2e-5 at 32x48 in 5 steps
         ok &= passed
         lines.append(("OK   " if passed else "FAIL ") + f"{name} vs regedu: largest loss difference over "
                      f"{steps} steps {worst:.1e} ({curve[0]:.6f} -> {curve[-1]:.6f})")
