@@ -67,7 +67,10 @@ Every notebook starts with the profile cell you saw above and ends with a cell o
 
 ## 3. Profiles
 
-One switch sizes everything the course runs:
+One switch chooses how large the course's runs are. The table gives each
+profile's defaults; on CPUs the 3D notebooks fine-tune a shipped checkpoint
+on its own 4 mm grid (40x48x56) with a short step count of their own, and
+each prints the grid and the steps it uses:
 
 | profile | for | fundus | brain volume |
 | --- | --- | --- | --- |
@@ -83,7 +86,7 @@ code(r"""
 from regedu.profiles import PROFILES, set_profile
 
 for name, p in PROFILES.items():
-    print(f"{name:>4}: fundus {p.fundus_size} px, brain {p.brain_shape} at {p.brain_spacing_mm} mm, "
+    print(f"{name:>4} defaults: fundus {p.fundus_size} px, brain {p.brain_shape} at {p.brain_spacing_mm} mm, "
           f"{p.steps_2d} 2D / {p.steps_3d} 3D training steps")
 print("viewer slices at full resolution:", PROFILES["gpu"].slices)
 """),

@@ -183,8 +183,9 @@ Does the SVF model's Jacobian, positive almost everywhere on the test pairs (the
 first line printed below; a check holds its folding under 0.1 %), show what
 integration does? Only if the plain network folds on the same pairs: the diffusion term also keeps a field
 smooth (the first line printed below compares the two). What integration adds is
-a *guarantee*: however large the velocity, $\exp(v)$ does not fold (up to
-discretisation, notebook 02), while a displacement predicted directly folds once
+a *guarantee*: however large the velocity, $\exp(v)$ does not fold in exact
+arithmetic (on a grid, interpolating each squaring can fold a few voxels,
+notebook 02), while a displacement predicted directly folds once
 it is large enough. The next cell stretches each unsupervised network's output on
 a test pair (the plain network's displacement; the SVF network's velocity, then
 integrated by scaling and squaring with one more squaring per doubling, so that
@@ -224,7 +225,8 @@ for name, values in stretched.items():
 cost = seconds["unsupervised + SVF"] / seconds["unsupervised"]
 print(f"% folding (min det J) after stretching. Training with integration took {cost:.2f}x the time without it.")
 free = [length for length, (f, _) in zip(lengths, stretched["unsupervised + SVF"]) if f < 0.1]
-print(f"exp(v) stays free of folding (< 0.1 %) up to a longest vector of {max(free, default=0):.0f} px"
+print(f"exp(v) folds under 0.1 % of the pixels up to a longest vector of {max(free, default=0):.0f} px "
+      f"(at most {max(f for f, _ in stretched['unsupervised + SVF']):.3f} %)"
       + ("" if len(free) == len(lengths) else
          f"; beyond, the interpolation of each squaring folds {stretched['unsupervised + SVF'][-1][0]:.2f} % "
          f"at {lengths[-1]:.0f} px, where the plain field folds {stretched['unsupervised'][-1][0]:.2f} %"))

@@ -235,18 +235,18 @@ A cascade applies a registration network $k$ times. Stage $j$ registers the
 *current* warped image to the fixed image and predicts $u_j$; the total field is
 composed, $u \leftarrow \mathrm{compose}(u, u_j)$, and the original image is
 warped by it once. Why compose instead of warping the warped image again? Each
-warp interpolates the image, and interpolation smooths it: warping three times,
-stage by stage, keeps less of the image's sharpness than warping once by the
-composed field (measured below, and checked at the end). Composing interpolates
+warp interpolates the image: warping three times, stage by stage, keeps less
+of the image's sharpness than warping once by the composed field (measured
+below, and checked at the end). Composing interpolates
 the *fields* instead, which are smooth, and the image only once.
 
 With **shared weights** (`shared=True`) the cascade is one network applied
 recursively. RCN trains it with a fixed number of recursions and applies more at
-test time. We train the single-stage network first, then use its weights to
-start the 2- and 3-stage cascades and fine-tune them with 2 and 3 recursions
+test time. Here every cascade starts from the same pre-trained U-Net (the
+checkpoint) and is fine-tuned with its own number of recursions, 1, 2 or 3
 (the whole unrolled cascade is trained end to end: the loss is on the final
-warped image). Here the single stage is itself the pre-trained U-Net,
-fine-tuned like the others.
+warped image); n recursions cost n times a step, so the 2- and 3-stage
+cascades get half the single stage's steps.
 """),
 code(r"""
 def cascade(n):
@@ -411,8 +411,8 @@ print(f"seconds per pair: 1 stage {seconds_pair['cascade, 1 stage']:.2f}, 3 stag
 md(r"""
 ## Exercises
 
-1. Train the 3-stage cascade from scratch (no warm start from the single
-   stage). Better or worse than fine-tuning, for the same number of steps?
+1. Train the 3-stage cascade from scratch (no warm start from the pre-trained
+   U-Net). Better or worse than fine-tuning, for the same number of steps?
 2. Make a cascade with `shared=False` (three separate networks). Can it run 5
    recursions at test time? Read the error message.
 3. Set `supervise_affine=False` in the pipeline: print the affine matrix again.

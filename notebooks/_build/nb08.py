@@ -92,9 +92,9 @@ print(f"V-Net 3: {vnet3_share:.0%} of the parameters, {vnet3_activations:.1%} of
 md(r"""
 Read the last lines: the activations dominate the training memory (the ratio
 is printed above and checked at the end), and they are what a 16 GB GPU
-(the paper's) must hold. The same numbers for VoxelMorph come in notebook 09,
-which trains both at full resolution on a GPU and compares the estimate with
-the measured peak.
+(the paper's) must hold. Notebook 09 estimates the same for VoxelMorph and,
+on a GPU (its `gpu` profile), trains both at full resolution and compares the
+estimate with the measured peak.
 
 ## 3. Training VV-Net
 
@@ -255,7 +255,8 @@ What to look for:
   in training and for deep networks (Lee et al., *Deeply-Supervised Nets*,
   AISTATS 2015); these runs do not measure that. In the `ci` and `cpu` profiles both runs start from a
   network trained *with* deep supervision and take a few steps only, so their
-  $\varphi_1$ is a registration either way (its Dice above the pre-alignment's: checked)
+  $\varphi_1$ is a registration either way (its Dice above the pre-alignment's: printed
+  for both, checked for the run without deep supervision)
   and their differences, printed below, are small (checked: under 0.02 Dice);
   the `gpu` profile trains both from scratch, long enough to compare them;
 * the pre-trained VV-Net (trained with deep supervision) shows the end state:

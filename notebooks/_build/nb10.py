@@ -128,7 +128,8 @@ $10^{-4}$), and **three seeds each** (the seed sets the initial weights and the
 order of the pairs). A semi-supervised variant of each (the same plus a Dice
 loss on the training labels) is labelled as such and kept out of the headline
 comparison, and so is one more: the same run with local NCC instead of MSE
-(VoxelMorph's other loss), which section 5 needs. Training 3D networks on a CPU is slow, so these are short runs at
+(VoxelMorph's other loss, with the diffusion weight of its NCC recipe: the
+recipe table below lists both), which section 5 needs. Training 3D networks on a CPU is slow, so these are short runs at
 4 mm; the commands, with their measured training time, are in the `.txt`
 beside each file. Everything in the table below is read from the checkpoints
 themselves, not typed.
@@ -352,7 +353,8 @@ if "SyN" in rows:
     print(f"SyN (local CC, which ignores smooth changes of brightness and contrast) changed Dice by {syn_gain:+.3f}.")
 for m in HEADLINE:
     ncc = f"{m} with NCC loss s0"
-    print(f"{m} trained with NCC instead of MSE (same data, steps, seed 0): Dice {dice_gain[ncc]:+.3f} "
+    print(f"{m} trained with NCC instead of MSE (same data, steps, seed 0; the recipe table gives each "
+          f"run's diffusion weight): Dice {dice_gain[ncc]:+.3f} "
           f"against {dice_gain[f'{m} s0']:+.3f} with MSE.")
 ncc_gain = float(np.mean([dice_gain[f"{m} with NCC loss s0"] for m in HEADLINE]))
 mse_gain = float(np.mean([dice_gain[f"{m} s0"] for m in HEADLINE]))

@@ -405,8 +405,8 @@ md(r"""
 
 Semi-supervised registration (VoxelMorph's Dice loss, notebook 06) uses labels
 in the objective. Scored with Dice on the *same* labels, it is graded on what
-it was told: the score measures how well it fitted the answers, not how well
-it aligns anatomy. We split the structures in two: half go into the loss
+it was told: on those structures the score measures, besides how well it
+aligns anatomy, how well it fitted the answers, so it overstates the first. We split the structures in two: half go into the loss
 (local NCC + soft Dice on their one-hot maps), the other half are kept out, and
 we score both halves, for the image-only registration of section 3 and for the
 one that saw labels.

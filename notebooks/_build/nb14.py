@@ -365,7 +365,7 @@ they do not fold (checked below). We draw them with `synth_subject`'s settings
 sizes, printed below, differ from those of our subjects' true fields.
 
 Three networks, all trained with local NCC, the same budget as section 2:
-unregularised, diffusion (the network of section 2), and the adversarial
+unregularised, diffusion (the network of section 2, its seed 0), and the adversarial
 regulariser in its place (`adversarial_step(kind="deformation")`, weight 0.1,
 the discriminator of section 1 with two channels, one per displacement
 component). Their test pairs are scored for Dice, folding and SDlogJ.
