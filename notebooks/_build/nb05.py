@@ -226,7 +226,7 @@ cost = seconds["unsupervised + SVF"] / seconds["unsupervised"]
 print(f"% folding (min det J) after stretching. Training with integration took {cost:.2f}x the time without it.")
 free = [length for length, (f, _) in zip(lengths, stretched["unsupervised + SVF"]) if f < 0.1]
 print(f"exp(v) folds under 0.1 % of the pixels up to a longest vector of {max(free, default=0):.0f} px "
-      f"(at most {max(f for f, _ in stretched['unsupervised + SVF']):.3f} %)"
+      f"(at most {max((f for f, _ in stretched['unsupervised + SVF'] if f < 0.1), default=0):.3f} % there)"
       + ("" if len(free) == len(lengths) else
          f"; beyond, the interpolation of each squaring folds {stretched['unsupervised + SVF'][-1][0]:.2f} % "
          f"at {lengths[-1]:.0f} px, where the plain field folds {stretched['unsupervised'][-1][0]:.2f} %"))
