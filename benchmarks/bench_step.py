@@ -58,6 +58,7 @@ printed at the start and the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -190,13 +191,17 @@ def make_step(name, model, moving, fixed, amp=False):
                 out = model(moving, fixed)
             return out.disp, out.warped, None
         return step, infer
-    if name == "vxm-0.3.4":
-        import neurite.nn.functional as nef
-
+    def in_float32(call):
+        # the network under autocast, the loss on its outputs in float32
         def forward():
             with autocast():
-                disp, warped = model(moving, fixed, return_warped_source=True)
+                disp, warped = call()
             return disp.float(), warped.float()
+        return forward
+
+    if name == "vxm-0.3.4":
+        import neurite.nn.functional as nef
+        forward = in_float32(lambda: model(moving, fixed, return_warped_source=True))
 
         def step():
             disp, warped = forward()
@@ -204,10 +209,7 @@ def make_step(name, model, moving, fixed, amp=False):
                           + DIFFUSION_WEIGHT * nef.spatial_gradient(disp, penalty="l2"))
         return step, lambda: (*forward(), None)
     if name == "torch":
-        def forward():
-            with autocast():
-                disp, warped = model(moving, fixed)
-            return disp.float(), warped.float()
+        forward = in_float32(lambda: model(moving, fixed))
 
         def step():
             disp, warped = forward()
@@ -232,19 +234,28 @@ def in_mode(model, train):
 
 # ---------------------------------------------------------------- checks
 
+@contextlib.contextmanager
+def weights_restored(model):
+    """Train ``model`` inside the block; afterwards its weights are as before and its gradients cleared."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
+
+
 def value_check(models, moving, fixed):
     """Fields, warped images, loss and gradients of one step from the same weights vs regedu's."""
     lines, ok, ref = [], True, {}
     for name, model in models.items():
         step, infer = make_step(name, model, moving, fixed)
         disp, warped, _ = in_mode(model, False)(infer)()
-        saved = {k: v.clone() for k, v in model.state_dict().items()}
-        _, _, loss = in_mode(model, True)(step)()
-        grads = [p.grad.clone() for p in (list(model.parameters()) if name != "vxm-0.3.4" else
-                                          [p for k, p in model.named_parameters() if not k.startswith("flow_layer")]
-                                          + [p for k, p in model.named_parameters() if k.startswith("flow_layer")])]
-        model.load_state_dict(saved)   # the timed runs start from the checked weights
-        model.zero_grad(set_to_none=True)
+        with weights_restored(model):   # the timed runs start from the checked weights
+            _, _, loss = in_mode(model, True)(step)()
+            grads = [p.grad.clone() for p in (list(model.parameters()) if name != "vxm-0.3.4" else
+                                              [p for k, p in model.named_parameters() if not k.startswith("flow_layer")]
+                                              + [p for k, p in model.named_parameters() if k.startswith("flow_layer")])]
         got = {"disp": disp, "warped": warped, "loss": loss, "grads": grads}
         if name == REFERENCE:
             ref = got
@@ -278,12 +289,10 @@ def learning_curves(models, moving, fixed, steps):
     """
     curves = {}
     for name, model in models.items():
-        saved = {k: v.clone() for k, v in model.state_dict().items()}
         step, _ = make_step(name, model, moving, fixed)
-        run = in_mode(model, True)(step)
-        curves[name] = [float(run()[2]) for _ in range(steps)]
-        model.load_state_dict(saved)
-        model.zero_grad(set_to_none=True)
+        with weights_restored(model):
+            run = in_mode(model, True)(step)
+            curves[name] = [float(run()[2]) for _ in range(steps)]
     ref = curves[REFERENCE]
     ok = ref[-1] < ref[0]
     lines = [f"regedu: loss {ref[0]:.6f} -> {ref[-1]:.6f} over {steps} steps"

@@ -28,6 +28,14 @@ def _info(path: Path, **kw) -> DatasetInfo:
     return DatasetInfo(**base)
 
 
+def _toy_source(tmp_path: Path):
+    """A 3000-byte file under src/, its DatasetInfo (a file:// URL) and an empty cache folder's path."""
+    src = tmp_path / "src" / "toy.bin"
+    src.parent.mkdir()
+    src.write_bytes(b"abc" * 1000)
+    return src, _info(src), tmp_path / "cache"
+
+
 def _leftovers(cache: Path):
     return sorted(p.name for p in cache.iterdir())
 
@@ -41,22 +49,14 @@ def test_registry_entries_fetch_from_mirror(tmp_path):
 
 
 def test_download_by_file_url_and_cache_reuse(tmp_path):
-    src = tmp_path / "src" / "toy.bin"
-    src.parent.mkdir()
-    src.write_bytes(b"abc" * 1000)
-    cache = tmp_path / "cache"
-    info = _info(src)
+    src, info, cache = _toy_source(tmp_path)
     assert fetch(info, cache_dir=cache).read_bytes() == src.read_bytes()
     src.unlink()  # the second call must not need the source any more
     assert fetch(info, cache_dir=cache).read_bytes() == b"abc" * 1000
 
 
 def test_download_false_uses_only_the_cache_and_the_mirror(tmp_path):
-    src = tmp_path / "src" / "toy.bin"
-    src.parent.mkdir()
-    src.write_bytes(b"abc" * 1000)
-    cache = tmp_path / "cache"
-    info = _info(src)
+    src, info, cache = _toy_source(tmp_path)
     with pytest.raises(DataUnavailableError, match="not in the cache or the mirror, and download=False"):
         fetch(info, cache_dir=cache, download=False)   # the file:// URL would have worked
     assert not (cache / "toy.bin").exists()
@@ -242,11 +242,7 @@ def test_a_cached_file_corrupted_after_verification_is_no_longer_cached(tmp_path
     import importlib
     import os
     fetch_module = importlib.import_module("regedu.datasets.fetch")
-    src = tmp_path / "src" / "toy.bin"
-    src.parent.mkdir()
-    src.write_bytes(b"abc" * 1000)
-    cache = tmp_path / "cache"
-    info = _info(src)
+    src, info, cache = _toy_source(tmp_path)
     monkeypatch.setitem(fetch_module.REGISTRY, "toy", info)
     path = fetch("toy", cache_dir=cache)
     assert is_cached("toy", cache_dir=cache)

@@ -63,6 +63,8 @@ class UNet(nn.Module):
     torch.Size([1, 16, 37, 45])
     """
 
+    channels_last = True   # works in channels-last layout on the CPU: see Registration.forward
+
     def __init__(self, spatial_dims: int = 3, in_channels: int = 2,
                  encoder=(16, 32, 32, 32), decoder=(32, 32, 32, 32, 32, 16, 16),
                  out_channels: int | None = None):
@@ -89,7 +91,6 @@ class UNet(nn.Module):
         self.out = conv(nd, prev, out_channels, kernel_size=1) if out_channels else None
         self.out_features = out_channels or prev
         self.multiple = 2 ** len(encoder)
-        self.channels_last = True     # see Registration.forward
         self._pool = getattr(F, f"max_pool{nd}d")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
